@@ -1,0 +1,177 @@
+"""`spottune <command>`: parse and validate settings, call the library, write outputs.
+
+    spottune data fashion-mnist --out data/fashion-mnist --train-per-class 100
+    spottune train --method spottune --out runs/spottune [--params params.yaml] [--set optim.epochs=5]
+    spottune evaluate runs/spottune
+    spottune compare runs/finetune runs/spottune --report runs/comparison.md
+    spottune predict --run runs/spottune IMAGE...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from spottune.config import BACKBONES, METHODS, RuntimeSettings, load_params
+from spottune.errors import SpotTuneError
+
+
+def _params(args: argparse.Namespace):
+    overrides = list(args.set or [])
+    if getattr(args, "method", None):
+        overrides.append(f"model.method={args.method}")
+    if getattr(args, "backbone", None):
+        overrides.append(f"model.backbone={args.backbone}")
+    path = args.params if args.params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    return load_params(path, overrides)
+
+
+def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.data.sources import materialise
+
+    materialise(args.source, args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                seed=args.seed, fashion_mnist_dir=runtime.fashion_mnist_dir, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    params = _params(args)
+    from spottune.training import fit
+
+    fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite, stop_after_epochs=args.stop_after_epochs)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, runtime, data_root=args.data_root, split=args.split)
+    text = json.dumps(result["metrics"], indent=2)
+    if args.out:
+        from spottune.training import write_json
+
+        write_json(args.out, result["metrics"])
+    print(text)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.engine import atomic_write
+    from spottune.evaluate import compare_runs, comparison_markdown
+    from spottune.training import write_json
+
+    comparison = compare_runs(args.baseline, args.candidate, runtime, data_root=args.data_root)
+    report = comparison_markdown(comparison)
+    if args.report:
+        atomic_write(args.report, lambda tmp: tmp.write_text(report))
+    if args.json:
+        write_json(args.json, comparison)
+    print(report)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    import torch
+
+    from spottune.data.loaders import build_transform, load_rgb
+    from spottune.engine import DeviceSetup
+    from spottune.models.backbones import input_normalization
+    from spottune.training import load_model
+
+    model, params, classes = load_model(args.run)
+    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
+    model = model.to(setup.device)
+    tf = build_transform(params.data.image_size, *input_normalization(params.model.backbone), train=False, augment=False)
+    batch = torch.stack([tf(load_rgb(str(p))) for p in args.images])
+    with torch.inference_mode(), setup.autocast():
+        out = model(setup.images(batch))
+    probs = out.logits.float().softmax(1).cpu()
+    k = min(args.top_k, len(classes))
+    rows = []
+    for i, path in enumerate(args.images):
+        top = probs[i].topk(k)
+        row = {"image": str(path), "top": [{"class": classes[j], "probability": round(float(p), 4)}
+                                           for p, j in zip(top.values, top.indices)]}
+        if out.decisions is not None:
+            row["tuned_blocks"] = [int(b) for b in out.decisions[i].nonzero().flatten().tolist()]
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
+            print(f"{row['image']}: {best}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spottune", description="SpotTune adaptive fine-tuning and its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="materialise a real dataset as an ImageFolder tree")
+    p.add_argument("source", help="fashion-mnist | digits | torchvision:NAME")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--train-per-class", type=int, default=None)
+    p.add_argument("--test-per-class", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data)
+
+    def with_params(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml if present)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. optim.epochs=2")
+
+    p = sub.add_parser("train", help="train one method and write a run directory")
+    with_params(p)
+    p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (overrides model.method)")
+    p.add_argument("--backbone", help=f"one of: {', '.join(BACKBONES)} (overrides model.backbone)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
+    p.add_argument("--stop-after-epochs", type=int, default=None, help="end this invocation after N epochs")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a finished run on its test (or val) split")
+    p.add_argument("run", type=Path)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--data-root", type=Path, default=None, help="evaluate on another ImageFolder root")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="a candidate run against a baseline run on the same test images")
+    p.add_argument("baseline", type=Path)
+    p.add_argument("candidate", type=Path)
+    p.add_argument("--data-root", type=Path, default=None)
+    p.add_argument("--report", type=Path, default=None, help="write the Markdown report here")
+    p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="classify image files with a finished run")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runtime = RuntimeSettings()
+        return args.func(args, runtime)
+    except SpotTuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

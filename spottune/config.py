@@ -1,0 +1,176 @@
+"""Typed run parameters, validated once at the edge.
+
+`params.yaml` holds one section per concern (`data`, `model`, `policy`, `optim`). Everything below
+the CLI receives these models, never raw dicts, files or environment variables. Unknown keys and
+bad values are refused with the dotted key named, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from spottune.errors import ConfigError
+
+Backbone = Literal[
+    "efficientnet_lite0", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet26"
+]
+Method = Literal["spottune", "finetune", "linear", "lastk", "l2sp"]
+BACKBONES: tuple[str, ...] = Backbone.__args__
+METHODS: tuple[str, ...] = Method.__args__
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Where the images are and how they are fed to the network."""
+
+    root: Path = Field(Path("data/fashion-mnist"), description="ImageFolder root with train/ and test/ (val/ optional)")
+    image_size: int = Field(64, ge=16, le=1024)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train/ when there is no val/")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    augment: bool = Field(False, description="random resized crop; no flips (digits and text change meaning)")
+
+
+class ModelParams(_Section):
+    """Which backbone, which pretrained weights, which transfer method."""
+
+    backbone: Backbone = "efficientnet_lite0"
+    weights: str = Field("imagenet", description="'imagenet', 'none' (random init) or a local weights file")
+    method: Method = "spottune"
+    last_k: int = Field(4, ge=1, description="blocks fine-tuned by method 'lastk'")
+    l2sp_alpha: float = Field(0.01, ge=0.0, description="L2-SP pull of backbone weights toward pretrained")
+    train_stem: bool = Field(True, description="fine-tune the shared stem (spottune, finetune, l2sp)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the new head")
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> ModelParams:
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise ValueError(f"weights file not found: {self.weights!r} (or use 'imagenet' / 'none')")
+        if self.backbone == "resnet26" and self.weights == "imagenet":
+            raise ValueError("resnet26 has no published ImageNet weights: use 'none' or a local weights file")
+        return self
+
+
+class PolicyParams(_Section):
+    """SpotTune's routing policy and its Gumbel-Softmax relaxation."""
+
+    width: int = Field(32, ge=4, description="channels of the policy's first stage (ResNet-8: w, 2w, 4w)")
+    input_scale: float = Field(0.5, gt=0.0, le=1.0, description="policy sees the image downscaled by this factor")
+    temperature: float = Field(5.0, gt=0.0)
+    temperature_min: float = Field(0.5, gt=0.0)
+    temperature_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiplied into the temperature each epoch")
+    eval_decisions: Literal["argmax", "sample"] = "argmax"
+    global_k: int | None = Field(None, ge=0, description="global-k variant: target number of tuned blocks")
+    k_weight: float = Field(1.0, ge=0.0)
+    entropy_weight: float = Field(0.1, ge=0.0)
+
+
+class OptimParams(_Section):
+    """SGD with separate learning rates for the network, the new head and the policy."""
+
+    epochs: int = Field(3, ge=1)
+    lr_net: float = Field(0.01, gt=0.0)
+    lr_head: float = Field(0.1, gt=0.0)
+    lr_policy: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    policy_weight_decay: float = Field(1e-3, ge=0.0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_milestones: tuple[int, ...] = Field((), description="epochs at which 'step' multiplies the lr by gamma")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs float32)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+
+
+class Params(_Section):
+    """Everything one training run depends on."""
+
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    policy: PolicyParams = PolicyParams()
+    optim: OptimParams = OptimParams()
+
+
+class RuntimeSettings(BaseSettings):
+    """Where and how to run, from the environment: never changes what a run computes."""
+
+    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_", extra="ignore")
+
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    progress: bool = Field(True, description="show progress bars")
+    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ['optim.epochs=2', 'model.method=finetune'] into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (for example optim.epochs=2)")
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_params(path: Path | None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (if given), apply KEY=VALUE overrides, validate; raise ConfigError naming the key."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"params file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        source += " + overrides"
+    return validate_params(raw, source)
+
+
+def validate_params(raw: dict[str, Any], source: str = "parameters") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None

@@ -1,0 +1,1 @@
+"""Data sources (materialised as ImageFolder trees), transforms and loaders."""

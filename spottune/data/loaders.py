@@ -1,0 +1,112 @@
+"""ImageFolder datasets and loaders: ROOT/train, ROOT/test and ROOT/val (or val carved from train)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from spottune.config import DataParams
+from spottune.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def load_rgb(path: str):
+    """Open an image as RGB; a file that does not decode raises DataError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot decode image {path}: {e}") from None
+
+
+def build_transform(image_size: int, mean, std, *, train: bool, augment: bool):
+    from torchvision import transforms as T
+
+    resize = (
+        T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True)
+        if train and augment
+        else T.Resize((image_size, image_size), antialias=True)
+    )
+    return T.Compose([resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+
+
+def _image_folder(path: Path, transform):
+    from torchvision.datasets import ImageFolder
+
+    if not path.is_dir():
+        raise DataError(f"data directory not found: {path}")
+    try:
+        return ImageFolder(str(path), transform=transform, loader=load_rgb, is_valid_file=_is_image)
+    except FileNotFoundError as e:  # no class folders, or a class folder with no image
+        raise DataError(f"{path}: {e}") from None
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(keep, held_out) indices: `fraction` of every class held out, chosen by a seeded permutation."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(targets)
+    keep, held = [], []
+    for c in t.unique().tolist():
+        idx = (t == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = int(round(len(idx) * fraction)) if fraction > 0 else 0
+        held += idx[:n].tolist()
+        keep += idx[n:].tolist()
+    return sorted(keep), sorted(held)
+
+
+def build_datasets(data: DataParams, mean, std, seed: int) -> DataSplits:
+    root = Path(data.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: directory not found: {root} (materialise one with `spottune data`)")
+    train_tf = build_transform(data.image_size, mean, std, train=True, augment=data.augment)
+    eval_tf = build_transform(data.image_size, mean, std, train=False, augment=False)
+    train = _image_folder(root / "train", train_tf)
+    test = _image_folder(root / "test", eval_tf)
+    if (root / "val").is_dir():
+        val = _image_folder(root / "val", eval_tf)
+        _same_classes(train.classes, val.classes, root / "val")
+    else:
+        keep, held = stratified_split(train.targets, data.val_fraction, seed)
+        val = Subset(_image_folder(root / "train", eval_tf), held)
+        train = Subset(train, keep)
+    classes = train.dataset.classes if isinstance(train, Subset) else train.classes
+    _same_classes(classes, test.classes, root / "test")
+    return DataSplits(train, val, test, classes)
+
+
+def _same_classes(expected: list[str], found: list[str], where: Path) -> None:
+    if expected != found:
+        extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+        raise DataError(f"{where}: class folders differ from train/: unexpected {extra}, missing {missing}")
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, generator: torch.Generator | None = None,
+    pin_memory: bool = False, drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose order depends only on `generator` (saved in checkpoints for exact resume)."""
+    if len(dataset) == 0:
+        raise DataError("empty dataset: no images to load")
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=False,
+    )

@@ -1,0 +1,219 @@
+"""Training and evaluation loops, and checkpoints. Plain functions in the style of torchvision's references.
+
+A checkpoint is a dict of state_dicts, the epoch and every RNG state, written atomically (temporary
+name, fsync, rename) and read with `torch.load(weights_only=True)`: no code runs on load.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from spottune.errors import CheckpointError
+from spottune.models.base import TransferModel
+
+
+@dataclass
+class DeviceSetup:
+    """Where tensors go and how they are computed there: bf16 + channels_last on CUDA, float32 on CPU."""
+
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def resolve(cls, name: str, amp: bool, channels_last: bool) -> DeviceSetup:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        on_cuda = device.type == "cuda"
+        return cls(device, amp=amp and on_cuda, channels_last=channels_last and on_cuda)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(self.device, non_blocking=True, memory_format=fmt)
+
+
+@dataclass
+class RunningStats:
+    """Loss, accuracy and routing accumulated over an epoch, kept on the device (no per-step host sync)."""
+
+    loss_sum: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    tuned_per_block: torch.Tensor | None = None
+    images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, decisions: torch.Tensor | None) -> None:
+        n = labels.shape[0]
+        batch_loss = loss.detach().float() * n
+        batch_correct = (logits.argmax(1) == labels).sum()
+        self.loss_sum = batch_loss if self.loss_sum is None else self.loss_sum + batch_loss
+        self.correct = batch_correct if self.correct is None else self.correct + batch_correct
+        if decisions is not None:
+            tuned = decisions.detach().float().sum(0)
+            self.tuned_per_block = tuned if self.tuned_per_block is None else self.tuned_per_block + tuned
+        self.images += n
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        out: dict[str, Any] = {
+            "loss": float(self.loss_sum) / max(self.images, 1),
+            "accuracy": float(self.correct) / max(self.images, 1),
+            "images": self.images,
+            "seconds": seconds,
+            "images_per_s": self.images / seconds if seconds > 0 else 0.0,
+        }
+        if self.tuned_per_block is not None:
+            out["tuned_fraction_per_block"] = (self.tuned_per_block / max(self.images, 1)).tolist()
+            out["tuned_blocks_per_image"] = float(self.tuned_per_block.sum()) / max(self.images, 1)
+        return out
+
+
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, nothing in logs (epoch summaries are logged instead).
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
+
+
+def train_one_epoch(
+    model: TransferModel,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    setup: DeviceSetup,
+    *,
+    epoch: int,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One pass over `loader`; returns mean loss, accuracy, images/s and routing statistics."""
+    model.train()
+    model.set_epoch(epoch)
+    stats = RunningStats()
+    total = min(len(loader), max_steps) if max_steps else len(loader)
+    bar = _progress(loader, f"epoch {epoch}", progress, total)
+    for step, (images, labels) in enumerate(bar):
+        if max_steps is not None and step >= max_steps:
+            break
+        images, labels = setup.images(images), labels.to(setup.device, non_blocking=True)
+        with setup.autocast():
+            out = model(images)
+            loss = F.cross_entropy(out.logits.float(), labels)
+            extra = model.regularization(out)
+            total_loss = loss if extra is None else loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        optimizer.step()
+        stats.add(loss, out.logits, labels, out.decisions)
+        if progress and step % 10 == 0 and hasattr(bar, "set_postfix"):
+            s = stats.summary()
+            bar.set_postfix(loss=f"{s['loss']:.3f}", acc=f"{s['accuracy']:.3f}", img_s=f"{s['images_per_s']:.0f}")
+    if not torch.isfinite(stats.loss_sum):
+        raise FloatingPointError(f"training loss is not finite in epoch {epoch}: lower the learning rates")
+    return stats.summary()
+
+
+@torch.inference_mode()
+def predict(model: TransferModel, loader: Iterable, setup: DeviceSetup, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Labels, predictions, logits and routing decisions for every image in `loader`, in order."""
+    model.eval()
+    labels, logits, decisions = [], [], []
+    for images, y in _progress(loader, "evaluate", progress):
+        with setup.autocast():
+            out = model(setup.images(images))
+        labels.append(y)
+        logits.append(out.logits.float().cpu())
+        if out.decisions is not None:
+            decisions.append(out.decisions.float().cpu())
+    result = {"labels": torch.cat(labels), "logits": torch.cat(logits)}
+    result["predictions"] = result["logits"].argmax(1)
+    if decisions:
+        result["decisions"] = torch.cat(decisions)
+    return result
+
+
+def evaluate(model: TransferModel, loader: Iterable, setup: DeviceSetup, num_classes: int, progress: bool = False) -> dict[str, Any]:
+    """Top-1 and per-class accuracy, loss, and (SpotTune) routing statistics overall and per class."""
+    started = time.perf_counter()
+    p = predict(model, loader, setup, progress)
+    seconds = time.perf_counter() - started
+    return summarise_predictions(p, num_classes) | {"images_per_s": len(p["labels"]) / seconds if seconds else 0.0}
+
+
+def summarise_predictions(p: dict[str, torch.Tensor], num_classes: int) -> dict[str, Any]:
+    labels, preds = p["labels"], p["predictions"]
+    correct = preds == labels
+    per_class = [float(correct[labels == c].float().mean()) if (labels == c).any() else None for c in range(num_classes)]
+    out: dict[str, Any] = {
+        "accuracy": float(correct.float().mean()),
+        "loss": float(F.cross_entropy(p["logits"], labels)),
+        "per_class_accuracy": per_class,
+        "images": int(labels.numel()),
+    }
+    if "decisions" in p:
+        d = p["decisions"]
+        out["tuned_fraction_per_block"] = d.mean(0).tolist()
+        out["tuned_blocks_per_image"] = float(d.sum(1).mean())
+        out["tuned_fraction_per_class_block"] = [
+            d[labels == c].mean(0).tolist() if (labels == c).any() else None for c in range(num_classes)
+        ]
+    return out
+
+
+def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader_generator is not None and "loader" in state:
+        loader_generator.set_state(state["loader"])
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: nothing to resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated file or a pickle with code are both refused
+        raise CheckpointError(f"cannot load checkpoint {path} safely: {e}") from None

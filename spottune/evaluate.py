@@ -1,0 +1,109 @@
+"""SpotTune against its baseline on the same test images: accuracy, paired significance, routing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spottune.config import RuntimeSettings
+from spottune.data.loaders import build_datasets, make_loader
+from spottune.engine import DeviceSetup, predict, summarise_predictions
+from spottune.errors import DataError
+from spottune.models.backbones import input_normalization
+from spottune.training import load_model
+
+
+def evaluate_run(run_dir: Path, runtime: RuntimeSettings, *, data_root: Path | None = None, split: str = "test") -> dict[str, Any]:
+    """Predictions and metrics of a finished run on `split` of its own data (or of `data_root`)."""
+    model, params, classes = load_model(run_dir)
+    if data_root is not None:
+        params = params.model_copy(update={"data": params.data.model_copy(update={"root": Path(data_root)})})
+    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
+    model = model.to(setup.device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = input_normalization(params.model.backbone)
+    splits = build_datasets(params.data, mean, std, params.optim.seed)
+    if splits.classes != classes:
+        raise DataError(f"{params.data.root}: classes {splits.classes} differ from the model's {classes}")
+    loader = make_loader(getattr(splits, split), params.data.eval_batch_size, shuffle=False,
+                         num_workers=params.data.num_workers, generator=torch.Generator())
+    p = predict(model, loader, setup, progress=runtime.progress)
+    return {"run": str(run_dir), "method": params.model.method, "predictions": p,
+            "metrics": summarise_predictions(p, len(classes)), "classes": classes}
+
+
+def mcnemar_exact(a_correct: torch.Tensor, b_correct: torch.Tensor) -> dict[str, float]:
+    """Exact two-sided McNemar test on paired correctness: only discordant pairs count."""
+    b = int((a_correct & ~b_correct).sum())  # a right, b wrong
+    c = int((~a_correct & b_correct).sum())  # a wrong, b right
+    n = b + c
+    if n == 0:
+        return {"a_only": b, "b_only": c, "p_value": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return {"a_only": b, "b_only": c, "p_value": min(1.0, 2 * tail)}
+
+
+def bootstrap_difference(a_correct: torch.Tensor, b_correct: torch.Tensor, *, samples: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap confidence interval of accuracy(b) - accuracy(a)."""
+    diff = b_correct.float() - a_correct.float()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (samples, len(diff)), generator=g)
+    means = diff[idx].mean(1).sort().values
+    lo, hi = means[int((1 - level) / 2 * samples)], means[min(samples - 1, int((1 + level) / 2 * samples))]
+    return {"difference": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level}
+
+
+def compare_runs(baseline_dir: Path, candidate_dir: Path, runtime: RuntimeSettings, *, data_root: Path | None = None) -> dict[str, Any]:
+    """Candidate (SpotTune) against baseline (fine-tuning) on the identical test images."""
+    base = evaluate_run(baseline_dir, runtime, data_root=data_root)
+    cand = evaluate_run(candidate_dir, runtime, data_root=data_root)
+    if not torch.equal(base["predictions"]["labels"], cand["predictions"]["labels"]) or base["classes"] != cand["classes"]:
+        raise DataError("the two runs were not evaluated on the same test images: compare runs trained on one dataset")
+    a = base["predictions"]["predictions"] == base["predictions"]["labels"]
+    b = cand["predictions"]["predictions"] == cand["predictions"]["labels"]
+    return {
+        "classes": base["classes"],
+        "baseline": {"run": base["run"], "method": base["method"], **base["metrics"]},
+        "candidate": {"run": cand["run"], "method": cand["method"], **cand["metrics"]},
+        "mcnemar": mcnemar_exact(a, b),
+        "bootstrap": bootstrap_difference(a, b),
+    }
+
+
+def comparison_markdown(c: dict[str, Any]) -> str:
+    """A short report a person can read in a terminal or a browser."""
+    base, cand, boot, mc = c["baseline"], c["candidate"], c["bootstrap"], c["mcnemar"]
+    lines = [
+        f"# {cand['method']} vs {base['method']}",
+        "",
+        f"| | {base['method']} | {cand['method']} |",
+        "|---|---|---|",
+        f"| test top-1 | {base['accuracy']:.4f} | {cand['accuracy']:.4f} |",
+        f"| test loss | {base['loss']:.4f} | {cand['loss']:.4f} |",
+        "",
+        f"Difference ({cand['method']} - {base['method']}): {boot['difference']:+.4f}, "
+        f"{boot['level']:.0%} paired bootstrap CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]; "
+        f"exact McNemar p = {mc['p_value']:.3g} ({mc['b_only']} images only {cand['method']} gets right, "
+        f"{mc['a_only']} only {base['method']}); {base['images']} test images.",
+        "",
+        "| class | " + " | ".join(c["classes"]) + " |",
+        "|---|" + "---|" * len(c["classes"]),
+        f"| {base['method']} | " + " | ".join(f"{x:.2f}" for x in base["per_class_accuracy"]) + " |",
+        f"| {cand['method']} | " + " | ".join(f"{x:.2f}" for x in cand["per_class_accuracy"]) + " |",
+    ]
+    if "tuned_fraction_per_block" in cand:
+        fr = cand["tuned_fraction_per_block"]
+        lines += [
+            "",
+            f"Routing: {cand['tuned_blocks_per_image']:.2f} of {len(fr)} blocks run their tuned copy per image on average.",
+            "",
+            "| block | " + " | ".join(str(i) for i in range(len(fr))) + " |",
+            "|---|" + "---|" * len(fr),
+            "| tuned fraction | " + " | ".join(f"{x:.2f}" for x in fr) + " |",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,52 @@
+"""What every transfer model (SpotTune and the baselines) offers the engine."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from spottune.config import OptimParams
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    decisions: torch.Tensor | None = None  # (B, L) in {0, 1}: 1 = block ran its tuned copy
+
+
+class TransferModel(nn.Module):
+    """A backbone adapted to a target task.
+
+    Subclasses list the modules that must never train in `frozen_modules`: they are kept in eval
+    mode (BN statistics untouched) whatever `train()` says, and receive no gradients.
+    """
+
+    frozen_modules: list[nn.Module]
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        for m in self.frozen_modules:
+            m.eval()
+        return self
+
+    def freeze(self, *modules: nn.Module) -> None:
+        for m in modules:
+            m.requires_grad_(False)
+            m.eval()
+        self.frozen_modules = [*getattr(self, "frozen_modules", []), *modules]
+
+    def parameter_groups(self, optim: OptimParams) -> list[dict]:
+        """Optimizer parameter groups with their own learning rates; frozen parameters are absent."""
+        raise NotImplementedError
+
+    def regularization(self, output: ModelOutput) -> torch.Tensor | None:
+        """Extra loss term (global-k, L2-SP); None when the method has none."""
+        return None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch (temperature annealing)."""
+
+
+def trainable(params) -> list[nn.Parameter]:
+    return [p for p in params if p.requires_grad]

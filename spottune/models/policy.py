@@ -1,0 +1,70 @@
+"""The routing policy: a small ResNet that decides, per image and block, frozen or tuned."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _PolicyBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+            if stride != 1 or in_ch != out_ch
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class RoutingPolicy(nn.Module):
+    """ResNet-8-like policy (stem + 3 basic blocks + linear) returning 2 logits per routable block.
+
+    It sees the image downscaled by `input_scale`, which keeps its cost small next to the backbone's.
+    Logit index 1 means "run the tuned copy".
+    """
+
+    def __init__(self, num_blocks: int, width: int = 32, input_scale: float = 0.5) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.input_scale = input_scale
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(
+            _PolicyBlock(width, width, 2), _PolicyBlock(width, 2 * width, 2), _PolicyBlock(2 * width, 4 * width, 2)
+        )
+        self.fc = nn.Linear(4 * width, 2 * num_blocks)
+        # Start undecided: equal logits, so early training explores both branches evenly.
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        if self.input_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False, antialias=False)
+        x = self.blocks(self.stem(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x).view(-1, self.num_blocks, 2)
+
+
+def sample_decisions(logits: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:
+    """Turn (B, L, 2) logits into (B, L) decisions in {0, 1}.
+
+    'gumbel': straight-through Gumbel-Softmax (hard one-hot forward, soft gradient backward);
+    'argmax': deterministic, no gradient (evaluation); 'sample': stochastic hard sample, no gradient.
+    Noise comes from torch's generator on the logits' device, so seeding reproduces it on CPU and GPU.
+    """
+    if mode == "gumbel":
+        return F.gumbel_softmax(logits.float(), tau=temperature, hard=True)[..., 1]
+    if mode == "argmax":
+        return (logits[..., 1] > logits[..., 0]).to(logits.dtype)
+    if mode == "sample":
+        return F.gumbel_softmax(logits.float(), tau=temperature, hard=True)[..., 1].detach()
+    raise ValueError(f"unknown decision mode {mode!r}; allowed: gumbel, argmax, sample")

@@ -1,0 +1,188 @@
+"""One training run, from validated params to a run directory:
+
+    RUN/checkpoint.pt      after every epoch (model, optimizer, scheduler, epoch, RNG): --resume continues it
+    RUN/model.safetensors  final weights (loads without executing code)
+    RUN/model.json         what is needed to rebuild the model: params and class names
+    RUN/metrics.json       test metrics, per-epoch history, throughput
+
+The final files are written only when the run completes, each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spottune.config import OptimParams, Params, RuntimeSettings, validate_params
+from spottune.data.loaders import build_datasets, make_loader
+from spottune.engine import (
+    DeviceSetup, atomic_write, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state, train_one_epoch,
+)
+from spottune.errors import CheckpointError, ConfigError
+from spottune.models import TransferModel, build_model
+from spottune.models.backbones import input_normalization
+
+MODEL_FORMAT = "spottune-model/1"
+
+
+class RunDir:
+    """The files of one run, by name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.checkpoint = self.root / "checkpoint.pt"
+        self.weights = self.root / "model.safetensors"
+        self.model_card = self.root / "model.json"
+        self.metrics = self.root / "metrics.json"
+
+    def outputs(self) -> list[Path]:
+        return [self.checkpoint, self.weights, self.model_card, self.metrics]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(optim: OptimParams) -> Callable[[int], float]:
+    """Multiplier of every group's base learning rate at an epoch."""
+    if optim.schedule == "cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * e / optim.epochs))
+    if optim.schedule == "step":
+        return lambda e: optim.gamma ** sum(e >= m for m in optim.step_milestones)
+    return lambda e: 1.0
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def fit(
+    params: Params,
+    out_dir: Path,
+    runtime: RuntimeSettings,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Train `params.model.method` on `params.data`, checkpoint every epoch, evaluate on test.
+
+    stop_after_epochs ends this invocation after that many epochs (a time slice on a preemptible
+    machine); the run is then unfinished (returns None) and `resume=True` continues it.
+    """
+    run = RunDir(out_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if not resume and any(p.exists() for p in run.outputs()):
+        if not overwrite:
+            raise ConfigError(f"{run.root} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        for p in run.outputs():
+            p.unlink(missing_ok=True)
+
+    seed_everything(params.optim.seed)
+    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
+    mean, std = input_normalization(params.model.backbone)
+    splits = build_datasets(params.data, mean, std, params.optim.seed)
+    num_classes = len(splits.classes)
+    loader_gen = torch.Generator().manual_seed(params.optim.seed)
+    pin = setup.device.type == "cuda"
+    train_loader = make_loader(splits.train, params.data.batch_size, shuffle=True, num_workers=params.data.num_workers,
+                               generator=loader_gen, pin_memory=pin, drop_last=len(splits.train) > params.data.batch_size)
+    eval_loader = lambda ds: make_loader(ds, params.data.eval_batch_size, shuffle=False,  # noqa: E731
+                                         num_workers=params.data.num_workers, generator=torch.Generator(), pin_memory=pin)
+
+    model = build_model(params, num_classes).to(setup.device)
+    if setup.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=params.optim.lr_net, momentum=params.optim.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.optim))
+    params_json = params.model_dump(mode="json")
+
+    start_epoch, history = 0, []
+    if resume:
+        ckpt = load_checkpoint(run.checkpoint)
+        if ckpt.get("params") != params_json:
+            raise CheckpointError(f"{run.checkpoint} was made with other params: {_first_difference(ckpt.get('params'), params_json)}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"], loader_gen)
+        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        log(f"resuming {run.root} after epoch {ckpt['epoch']}")
+
+    log(f"{params.model.method} on {params.model.backbone}: {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test images, {num_classes} classes, device {setup.device}")
+    end_epoch = params.optim.epochs if stop_after_epochs is None else min(params.optim.epochs, start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch,
+                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress)
+        val_stats = evaluate(model, eval_loader(splits.val), setup, num_classes) if len(splits.val) else {}
+        scheduler.step()
+        history.append({"epoch": epoch, "lr": lrs, "train": train_stats, "val": val_stats})
+        log(f"epoch {epoch}: train loss {train_stats['loss']:.4f} acc {train_stats['accuracy']:.4f} "
+            f"({train_stats['images_per_s']:.0f} img/s)" + (f", val acc {val_stats['accuracy']:.4f}" if val_stats else ""))
+        save_checkpoint(run.checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "rng": rng_state(loader_gen), "history": history, "params": params_json,
+        })
+
+    if end_epoch < params.optim.epochs:
+        log(f"stopped after epoch {end_epoch - 1} of {params.optim.epochs}: continue with --resume")
+        return None
+    test_stats = evaluate(model, eval_loader(splits.test), setup, num_classes, progress=runtime.progress)
+    metrics = {
+        "method": params.model.method, "backbone": params.model.backbone, "classes": splits.classes,
+        "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
+        "test": test_stats, "history": history,
+        "train_images_per_s": sum(h["train"]["images"] for h in history) / max(sum(h["train"]["seconds"] for h in history), 1e-9),
+    }
+    save_model(model, params, splits.classes, run)
+    write_json(run.metrics, metrics)
+    log(f"test accuracy {test_stats['accuracy']:.4f} -> {run.root}")
+    return metrics
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: checkpoint {a!r}, now {b!r}"
+
+
+def save_model(model: TransferModel, params: Params, classes: list[str], run: RunDir) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(run.weights, lambda tmp: save_file(state, str(tmp), metadata={"format": MODEL_FORMAT}))
+    write_json(run.model_card, {"format": MODEL_FORMAT, "params": params.model_dump(mode="json"), "classes": classes})
+
+
+def load_model(run_dir: Path) -> tuple[TransferModel, Params, list[str]]:
+    """Rebuild a trained model from its run directory; no pretrained download, no pickle."""
+    from safetensors.torch import load_file
+
+    run = RunDir(run_dir)
+    if not run.model_card.is_file() or not run.weights.is_file():
+        raise CheckpointError(f"{run.root} holds no finished model (model.json and model.safetensors)")
+    card = json.loads(run.model_card.read_text())
+    if card.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{run.model_card}: unknown format {card.get('format')!r}, expected {MODEL_FORMAT}")
+    raw = card["params"]
+    raw["model"] = {**raw["model"], "weights": "none"}  # the saved state holds every weight
+    params = validate_params(raw, str(run.model_card))
+    model = build_model(params, len(card["classes"]), pretrained=False)
+    try:
+        model.load_state_dict(load_file(str(run.weights)))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{run.weights} does not match the model in {run.model_card}: {e}") from None
+    return model.eval(), params, card["classes"]

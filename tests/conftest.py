@@ -1,0 +1,56 @@
+"""Shared fixtures: small real datasets materialised once per test session, tiny run settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("SPOTTUNE_PROGRESS", "false")
+
+
+@pytest.fixture(scope="session")
+def fashion_root(tmp_path_factory) -> Path:
+    """Real Fashion-MNIST images (Debian's package, read by torchvision), 40 train / 20 test per class."""
+    from spottune.data.sources import materialise
+
+    root = tmp_path_factory.mktemp("data") / "fashion-mnist"
+    materialise("fashion-mnist", root, train_per_class=40, test_per_class=20, seed=0, log=lambda _: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from spottune.data.sources import materialise
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    materialise("digits", root, seed=0, log=lambda _: None)
+    return root
+
+
+def _tiny_params(root: Path, **sections: dict[str, Any]):
+    """Params for a seconds-long CPU run on `root`; keyword arguments override keys per section."""
+    from spottune.config import validate_params
+
+    raw: dict[str, dict[str, Any]] = {
+        "data": {"root": str(root), "image_size": 32, "batch_size": 32, "eval_batch_size": 128},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet"},
+        "optim": {"epochs": 1, "lr_head": 0.02},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return validate_params(raw, "test")
+
+
+@pytest.fixture
+def runtime():
+    from spottune.config import RuntimeSettings
+
+    return RuntimeSettings(device="cpu", progress=False)
+
+
+@pytest.fixture
+def tiny_params():
+    return _tiny_params

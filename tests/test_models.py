@@ -1,0 +1,148 @@
+"""SpotTune's routing semantics on real pretrained weights and on the ResNets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spottune.config import PolicyParams
+from spottune.models.backbones import build_backbone
+from spottune.models.baselines import FineTuneNet
+from spottune.models.spottune import SpotTuneNet
+
+
+def _spottune(backbone_name: str, weights: str, image_size: int = 32, **policy) -> SpotTuneNet:
+    torch.manual_seed(0)
+    return SpotTuneNet(build_backbone(backbone_name, weights, image_size), 10, PolicyParams(**policy))
+
+
+def _through(stem, blocks, neck, head, x):
+    x = stem(x)
+    for b in blocks:
+        x = b(x)
+    return head(neck(x))
+
+
+@pytest.mark.parametrize("name,weights", [("efficientnet_lite0", "imagenet"), ("resnet26", "none"), ("resnet18", "none")])
+@pytest.mark.parametrize("execution", ["mixed", "conditional"])
+def test_forced_frozen_equals_pretrained_backbone(name, weights, execution):
+    model = _spottune(name, weights).eval()
+    model.execution = execution
+    torch.manual_seed(0)  # the same initial weights where there are no pretrained ones
+    reference = build_backbone(name, weights, 32)  # an untouched copy of the pretrained network
+    for m in (reference.stem, reference.blocks, reference.neck):
+        m.eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, decisions=torch.zeros(6, model.num_blocks))
+        expected = _through(reference.stem, reference.blocks, reference.neck, model.head, x)
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,weights", [("efficientnet_lite0", "imagenet"), ("resnet26", "none")])
+@pytest.mark.parametrize("execution", ["mixed", "conditional"])
+def test_forced_tuned_equals_tuned_copy(name, weights, execution):
+    model = _spottune(name, weights).eval()
+    model.execution = execution
+    with torch.no_grad():  # make the tuned copy differ from the frozen one
+        for p in model.tuned_blocks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x, decisions=torch.ones(6, model.num_blocks))
+        expected = _through(model.stem, model.tuned_blocks, model.neck, model.head, x)
+        frozen_only = model(x, decisions=torch.zeros(6, model.num_blocks)).logits
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+    assert not torch.allclose(out.logits, frozen_only), "tuned copy should differ after perturbation"
+
+
+@pytest.mark.parametrize("name,weights", [("efficientnet_lite0", "imagenet"), ("resnet26", "none"), ("resnet50", "none")])
+def test_conditional_inference_equals_mixed_formulation(name, weights):
+    model = _spottune(name, weights).eval()
+    with torch.no_grad():
+        for p in model.tuned_blocks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    decisions = (torch.rand(8, model.num_blocks, generator=g) > 0.5).float()
+    decisions[:, 0] = 1.0  # one block where all images agree: the whole-batch path
+    with torch.no_grad():
+        model.execution = "mixed"
+        mixed = model(x, decisions).logits
+        model.execution = "conditional"
+        conditional = model(x, decisions).logits
+    torch.testing.assert_close(conditional, mixed, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_decisions_are_deterministic_and_training_decisions_carry_gradient():
+    model = _spottune("resnet26", "none")
+    with torch.no_grad():
+        model.policy.fc.bias.copy_(torch.randn_like(model.policy.fc.bias))
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a.decisions, b.decisions) and torch.equal(a.logits, b.logits)
+    model.train()
+    out = model(x)
+    assert out.decisions.requires_grad
+    assert set(out.decisions.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_sampling_at_evaluation_is_an_option():
+    model = _spottune("resnet26", "none", eval_decisions="sample").eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        draws = {tuple(model(x).decisions.flatten().tolist()) for _ in range(3)}
+    assert len(draws) > 1, "with equal logits, sampled decisions should vary between calls"
+
+
+def test_temperature_anneals_per_epoch_to_its_floor():
+    model = _spottune("resnet26", "none", temperature=5.0, temperature_decay=0.5, temperature_min=1.0)
+    model.set_epoch(0)
+    assert model.temperature == 5.0
+    model.set_epoch(1)
+    assert model.temperature == 2.5
+    model.set_epoch(10)
+    assert model.temperature == 1.0
+
+
+def test_frozen_branch_is_frozen_in_train_mode():
+    model = _spottune("efficientnet_lite0", "imagenet").train()
+    assert all(not m.training for m in model.frozen_blocks.modules())
+    assert all(m.training for m in model.tuned_blocks.modules())
+    assert not any(p.requires_grad for p in model.frozen_blocks.parameters())
+    names = {id(p) for g in model.parameter_groups(_optim()) for p in g["params"]}
+    assert not any(id(p) in names for p in model.frozen_blocks.parameters())
+
+
+def _optim():
+    from spottune.config import OptimParams
+
+    return OptimParams()
+
+
+@pytest.mark.parametrize("method,trained_blocks", [("finetune", 16), ("linear", 0), ("lastk", 4), ("l2sp", 16)])
+def test_baselines_train_what_they_say(method, trained_blocks):
+    torch.manual_seed(0)
+    model = FineTuneNet(build_backbone("efficientnet_lite0", "imagenet", 32), 10, method, last_k=4, l2sp_alpha=0.1)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD([g for g in model.parameter_groups(_optim())], lr=0.1)
+    model.train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.logits, y)
+    reg = model.regularization(out)
+    assert (reg is not None) == (method == "l2sp")
+    (loss if reg is None else loss + reg).backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {i for i in range(16) if not torch.equal(before[f"blocks.{i}.block._project_conv.weight"],
+                                                      after[f"blocks.{i}.block._project_conv.weight"])}
+    assert len(changed) == trained_blocks
+    assert changed == set(range(16 - trained_blocks, 16))
+    assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+    for i in set(range(16)) - changed:  # untouched blocks keep their BN statistics too
+        assert torch.equal(before[f"blocks.{i}.block._bn1.running_mean"], after[f"blocks.{i}.block._bn1.running_mean"])

@@ -1,0 +1,110 @@
+"""The engine on real images: frozen weights stay frozen, global-k works, resume is exact, runs learn."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spottune.engine import DeviceSetup, train_one_epoch
+from spottune.models import build_model
+
+
+def _loader(root, params):
+    from spottune.data.loaders import build_datasets, make_loader
+    from spottune.models.backbones import input_normalization
+
+    splits = build_datasets(params.data, *input_normalization(params.model.backbone), seed=0)
+    return make_loader(splits.train, params.data.batch_size, shuffle=True, num_workers=0,
+                       generator=torch.Generator().manual_seed(0)), len(splits.classes)
+
+
+def test_training_changes_tuned_head_policy_and_never_the_frozen_branch(fashion_root, tiny_params):
+    params = tiny_params(fashion_root, optim={"lr_policy": 0.1})
+    loader, n = _loader(fashion_root, params)
+    torch.manual_seed(0)
+    model = build_model(params, n)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=0.01, momentum=0.9)
+    policy_grads = []
+    model.policy.fc.weight.register_hook(lambda g: policy_grads.append(g.abs().sum().item()))
+    train_one_epoch(model, optimizer, loader, DeviceSetup(torch.device("cpu")), epoch=0, max_steps=4, progress=False)
+    after = model.state_dict()
+
+    frozen = [k for k in before if k.startswith("frozen_blocks.")]
+    assert any("running_mean" in k for k in frozen) and any(k.endswith("num_batches_tracked") for k in frozen)
+    for k in frozen:  # weights, BN affine parameters and BN running statistics, bit for bit
+        assert torch.equal(before[k], after[k]), k
+    for prefix in ("tuned_blocks.", "head.", "policy."):
+        changed = [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+        assert changed, f"nothing under {prefix} changed"
+    tuned_bn = "tuned_blocks.5.block._bn1.running_mean"
+    assert not torch.equal(before[tuned_bn], after[tuned_bn])
+    assert len(policy_grads) == 4 and all(g > 0 for g in policy_grads)
+
+
+def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
+    k = 4
+    params = tiny_params(digits_root, model={"backbone": "resnet26", "weights": "none"},
+                         policy={"global_k": k, "k_weight": 2.0, "entropy_weight": 0.05, "temperature": 1.0},
+                         optim={"lr_policy": 0.05, "lr_net": 0.01})
+    loader, n = _loader(digits_root, params)
+    torch.manual_seed(0)
+    model = build_model(params, n)
+    optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=0.01, momentum=0.9)
+    setup = DeviceSetup(torch.device("cpu"))
+    first = train_one_epoch(model, optimizer, loader, setup, epoch=0, max_steps=1, progress=False)
+    for epoch in range(1, 4):
+        last = train_one_epoch(model, optimizer, loader, setup, epoch=epoch, max_steps=8, progress=False)
+    assert abs(first["tuned_blocks_per_image"] - k) > 1.5, "should start away from k (12 blocks, 50/50 routing)"
+    assert abs(last["tuned_blocks_per_image"] - k) < 1.0, last["tuned_blocks_per_image"]
+    model.eval()
+    images, _ = next(iter(loader))
+    with torch.no_grad():
+        per_image = model(images).decisions.sum(1).float().mean().item()
+    assert abs(per_image - k) < 1.5, per_image
+
+
+@pytest.mark.parametrize("method", ["spottune", "l2sp"])
+def test_resume_gives_identical_weights(fashion_root, tiny_params, runtime, tmp_path, method):
+    from safetensors.torch import load_file
+
+    from spottune.training import fit
+
+    params = tiny_params(fashion_root, model={"method": method}, optim={"epochs": 3, "max_steps_per_epoch": 3})
+    fit(params, tmp_path / "straight", runtime, log=lambda _: None)
+    assert fit(params, tmp_path / "sliced", runtime, stop_after_epochs=2, log=lambda _: None) is None
+    assert not (tmp_path / "sliced" / "model.safetensors").exists()
+    fit(params, tmp_path / "sliced", runtime, resume=True, log=lambda _: None)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "sliced" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_other_params(fashion_root, tiny_params, runtime, tmp_path):
+    from spottune.errors import CheckpointError
+    from spottune.training import fit
+
+    params = tiny_params(fashion_root, optim={"epochs": 2, "max_steps_per_epoch": 1})
+    fit(params, tmp_path, runtime, stop_after_epochs=1, log=lambda _: None)
+    other = tiny_params(fashion_root, optim={"epochs": 2, "max_steps_per_epoch": 1, "lr_net": 0.5})
+    with pytest.raises(CheckpointError, match="optim.lr_net"):
+        fit(other, tmp_path, runtime, resume=True, log=lambda _: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spottune", "finetune"])
+def test_short_real_run_beats_chance_by_a_wide_margin(fashion_root, tiny_params, runtime, tmp_path, method):
+    from spottune.training import fit
+
+    # 360 real Fashion-MNIST training images, 200 test images, 10 classes: chance is 10%.
+    params = tiny_params(fashion_root, model={"method": method}, data={"image_size": 48}, optim={"epochs": 4})
+    metrics = fit(params, tmp_path, runtime, log=lambda _: None)
+    assert metrics["test"]["images"] == 200
+    assert metrics["test"]["accuracy"] > 0.55, metrics["test"]["accuracy"]
+    if method == "spottune":
+        fractions = metrics["test"]["tuned_fraction_per_block"]
+        assert len(fractions) == 16 and all(0.0 <= f <= 1.0 for f in fractions)

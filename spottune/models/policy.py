@@ -7,28 +7,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: an image's routing must not depend on the other images in its batch,
+    # and must be the same in training and evaluation (BN's batch vs running statistics are not).
+    return nn.GroupNorm(min(8, channels), channels)
+
+
 class _PolicyBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.norm1 = _norm(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.norm2 = _norm(out_ch)
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), _norm(out_ch))
             if stride != 1 or in_ch != out_ch
             else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        y = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(y)) + self.shortcut(x))
 
 
 class RoutingPolicy(nn.Module):
     """ResNet-8-like policy (stem + 3 basic blocks + linear) returning 2 logits per routable block.
 
     It sees the image downscaled by `input_scale`, which keeps its cost small next to the backbone's.
+    Its normalisation is per image (GroupNorm), so a decision depends on that image alone.
     Logit index 1 means "run the tuned copy".
     """
 
@@ -36,7 +43,7 @@ class RoutingPolicy(nn.Module):
         super().__init__()
         self.num_blocks = num_blocks
         self.input_scale = input_scale
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), _norm(width), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(
             _PolicyBlock(width, width, 2), _PolicyBlock(width, 2 * width, 2), _PolicyBlock(2 * width, 4 * width, 2)
         )

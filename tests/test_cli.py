@@ -1,0 +1,102 @@
+"""The `spottune` command as a user runs it: real processes, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["--set", "data.image_size=32", "--set", "optim.epochs=1", "--set", "optim.max_steps_per_epoch=3"]
+
+
+def spottune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false"}
+    return subprocess.run([sys.executable, "-m", "spottune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_train_evaluate_compare_predict(fashion_root, tmp_path):
+    runs = tmp_path / "runs"
+    for method in ("finetune", "spottune"):
+        r = spottune("train", "--method", method, "--out", runs / method, "--set", f"data.root={fashion_root}", *TINY)
+        assert r.returncode == 0, r.stderr
+        assert {"checkpoint.pt", "model.safetensors", "model.json", "metrics.json"} <= {p.name for p in (runs / method).iterdir()}
+    metrics = json.loads((runs / "spottune" / "metrics.json").read_text())
+    assert metrics["method"] == "spottune" and len(metrics["test"]["tuned_fraction_per_block"]) == 16
+
+    r = spottune("evaluate", runs / "spottune", "--out", tmp_path / "eval.json")
+    assert r.returncode == 0, r.stderr
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(metrics["test"]["accuracy"])  # deterministic decisions
+
+    r = spottune("compare", runs / "finetune", runs / "spottune", "--report", tmp_path / "report.md",
+                 "--json", tmp_path / "comparison.json")
+    assert r.returncode == 0, r.stderr
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["candidate"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert 0.0 <= comparison["mcnemar"]["p_value"] <= 1.0
+    assert "# spottune vs finetune" in (tmp_path / "report.md").read_text()
+
+    images = sorted((fashion_root / "test" / "trouser").glob("*.png"))[:2]
+    r = spottune("predict", "--run", runs / "spottune", "--json", *images)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["image"] for row in rows] == [str(p) for p in images]
+    assert all(len(row["top"]) == 3 and "tuned_blocks" in row for row in rows)
+
+
+@pytest.mark.parametrize(
+    "args,culprit",
+    [
+        (["--method", "magic"], "model.method"),
+        (["--backbone", "vgg16"], "model.backbone"),
+        (["--set", "optim.lr_net=-1"], "optim.lr_net"),
+        (["--set", "optim.nesterov=true"], "optim.nesterov"),
+        (["--set", "data.root=/no/such/dir"], "/no/such/dir"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(args, culprit, tmp_path):
+    r = spottune("train", "--out", tmp_path / "run", *args)
+    assert r.returncode == 2
+    assert culprit in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_bad_params_file_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("model:\n  backbone: resnet50\n  wieghts: none\n")
+    r = spottune("train", "--out", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 2 and "model.wieghts" in r.stderr and "params.yaml" in r.stderr
+
+
+def test_unreadable_image_stops_training_without_a_checkpoint(fashion_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(fashion_root, root)
+    bad = next((root / "train" / "sandal").glob("*.png"))
+    bad.write_bytes(b"")
+    r = spottune("train", "--method", "finetune", "--out", tmp_path / "run", "--set", f"data.root={root}",
+                 "--set", "data.image_size=32", "--set", "data.batch_size=400")
+    assert r.returncode == 2 and bad.name in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_existing_run_is_not_overwritten_silently(fashion_root, tmp_path):
+    args = ["train", "--method", "linear", "--out", tmp_path / "run", "--set", f"data.root={fashion_root}", *TINY]
+    assert spottune(*args).returncode == 0
+    r = spottune(*args)
+    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert spottune(*args, "--overwrite").returncode == 0
+
+
+def test_library_imports_no_orchestration_package():
+    code = ("import sys, spottune.cli, spottune.training, spottune.evaluate; "
+            "bad = {'prefect', 'dvc', 'great_expectations', 'boto3'} & set(sys.modules); print(sorted(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys, spottune.config; print('torch' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "False", "settings must validate without importing torch"

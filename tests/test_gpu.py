@@ -1,0 +1,56 @@
+"""The CUDA path: bf16 autocast and channels_last. Skipped where there is no GPU (CI has none)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spottune.config import validate_params
+from spottune.engine import DeviceSetup, train_one_epoch
+from spottune.models import build_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _model(backbone="efficientnet_lite0", weights="imagenet", size=64):
+    params = validate_params({"model": {"backbone": backbone, "weights": weights}, "data": {"image_size": size}})
+    torch.manual_seed(0)
+    return build_model(params, 10).cuda().to(memory_format=torch.channels_last), params
+
+
+def test_bf16_training_keeps_frozen_branch_and_moves_the_rest():
+    model, params = _model()
+    setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True)
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 3, 64, 64, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=0.01, momentum=0.9)
+    stats = train_one_epoch(model, optimizer, batches, setup, epoch=0, progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("frozen_blocks."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("policy."))
+    assert stats["images"] == 96 and torch.isfinite(torch.tensor(stats["loss"]))
+
+
+@pytest.mark.parametrize("backbone,weights", [("efficientnet_lite0", "imagenet"), ("resnet50", "none")])
+def test_conditional_equals_mixed_on_gpu(backbone, weights):
+    model, _ = _model(backbone, weights)
+    model.eval()
+    x = torch.randn(64, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    d = (torch.rand(64, model.num_blocks, device="cuda") > 0.5).float()
+    with torch.no_grad():
+        model.execution = "mixed"
+        mixed = model(x, d).logits
+        model.execution = "conditional"
+        cond = model(x, d).logits
+    # float32 convolutions run as TF32 on the GPU by default, and sub-batches may pick other cuDNN
+    # algorithms than the whole batch: compare by relative norm at TF32's precision.
+    assert (cond - mixed).norm() / mixed.norm() < 5e-3
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.execution = "mixed"
+        mixed16 = model(x, d).logits.float()
+        model.execution = "conditional"
+        cond16 = model(x, d).logits.float()
+    assert (cond16 - mixed16).norm() / mixed16.norm() < 2e-2

@@ -174,3 +174,33 @@ def validate_params(raw: dict[str, Any], source: str = "parameters") -> Params:
         return Params.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+
+
+class StoreSettings(BaseSettings):
+    """Where published models live, from the environment (SPOTTUNE_STORE_*, SPOTTUNE_S3_*).
+
+    Credentials are deliberately absent: the S3 backend takes them from boto3's standard chain
+    (AWS_* environment variables, shared profile, instance role), so they never reach params, logs
+    or uploaded artifacts. Where the models are stored never changes what a run computes.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_", extra="ignore")
+
+    store_backend: Literal["local", "s3"] = Field("local", description="'local' (a folder, the default) or 's3'")
+    store_root: Path = Field(Path("artifacts"), description="folder of the local backend")
+    store_prefix: str = Field("", pattern=r"^([A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*)?$",
+                              description="key prefix inside the bucket (or the local folder)")
+    s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name")
+    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://", description="S3-compatible endpoint (default: AWS)")
+    s3_region: str = Field("us-east-1", min_length=1)
+    s3_multipart_threshold_mb: int = Field(64, ge=5, description="files above this size upload in parts")
+    s3_multipart_chunksize_mb: int = Field(16, ge=5, description="size of one part (S3's minimum is 5 MiB)")
+    s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode, backoff)")
+    s3_connect_timeout_s: float = Field(5.0, gt=0)
+    s3_read_timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> StoreSettings:
+        if self.store_backend == "s3" and not self.s3_bucket:
+            raise ValueError("store_backend 's3' needs a bucket: set SPOTTUNE_S3_BUCKET")
+        return self

@@ -15,3 +15,7 @@ class DataError(SpotTuneError):
 
 class CheckpointError(SpotTuneError):
     """Missing, incomplete or unsafe checkpoint or model file."""
+
+
+class StoreError(SpotTuneError):
+    """Artifact store: unreachable endpoint, missing bucket or credentials, incomplete or corrupt version."""

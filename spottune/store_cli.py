@@ -1,0 +1,126 @@
+"""`spottune publish | promote | rollback | models list`: the artifact store from the command line.
+
+    spottune publish runs/spottune --name fashion [--version V] [--data-version HASH] [--report FILE] [--candidate-only]
+    spottune promote fashion V [--reason "beats finetune by 3 points"]
+    spottune rollback fashion [--reason ...]
+    spottune models list fashion [--json]
+
+The backend comes from the environment (StoreSettings: SPOTTUNE_STORE_BACKEND=local|s3,
+SPOTTUNE_STORE_ROOT, SPOTTUNE_STORE_PREFIX, SPOTTUNE_S3_BUCKET, SPOTTUNE_S3_ENDPOINT_URL,
+SPOTTUNE_S3_REGION); credentials from boto3's standard chain only. `register(subparsers)` adds the
+commands to spottune's parser; each command function takes (args, runtime) like the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from spottune.errors import ConfigError
+
+
+def store_settings():
+    """StoreSettings from the environment, validation errors turned into a ConfigError naming the variable."""
+    from pydantic import ValidationError
+
+    from spottune.config import StoreSettings
+
+    try:
+        return StoreSettings()
+    except ValidationError as e:
+        lines = ["invalid store settings in the environment:"]
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            var = f"SPOTTUNE_{field.upper()}" if field else "(settings)"
+            lines.append(f"  {var}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _store():
+    from spottune.store import open_store
+
+    return open_store(store_settings())
+
+
+def cmd_publish(args: argparse.Namespace, runtime: Any = None) -> int:
+    """Upload a finished run; --candidate-only records a failed gate so it can never be promoted."""
+    from spottune.store import Gate
+
+    store = _store()
+    gate = (Gate(False, args.gate_reason or "published with --candidate-only") if args.candidate_only
+            else Gate(True, args.gate_reason or "published for promotion"))
+    result = store.publish(args.run, args.name, args.version, gate=gate, data_version=args.data_version,
+                           report=args.report, log=print)
+    state = "already published (unchanged)" if result.already_published else (
+        f"published: {len(result.uploaded)} files uploaded, {len(result.skipped)} already there")
+    kind = "candidate (never promotable)" if args.candidate_only else "promotable"
+    print(f"{args.name} {result.version}: {state}; {kind}; manifest sha256 {result.manifest_sha256}")
+    if not args.candidate_only:
+        print(f"promote with: spottune promote {args.name} {result.version}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, runtime: Any = None) -> int:
+    pointer = _store().promote(args.name, args.version, reason=args.reason)
+    print(f"{args.name}: production is now {pointer['version']} (manifest sha256 {pointer['manifest_sha256']})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, runtime: Any = None) -> int:
+    pointer = _store().rollback(args.name, reason=args.reason)
+    print(f"{args.name}: rolled back, production is now {pointer['version']}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, runtime: Any = None) -> int:
+    rows = _store().list_versions(args.name)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"{args.name}: no versions")
+        return 0
+    print(f"{'':2}{'version':<20} {'complete':<9} {'gate':<7} {'test acc':<9} {'method':<10} created")
+    for r in rows:
+        acc = f"{r.test_accuracy:.4f}" if r.test_accuracy is not None else "-"
+        gate = {True: "passed", False: "failed", None: "-"}[r.gate_passed]
+        line = (f"{'*' if r.production else ' ':2}{r.version:<20} {'yes' if r.complete else 'NO':<9} {gate:<7} "
+                f"{acc:<9} {r.method or '-':<10} {r.created_at or '-'}")
+        print(line + (f"  ({r.problem})" if r.problem else ""))
+    print("* = production")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add publish, promote, rollback and `models list` to spottune's subparsers."""
+    p = subparsers.add_parser("publish", help="upload a finished run to the artifact store as a model version")
+    p.add_argument("run", type=Path, help="finished run directory")
+    p.add_argument("--name", required=True, help="model name in the store")
+    p.add_argument("--version", default=None, help="version (default: first 12 hex digits of the weights' sha256)")
+    p.add_argument("--data-version", default=None, help="the data.dvc md5 the run was trained on")
+    p.add_argument("--report", type=Path, default=None, help="evaluation report (Markdown) to publish with it")
+    p.add_argument("--candidate-only", action="store_true",
+                   help="record a failed gate: the version is stored and listed but never promotable")
+    p.add_argument("--gate-reason", default=None, help="why the gate passed or failed (recorded in gate.json)")
+    p.set_defaults(func=cmd_publish)
+
+    p = subparsers.add_parser("promote", help="make a verified, gate-passed version the production model")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--reason", default="", help="recorded in the pointer and the audit trail")
+    p.set_defaults(func=cmd_promote)
+
+    p = subparsers.add_parser("rollback", help="make the previous production version production again")
+    p.add_argument("name")
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=cmd_rollback)
+
+    p = subparsers.add_parser("models", help="inspect models in the artifact store")
+    models = p.add_subparsers(dest="models_command", required=True)
+    q = models.add_parser("list", help="versions of a model: completeness, gate, metrics, production")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_models_list)

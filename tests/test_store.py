@@ -1,0 +1,533 @@
+"""Artifact store on both backends: a local folder, and S3 through boto3 against a real moto server
+process on 127.0.0.1 (real HTTP; it can be paused to simulate an outage).
+
+Every behavioural test runs on both backends through the parametrised `store` fixture. The input is
+a real finished run: a tiny linear probe trained once per session on real Fashion-MNIST images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spottune.config import StoreSettings
+from spottune.errors import SpotTuneError, StoreError
+from spottune.store import (
+    MANIFEST, VERSION_FILES, ArtifactStore, Gate, IntegrityError, LocalBackend, PromotionRefused, S3Backend,
+    load_production_model, open_store, sha256_file,
+)
+
+NAME = "fashion"
+PASS = Gate(True, "beats finetune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Session fixtures: one real run, one moto server process
+
+
+@pytest.fixture(scope="session")
+def finished_run(fashion_root, tmp_path_factory) -> Path:
+    """A real finished run directory (model.safetensors, model.json, metrics.json, checkpoint.pt)."""
+    from spottune.config import RuntimeSettings, validate_params
+    from spottune.training import fit
+
+    params = validate_params({
+        "data": {"root": str(fashion_root), "image_size": 32, "batch_size": 32, "eval_batch_size": 128},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "method": "linear"},
+        "optim": {"epochs": 1, "lr_head": 0.02, "max_steps_per_epoch": 2},
+    }, "test")
+    out = tmp_path_factory.mktemp("runs") / "linear"
+    fit(params, out, RuntimeSettings(device="cpu", progress=False), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_run(finished_run, tmp_path_factory) -> Path:
+    """The same run with its head's bias shifted: different, still valid, weights (a second version)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("runs") / "linear-b"
+    shutil.copytree(finished_run, out)
+    state = load_file(str(out / "model.safetensors"))
+    bias = next(k for k in state if k.endswith("bias") and state[k].ndim == 1 and state[k].numel() == 10)
+    state[bias] = state[bias] + 1.0
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "spottune-model/1"})
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """`python -m moto.server` as a child process on a free loopback port."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on {self.url}: see {log}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory) -> Iterator[MotoServer]:
+    """A moto S3 server process, with dummy credentials in boto3's standard chain (environment)."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                                            "AWS_ENDPOINT_URL_S3"]}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def s3_settings(moto: MotoServer, bucket: str, **kw: Any) -> StoreSettings:
+    return StoreSettings(store_backend="s3", s3_bucket=bucket, s3_endpoint_url=moto.url, store_prefix="team/spottune",
+                         s3_multipart_threshold_mb=5, s3_multipart_chunksize_mb=5, s3_max_attempts=2, **kw)
+
+
+def new_bucket(moto: MotoServer) -> str:
+    import boto3
+
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> ArtifactStore:
+    if request.param == "local":
+        return open_store(StoreSettings(store_backend="local", store_root=tmp_path / "artifacts"))
+    moto = request.getfixturevalue("moto")
+    return open_store(s3_settings(moto, new_bucket(moto)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend wrappers that inject faults and orderings
+
+
+class Recording:
+    """Delegates to a backend; records writes and can fail or pause at chosen points."""
+
+    def __init__(self, inner: Any, fail_after_files: int | None = None, on_file: Any = None) -> None:
+        self.inner = inner
+        self.writes: list[str] = []
+        self.fail_after_files = fail_after_files
+        self.on_file = on_file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def put_file(self, key: str, src: Path, sha256: str) -> None:
+        files = sum(1 for w in self.writes if not w.endswith(MANIFEST))
+        if self.fail_after_files is not None and files >= self.fail_after_files:
+            raise RuntimeError(f"injected failure before uploading {key}")
+        if self.on_file is not None:
+            self.on_file(files)
+        self.inner.put_file(key, src, sha256)
+        self.writes.append(key)
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> str:
+        tag = self.inner.put_bytes(key, data, **kw)
+        self.writes.append(key)
+        return tag
+
+
+def version_keys(store: ArtifactStore, version: str) -> set[str]:
+    return set(store.backend.list_sizes(store.version_key(NAME, version) + "/"))
+
+
+def expected_keys(store: ArtifactStore, version: str) -> set[str]:
+    return {store.version_key(NAME, version, f) for f in (*VERSION_FILES, MANIFEST)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour, on both backends
+
+
+def test_publish_verifies_every_file_and_writes_the_manifest_last(store, finished_run, tmp_path):
+    (tmp_path / "report.md").write_text("# SpotTune vs finetune\n")
+    recorder = Recording(store.backend)
+    store = ArtifactStore(recorder, store.prefix)
+    result = store.publish(finished_run, NAME, gate=PASS, data_version="0123456789abcdef0123456789abcdef",
+                           report=tmp_path / "report.md")
+
+    assert result.version == sha256_file(finished_run / "model.safetensors")[:12]
+    assert recorder.writes[-1] == store.version_key(NAME, result.version, MANIFEST)
+    assert version_keys(store, result.version) == expected_keys(store, result.version)
+    manifest, _ = store.read_manifest(NAME, result.version)
+    for f in ("model.safetensors", "model.json", "metrics.json"):
+        assert manifest["files"][f] == {"sha256": sha256_file(finished_run / f), "size": (finished_run / f).stat().st_size}
+
+    [row] = store.list_versions(NAME)
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert (row.complete, row.gate_passed, row.production) == (True, True, False)
+    assert row.test_accuracy == metrics["test"]["accuracy"] and row.method == "linear"
+    assert row.data_version == "0123456789abcdef0123456789abcdef"
+
+    fetched = store.fetch_version(NAME, result.version, tmp_path / "fetched")
+    assert (fetched / "report.md").read_text() == "# SpotTune vs finetune\n"
+    assert sha256_file(fetched / "model.safetensors") == sha256_file(finished_run / "model.safetensors")
+    if isinstance(store.backend.inner, S3Backend):  # the weights (> 5 MiB) went up in parts
+        b = store.backend.inner
+        etag = b.client.head_object(Bucket=b.bucket, Key=store.version_key(NAME, result.version, "model.safetensors"))["ETag"]
+        assert "-" in etag, etag
+
+
+def test_a_corrupted_object_is_refused_by_fetch_and_promote(store, finished_run, tmp_path):
+    v = store.publish(finished_run, NAME, "v1", gate=PASS).version
+    key = store.version_key(NAME, v, "model.safetensors")
+    original = b"".join(store.backend.iter_chunks(key))
+    store.backend.put_bytes(key, original[:-1] + bytes([original[-1] ^ 1]))  # one flipped bit, same size
+
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        store.fetch_version(NAME, v, tmp_path / "dest")
+    assert not any((tmp_path / "dest").iterdir()), "nothing unverified may be left behind"
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        store.promote(NAME, v)
+    assert store.production(NAME) is None
+
+
+def test_promote_rollback_list_and_load(store, finished_run, other_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.publish(other_run, NAME, "v2", gate=PASS)
+    assert store.production(NAME) is None
+    store.promote(NAME, "v1", reason="first", actor="alice@ci")
+    pointer = store.promote(NAME, "v2", reason="better", actor="bob@ci")
+    assert pointer["version"] == "v2" and [h["version"] for h in pointer["history"]] == ["v1"]
+    assert store.promote(NAME, "v2") == pointer, "promoting the production version again changes nothing"
+
+    rows = {r.version: r for r in store.list_versions(NAME)}
+    assert rows["v2"].production and not rows["v1"].production and all(r.complete for r in rows.values())
+
+    model, _, classes, ptr = load_production_model(store, NAME, tmp_path / "prod-v2")
+    expected = load_file(str(other_run / "model.safetensors"))
+    assert ptr["version"] == "v2" and len(classes) == 10
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+
+    assert store.rollback(NAME, reason="regression")["version"] == "v1"
+    assert store.production(NAME)["history"] == []
+    with pytest.raises(PromotionRefused, match="no earlier production version"):
+        store.rollback(NAME)
+    trail = store.audit_trail(NAME)
+    assert [(a["action"], a["version"], a["previous_version"]) for a in trail] == [
+        ("promote", "v1", None), ("promote", "v2", "v1"), ("rollback", "v1", "v2")]
+    assert [a["by"] for a in trail[:2]] == ["alice@ci", "bob@ci"] and all(a["at"] for a in trail)
+
+
+def test_a_version_that_failed_the_gate_never_becomes_production(store, finished_run, other_run):
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.promote(NAME, "v1")
+    store.publish_candidate(other_run, NAME, "v2", reason="0.2 points below the baseline")
+
+    with pytest.raises(PromotionRefused, match="failed its promotion gate"):
+        store.promote(NAME, "v2")
+    assert store.production(NAME)["version"] == "v1"
+    rows = {r.version: r for r in store.list_versions(NAME)}
+    assert rows["v2"].complete and rows["v2"].gate_passed is False and not rows["v2"].production
+    with pytest.raises(StoreError, match="already published with other content"):
+        store.publish(other_run, NAME, "v2", gate=PASS)  # the verdict cannot be flipped by re-publishing
+    gate = json.loads(store.backend.get_bytes(store.version_key(NAME, "v2", "gate.json"))[0])
+    assert gate["passed"] is False and "below the baseline" in gate["reason"]
+
+
+def test_republish_after_a_failure_mid_upload_completes_without_duplicates(store, finished_run, other_run):
+    broken = ArtifactStore(Recording(store.backend, fail_after_files=3), store.prefix)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        broken.publish(finished_run, NAME, "v1", gate=PASS)
+    [row] = store.list_versions(NAME)
+    assert not row.complete and "MANIFEST" in row.problem
+    with pytest.raises(PromotionRefused, match="incomplete"):
+        store.promote(NAME, "v1")
+
+    again = store.publish(finished_run, NAME, "v1", gate=PASS)
+    assert len(again.skipped) == 3 and len(again.uploaded) == len(VERSION_FILES) - 3
+    assert version_keys(store, "v1") == expected_keys(store, "v1")
+    manifest_before = store.backend.get_bytes(store.version_key(NAME, "v1", MANIFEST))[0]
+    third = store.publish(finished_run, NAME, "v1", gate=PASS)
+    assert third.already_published and third.manifest_sha256 == again.manifest_sha256
+    assert store.backend.get_bytes(store.version_key(NAME, "v1", MANIFEST))[0] == manifest_before
+    with pytest.raises(StoreError, match="already published with other content.*model.safetensors"):
+        store.publish(other_run, NAME, "v1", gate=PASS)
+    assert [r.version for r in store.list_versions(NAME)] == ["v1"]
+    store.promote(NAME, "v1")
+
+
+def test_interleaved_promotions_serialise_and_both_are_audited(store, finished_run, other_run):
+    """Both promoters read the pointer before either writes: the loser must retry, not overwrite."""
+    for v, run in (("v0", finished_run), ("v1", finished_run), ("v2", other_run)):
+        store.publish(run, NAME, v, gate=PASS)
+    store.promote(NAME, "v0")
+    pointer_key = store.model_key(NAME, "production.json")
+    both_read = threading.Barrier(2, timeout=20)
+    first_written = threading.Event()
+
+    class Interleave(Recording):
+        def get_bytes(self, key: str):
+            out = self.inner.get_bytes(key)
+            if key == pointer_key and not getattr(local, "read", False):
+                local.read = True
+                both_read.wait()
+            return out
+
+        def put_bytes(self, key: str, data: bytes, **kw: Any) -> str:
+            if key == pointer_key and threading.current_thread().name == "second":
+                first_written.wait(20)
+            try:
+                return self.inner.put_bytes(key, data, **kw)
+            finally:
+                if key == pointer_key and threading.current_thread().name == "first":
+                    first_written.set()
+
+    local = threading.local()
+    racing = ArtifactStore(Interleave(store.backend), store.prefix)
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        try:
+            racing.promote(NAME, version, actor=threading.current_thread().name)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=promote, args=("v1",), name="first"),
+               threading.Thread(target=promote, args=("v2",), name="second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    pointer = store.production(NAME)
+    assert pointer["version"] == "v2" and [h["version"] for h in pointer["history"]] == ["v0", "v1"]
+    assert pointer["manifest_sha256"] == store.read_manifest(NAME, "v2")[1]
+    trail = store.audit_trail(NAME)
+    assert sorted((a["version"], a["previous_version"], a["by"]) for a in trail[1:]) == [
+        ("v1", "v0", "first"), ("v2", "v1", "second")]
+
+
+def test_free_running_concurrent_promotions_leave_a_consistent_pointer(store, finished_run, other_run):
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.publish(other_run, NAME, "v2", gate=PASS)
+    threads = [threading.Thread(target=store.promote, args=(NAME, v)) for v in ("v1", "v2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    pointer = store.production(NAME)
+    assert pointer["version"] in ("v1", "v2")
+    assert pointer["manifest_sha256"] == store.read_manifest(NAME, pointer["version"])[1]
+    assert sorted(a["version"] for a in store.audit_trail(NAME)) == ["v1", "v2"]
+
+
+MARKER = "pwned-by-pickle"
+
+
+class _Payload:
+    """Unpickling this runs os.system: a stand-in for a malicious model file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_a_planted_malicious_pickle_is_refused_without_running(store, finished_run, tmp_path):
+    marker = tmp_path / MARKER
+    evil = pickle.dumps(_Payload(marker))
+
+    bad_run = tmp_path / "bad-run"
+    shutil.copytree(finished_run, bad_run)
+    (bad_run / "model.safetensors").write_bytes(evil)
+    with pytest.raises(IntegrityError, match="not a safetensors file"):
+        store.publish(bad_run, NAME, "evil", gate=PASS)
+    assert store.list_versions(NAME) == [], "nothing is uploaded for a run that fails its checks"
+
+    v = store.publish(finished_run, NAME, "v1", gate=PASS).version
+    store.promote(NAME, v)
+    weights_key = store.version_key(NAME, v, "model.safetensors")
+    store.backend.put_bytes(weights_key, evil)  # planted in the store after promotion
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        load_production_model(store, NAME, tmp_path / "a")
+
+    # An attacker who also rewrites the manifest: the pointer's manifest hash no longer matches.
+    manifest_key = store.version_key(NAME, v, MANIFEST)
+    manifest = json.loads(store.backend.get_bytes(manifest_key)[0])
+    manifest["files"]["model.safetensors"] = {"sha256": __import__("hashlib").sha256(evil).hexdigest(), "size": len(evil)}
+    forged = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    store.backend.put_bytes(manifest_key, forged)
+    with pytest.raises(IntegrityError, match="manifest .* changed after it was promoted"):
+        load_production_model(store, NAME, tmp_path / "b")
+
+    # ... and the pointer too: the bytes reach the loader, which parses safetensors and never unpickles.
+    pointer_key = store.model_key(NAME, "production.json")
+    pointer = json.loads(store.backend.get_bytes(pointer_key)[0])
+    pointer["manifest_sha256"] = __import__("hashlib").sha256(forged).hexdigest()
+    store.backend.put_bytes(pointer_key, json.dumps(pointer).encode())
+    with pytest.raises(SpotTuneError):
+        load_production_model(store, NAME, tmp_path / "c")
+    assert not marker.exists(), "the pickle's code ran"
+
+
+def test_a_tampered_manifest_cannot_name_files_outside_the_version(store, finished_run, tmp_path):
+    v = store.publish(finished_run, NAME, "v1", gate=PASS).version
+    key = store.version_key(NAME, v, MANIFEST)
+    manifest = json.loads(store.backend.get_bytes(key)[0])
+    manifest["files"]["../../escape.txt"] = manifest["files"].pop("report.md")
+    store.backend.put_bytes(key, json.dumps(manifest).encode())
+    with pytest.raises(IntegrityError, match="not a valid manifest"):
+        store.fetch_version(NAME, v, tmp_path / "dest")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 only: clear errors and an outage mid-upload
+
+
+def test_s3_misconfiguration_gives_a_clear_error(moto, monkeypatch):
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+        open_store(s3_settings(moto, "no-such-bucket"))
+    closed = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(StoreError, match=f"endpoint {closed} is unreachable"):
+        open_store(StoreSettings(store_backend="s3", s3_bucket="models", s3_endpoint_url=closed, s3_max_attempts=1))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    with pytest.raises(StoreError, match="no S3 credentials found"):
+        open_store(s3_settings(moto, "models"))
+
+
+def test_s3_outage_mid_upload_then_republish(moto, finished_run):
+    """The server process is paused (SIGSTOP) after two files: the publish fails with a clear error,
+    nothing is complete, and after the server resumes a re-run finishes the version exactly once."""
+    settings = s3_settings(moto, new_bucket(moto), s3_read_timeout_s=1.0, s3_connect_timeout_s=1.0)
+    store = open_store(settings.model_copy(update={"s3_max_attempts": 1}))
+
+    def pause_after_two(done: int) -> None:
+        if done == 2:
+            moto.proc.send_signal(signal.SIGSTOP)
+
+    try:
+        broken = ArtifactStore(Recording(store.backend, on_file=pause_after_two), store.prefix)
+        with pytest.raises(StoreError, match="unreachable|cannot upload"):
+            broken.publish(finished_run, NAME, "v1", gate=PASS)
+    finally:
+        moto.proc.send_signal(signal.SIGCONT)
+    assert not any(r.complete for r in store.list_versions(NAME))
+    result = open_store(settings).publish(finished_run, NAME, "v1", gate=PASS)
+    assert not result.already_published and len(result.skipped) >= 2
+    assert version_keys(store, "v1") == expected_keys(store, "v1")
+    store.promote(NAME, "v1")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI commands (wired through register) and import hygiene
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp_path, monkeypatch, capsys, request):
+    from spottune.store_cli import register
+
+    if backend == "s3":
+        moto = request.getfixturevalue("moto")
+        monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
+        monkeypatch.setenv("SPOTTUNE_S3_BUCKET", new_bucket(moto))
+        monkeypatch.setenv("SPOTTUNE_S3_ENDPOINT_URL", moto.url)
+    else:
+        monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "local")
+        monkeypatch.setenv("SPOTTUNE_STORE_ROOT", str(tmp_path / "artifacts"))
+    parser = argparse.ArgumentParser(prog="spottune")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args([str(a) for a in argv])
+        assert args.func(args, None) == 0
+        return capsys.readouterr().out
+
+    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789")
+    run("publish", other_run, "--name", NAME, "--version", "v2", "--candidate-only")
+    assert "production is now v1" in run("promote", NAME, "v1", "--reason", "first")
+    with pytest.raises(PromotionRefused):
+        run("promote", NAME, "v2")
+    rows = {r["version"]: r for r in json.loads(run("models", "list", NAME, "--json"))}
+    assert rows["v1"]["production"] and rows["v2"]["gate_passed"] is False
+    table = run("models", "list", NAME)
+    assert "* v1" in table and "failed" in table
+    run("publish", other_run, "--name", NAME, "--version", "v3")
+    run("promote", NAME, "v3")
+    assert "production is now v1" in run("rollback", NAME)
+
+
+def test_cli_reports_bad_store_settings(monkeypatch):
+    from spottune.errors import ConfigError
+    from spottune.store_cli import store_settings
+
+    monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
+    monkeypatch.delenv("SPOTTUNE_S3_BUCKET", raising=False)
+    with pytest.raises(ConfigError, match="SPOTTUNE_S3_BUCKET"):
+        store_settings()
+    monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "gcs")
+    with pytest.raises(ConfigError, match="SPOTTUNE_STORE_BACKEND"):
+        store_settings()
+
+
+def test_store_modules_import_no_boto3():
+    code = "import sys, spottune.store, spottune.store_cli; print('boto3' in sys.modules, 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False"], r.stderr
+
+
+def test_local_backend_refuses_keys_that_climb_out(tmp_path):
+    backend = LocalBackend(tmp_path / "store")
+    with pytest.raises(StoreError, match="invalid store key"):
+        backend.put_bytes("models/../../etc/x", b"x")
+    with pytest.raises(StoreError, match="invalid model name"):
+        ArtifactStore(backend).model_key("../x")

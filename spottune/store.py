@@ -56,6 +56,10 @@ VERSION_FILES: tuple[str, ...] = (
     WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
 )
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
+# Repeated here so publishing needs no torch import; a test checks they agree.
+RUN_FILES: tuple[str, str, str] = (WEIGHTS, "model.json", "metrics.json")
+RUN_MODEL_FORMAT = "spottune-model/1"
 CHUNK = 1 << 20
 HISTORY_LIMIT = 100
 CAS_ATTEMPTS = 20
@@ -117,8 +121,10 @@ class LocalBackend:
     """A folder. Writes go to a unique temporary name, are fsynced and renamed, so readers see whole files.
 
     A per-process temporary name (as in spottune.engine.atomic_write) is not enough here: two
-    threads promoting at once would share it. Conditional writes take an flock on a lock file per
-    key, which serialises threads and processes on one machine (not across NFS clients).
+    threads promoting at once would share it. Create-if-absent links the temporary file to its name
+    (link fails when the name exists); compare-and-swap takes an flock on one lock file per key
+    (only the production pointers), which serialises threads and processes on one machine, not
+    across NFS clients.
     """
 
     def __init__(self, root: Path) -> None:
@@ -138,7 +144,9 @@ class LocalBackend:
         if not os.access(self.root, os.W_OK):
             raise StoreError(f"the local store {self.root} is not writable")
 
-    def _write_atomic(self, path: Path, write: Callable[[Any], None]) -> None:
+    def _write_atomic(self, path: Path, write: Callable[[Any], None], *, exclusive: bool = False) -> None:
+        """Write to a unique temporary file, fsync, then rename over path (or, exclusive, link it:
+        link fails if path exists, which makes create-if-absent atomic without a lock)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -146,7 +154,13 @@ class LocalBackend:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise WriteConflict(f"{path} already exists") from None
+            else:
+                os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -160,8 +174,8 @@ class LocalBackend:
 
     def put_bytes(self, key: str, data: bytes, *, if_match: str | None = None, if_absent: bool = False) -> str:
         path = self._path(key)
-        if if_match is None and not if_absent:
-            self._write_atomic(path, lambda f: f.write(data))
+        if if_match is None:
+            self._write_atomic(path, lambda f: f.write(data), exclusive=if_absent)
             return _sha256_bytes(data)
         lock_dir = self.root / ".locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -169,9 +183,7 @@ class LocalBackend:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 current = path.read_bytes() if path.is_file() else None
-                if if_absent and current is not None:
-                    raise WriteConflict(f"{self.url(key)} already exists")
-                if if_match is not None and (current is None or _sha256_bytes(current) != if_match):
+                if current is None or _sha256_bytes(current) != if_match:
                     raise WriteConflict(f"{self.url(key)} changed since it was read")
                 self._write_atomic(path, lambda f: f.write(data))
             finally:
@@ -608,27 +620,28 @@ class ArtifactStore:
     def _stage(self, run_dir: Path, tmp: Path, name: str, gate: Gate, data_version: str | None,
                report: Path | None) -> dict[str, Path]:
         """Collect the version's files: the run's own, plus generated ones with deterministic content."""
-        from spottune.training import MODEL_FORMAT, RunDir
-
-        run = RunDir(run_dir)
-        for p in (run.weights, run.model_card, run.metrics):
+        weights, model_json, metrics_json = (run_dir / f for f in RUN_FILES)
+        for p in (weights, model_json, metrics_json):
             if not p.is_file():
-                raise StoreError(f"{run.root} is not a finished run: {p.name} is missing")
-        check_safetensors(run.weights)
+                raise StoreError(f"{run_dir} is not a finished run: {p.name} is missing")
+        check_safetensors(weights)
         try:
-            card = json.loads(run.model_card.read_text())
-            metrics = json.loads(run.metrics.read_text())
+            card = json.loads(model_json.read_text())
+            metrics = json.loads(metrics_json.read_text())
         except (OSError, ValueError) as e:
-            raise StoreError(f"{run.root}: unreadable model.json or metrics.json: {e}") from None
-        if card.get("format") != MODEL_FORMAT:
-            raise StoreError(f"{run.model_card}: unknown format {card.get('format')!r}, expected {MODEL_FORMAT}")
+            raise StoreError(f"{run_dir}: unreadable model.json or metrics.json: {e}") from None
+        if not isinstance(card, dict) or card.get("format") != RUN_MODEL_FORMAT:
+            got = card.get("format") if isinstance(card, dict) else card
+            raise StoreError(f"{model_json}: unknown format {got!r}, expected {RUN_MODEL_FORMAT}")
+        if not isinstance(metrics, dict):
+            raise StoreError(f"{metrics_json}: expected a JSON object")
         if report is not None and not Path(report).is_file():
             raise StoreError(f"report file not found: {report}")
         dv = (data_version or "").strip()
         if dv and not re.fullmatch(r"[0-9a-fA-F]{6,64}(\.dir)?", dv):
             raise StoreError(f"data version {dv!r} is not a DVC hash (hex digits, optionally ending in .dir)")
 
-        files = {WEIGHTS: run.weights, "model.json": run.model_card, "metrics.json": run.metrics}
+        files = {WEIGHTS: weights, "model.json": model_json, "metrics.json": metrics_json}
         generated = {
             "params.json": _dump(card.get("params", {})),
             "data_version.txt": ((dv or "unknown") + "\n").encode(),

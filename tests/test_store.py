@@ -448,7 +448,7 @@ def test_s3_misconfiguration_gives_a_clear_error(moto, monkeypatch):
 def test_s3_outage_mid_upload_then_republish(moto, finished_run):
     """The server process is paused (SIGSTOP) after two files: the publish fails with a clear error,
     nothing is complete, and after the server resumes a re-run finishes the version exactly once."""
-    settings = s3_settings(moto, new_bucket(moto), s3_read_timeout_s=1.0, s3_connect_timeout_s=1.0)
+    settings = s3_settings(moto, new_bucket(moto), s3_read_timeout_s=0.5, s3_connect_timeout_s=0.5)
     store = open_store(settings.model_copy(update={"s3_max_attempts": 1}))
 
     def pause_after_two(done: int) -> None:
@@ -531,3 +531,13 @@ def test_local_backend_refuses_keys_that_climb_out(tmp_path):
         backend.put_bytes("models/../../etc/x", b"x")
     with pytest.raises(StoreError, match="invalid model name"):
         ArtifactStore(backend).model_key("../x")
+
+
+def test_run_layout_matches_training():
+    """store.py repeats the run's file names and model format to publish without importing torch."""
+    from spottune import store
+    from spottune.training import MODEL_FORMAT, RunDir
+
+    run = RunDir(Path("r"))
+    assert store.RUN_FILES == (run.weights.name, run.model_card.name, run.metrics.name)
+    assert store.RUN_MODEL_FORMAT == MODEL_FORMAT

@@ -146,3 +146,37 @@ def test_baselines_train_what_they_say(method, trained_blocks):
     assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
     for i in set(range(16)) - changed:  # untouched blocks keep their BN statistics too
         assert torch.equal(before[f"blocks.{i}.block._bn1.running_mean"], after[f"blocks.{i}.block._bn1.running_mean"])
+
+
+@pytest.mark.parametrize("name,weights,p_tuned", [("resnet26", "none", 0.0), ("resnet26", "none", 0.3),
+                                                   ("resnet26", "none", 1.0), ("resnet18", "none", 0.5)])
+def test_split_training_gives_the_mixed_formulations_gradients(name, weights, p_tuned):
+    """float64: outputs, every gradient (input, tuned copy, stem, head, decisions) and BN statistics."""
+    results = {}
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(12, 3, 16, 16, generator=g, dtype=torch.float64)
+    d0 = (torch.rand(12, 12 if name == "resnet26" else 8, generator=g) < p_tuned).double()
+    for execution in ("mixed", "split"):
+        model = _spottune(name, weights).double().train()
+        for b in model.tuned_blocks.modules():  # no drop-connect noise: compare deterministic functions
+            if hasattr(b, "drop_connect_rate"):
+                b.drop_connect_rate = 0.0
+        model.execution = execution
+        model.bucket = 8  # pads sub-batches: padding must not leak into results
+        x = x0.clone().requires_grad_(True)
+        d = d0.clone().requires_grad_(True)
+        out = model(x, d)
+        out.logits.pow(2).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        stats = {n: b for n, b in model.named_buffers() if "running" in n}
+        results[execution] = (out.logits.detach(), x.grad, d.grad, grads, stats)
+    (lm, xm, dm, gm, sm), (ls, xs, ds, gs, ss) = results["mixed"], results["split"]
+    torch.testing.assert_close(ls, lm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs, xm, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ds, dm, rtol=1e-9, atol=1e-9)
+    assert gs.keys() == gm.keys() and any(k.startswith("tuned_blocks.") for k in gm)
+    assert not any(k.startswith("frozen_blocks.") for k in gm)
+    for k in gm:
+        torch.testing.assert_close(gs[k], gm[k], rtol=1e-9, atol=1e-9, msg=k)
+    for k in sm:
+        torch.testing.assert_close(ss[k], sm[k], rtol=0, atol=0, msg=k)

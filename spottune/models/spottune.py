@@ -2,11 +2,20 @@
 
     x_{l+1} = (1 - I_l(x)) * F_l(x_l) + I_l(x) * F~_l(x_l),   I_l(x) in {0, 1} from the policy
 
-Training uses the mixed form above with straight-through Gumbel-Softmax decisions (the policy's
-gradient is <g, F~_l(x_l) - F_l(x_l)>, so both branches run). Without a decision gradient
-(evaluation, inference) each image runs only the branch it chose: the batch is split per block.
-Unlike the 2019 code, the frozen copy is truly frozen (eval-mode BN, no gradients) and evaluation
-decisions are deterministic argmax by default.
+Three ways to execute it, all computing the same function:
+
+  mixed        both branches on the whole batch with autograd, then mixed (the 2019 design; the
+               reference the others are tested against)
+  split        training: the tuned copy runs on the whole batch (its BN statistics are the batch's,
+               as in the mixed form); the frozen copy, a per-image function (eval-mode BN), keeps an
+               autograd graph only for the images routed to it and runs the others without one
+               (their output is needed only for the policy's gradient <g, F~ - F>)
+  conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch
+
+Sub-batches are cut from one sort of the decisions per step and padded to a multiple of `bucket`
+images, so there is one host synchronisation per forward and few distinct shapes (cuDNN's autotuner
+sees each once). Unlike the 2019 code, the frozen copy is truly frozen (eval-mode BN, no gradients)
+and evaluation decisions are deterministic argmax by default.
 """
 
 from __future__ import annotations
@@ -23,7 +32,32 @@ from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, trainable
 from spottune.models.policy import RoutingPolicy, sample_decisions
 
-Execution = Literal["auto", "mixed", "conditional"]
+Execution = Literal["auto", "mixed", "split", "conditional"]
+
+
+class RoutingPlan:
+    """Per block: how many images take each branch (host ints, one sync) and the order that groups them."""
+
+    def __init__(self, decisions: torch.Tensor, bucket: int) -> None:
+        chosen = decisions.detach() > 0.5  # (B, L)
+        self.batch = chosen.shape[0]
+        self.bucket = bucket
+        self.tuned_counts: list[int] = chosen.sum(0).tolist()  # the one host sync
+        # Stable sort per block: frozen-routed images first, then tuned-routed, each in batch order.
+        self.order = torch.argsort(chosen.T.to(torch.uint8), dim=1, stable=True)  # (L, B)
+        self.inverse = torch.argsort(self.order, dim=1)
+
+    def groups(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(frozen indices, tuned indices, n_frozen, n_tuned); index tensors padded to a bucket multiple."""
+        n_t = self.tuned_counts[block]
+        n_f = self.batch - n_t
+        order = self.order[block]
+        return self._pad(order[:n_f]), self._pad(order[n_f:]), n_f, n_t
+
+    def _pad(self, idx: torch.Tensor) -> torch.Tensor:
+        n = idx.numel()
+        size = -(-n // self.bucket) * self.bucket if n else 0
+        return idx if size == n else torch.cat([idx, idx[:1].expand(size - n)])
 
 
 class SpotTuneNet(TransferModel):
@@ -40,6 +74,7 @@ class SpotTuneNet(TransferModel):
         self.policy_params = policy
         self.temperature = policy.temperature
         self.execution: Execution = "auto"
+        self.bucket = 16
         self.frozen_modules = []
         self.freeze(self.frozen_blocks)
         if not train_stem:
@@ -60,12 +95,19 @@ class SpotTuneNet(TransferModel):
             decisions = self.decide(images)
         execution = self.execution
         if execution == "auto":
-            needs_decision_grad = torch.is_grad_enabled() and decisions.requires_grad
-            execution = "mixed" if needs_decision_grad else "conditional"
+            # Training keeps the tuned copy on the whole batch (its BN uses batch statistics);
+            # evaluation has per-image blocks only, so each image can run its chosen branch alone.
+            execution = "split" if self.training else "conditional"
+        plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
         x = self.stem(images)
         for l, (frozen, tuned) in enumerate(zip(self.frozen_blocks, self.tuned_blocks)):
             d = decisions[:, l]
-            x = _mixed(frozen, tuned, x, d) if execution == "mixed" else _conditional(frozen, tuned, x, d)
+            if execution == "mixed":
+                x = _mixed(frozen, tuned, x, d)
+            elif execution == "split":
+                x = _split(frozen, tuned, x, d, plan, l)
+            else:
+                x = _conditional(frozen, tuned, x, plan, l)
         return ModelOutput(self.head(self.neck(x)), decisions)
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
@@ -99,20 +141,30 @@ def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
     return torch.lerp(f, t, d.to(f.dtype).view(-1, *([1] * (f.dim() - 1))))
 
 
-def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:
+    """Training step at the cost floor for a batch-statistics tuned copy: see the module docstring."""
+    t = tuned(x)
+    idx_f, idx_t, n_f, n_t = plan.groups(l)
+    if n_t == 0:
+        f = frozen(x)
+    elif n_f == 0:
+        with torch.no_grad():
+            f = frozen(x)
+    else:
+        f_f = frozen(x.index_select(0, idx_f))[:n_f]
+        with torch.no_grad():
+            f_t = frozen(x.index_select(0, idx_t))[:n_t]
+        f = torch.cat([f_f, f_t.to(f_f.dtype)]).index_select(0, plan.inverse[l])
+    return torch.lerp(f.to(t.dtype), t, d.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
+
+
+def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:
     """Each image through the branch it chose only; the whole batch through one branch when all agree."""
-    chosen = d > 0.5
-    n_tuned = int(chosen.sum())
-    if n_tuned == 0:
+    idx_f, idx_t, n_f, n_t = plan.groups(l)
+    if n_t == 0:
         return frozen(x)
-    if n_tuned == x.shape[0]:
+    if n_f == 0:
         return tuned(x)
-    idx_t = chosen.nonzero().squeeze(1)
-    idx_f = (~chosen).nonzero().squeeze(1)
-    y_t = tuned(x.index_select(0, idx_t))
-    y_f = frozen(x.index_select(0, idx_f))
-    fmt = torch.channels_last if y_t.dim() == 4 and y_t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty((x.shape[0], *y_t.shape[1:]), dtype=y_t.dtype, device=y_t.device, memory_format=fmt)
-    out.index_copy_(0, idx_t, y_t)
-    out.index_copy_(0, idx_f, y_f.to(y_t.dtype))
-    return out
+    y_f = frozen(x.index_select(0, idx_f))[:n_f]
+    y_t = tuned(x.index_select(0, idx_t))[:n_t]
+    return torch.cat([y_f, y_t.to(y_f.dtype)]).index_select(0, plan.inverse[l])

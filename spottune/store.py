@@ -870,7 +870,8 @@ def load_production_model(store: ArtifactStore, name: str, dest: Path | None = N
     """Fetch NAME's production version, verify every file, and rebuild the model from safetensors.
 
     Returns (model, params, classes, pointer). The manifest must be the one the pointer recorded,
-    so swapping a promoted version's files and manifest afterwards is detected too.
+    so swapping a promoted version's files and manifest afterwards is detected too. With dest None
+    the files go to a new temporary directory that the caller owns (it is not removed).
     """
     from spottune.training import load_model
 
@@ -880,5 +881,6 @@ def load_production_model(store: ArtifactStore, name: str, dest: Path | None = N
     if dest is None:
         dest = Path(tempfile.mkdtemp(prefix=f"spottune-{name}-"))
     store.fetch_version(name, pointer["version"], dest, expected_manifest_sha256=pointer["manifest_sha256"])
+    check_safetensors(Path(dest) / WEIGHTS)  # a clear message first; load_model never unpickles either way
     model, params, classes = load_model(dest)
     return model, params, classes, pointer

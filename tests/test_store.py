@@ -413,8 +413,11 @@ def test_a_planted_malicious_pickle_is_refused_without_running(store, finished_r
     pointer = json.loads(store.backend.get_bytes(pointer_key)[0])
     pointer["manifest_sha256"] = __import__("hashlib").sha256(forged).hexdigest()
     store.backend.put_bytes(pointer_key, json.dumps(pointer).encode())
-    with pytest.raises(SpotTuneError):
+    with pytest.raises(IntegrityError, match="not a safetensors file"):
         load_production_model(store, NAME, tmp_path / "c")
+    from spottune.training import load_model
+    with pytest.raises(SpotTuneError):  # and the loader itself refuses it without unpickling
+        load_model(tmp_path / "c")
     assert not marker.exists(), "the pickle's code ran"
 
 

@@ -325,11 +325,14 @@ class S3Backend:
         out = self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key))
         body = out["Body"]
         chunks = body.iter_chunks(CHUNK)
-        while True:
-            chunk = self._call("read", key, lambda: next(chunks, None))
-            if chunk is None:
-                return
-            yield chunk
+        try:
+            while True:
+                chunk = self._call("read", key, lambda: next(chunks, None))
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            body.close()  # also when the caller stops early (an oversized object)
 
     def list_sizes(self, prefix: str) -> dict[str, int]:
         def collect() -> dict[str, int]:

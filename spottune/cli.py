@@ -1,6 +1,9 @@
 """`spottune <command>`: parse and validate settings, call the library, write outputs.
 
-    spottune data fashion-mnist --out data/fashion-mnist --train-per-class 100
+    spottune data fashion-mnist --out data/fashion-mnist --train-per-class 100 [--track]
+    spottune prepare                       (data.root -> data.manifest, splits from `prepare`)
+    spottune validate --out-dir reports/validation   (non-zero exit on bad data)
+    spottune remote                        (DVC remote from `remote` + SPOTTUNE_REMOTE_*)
     spottune train --method spottune --out runs/spottune [--params params.yaml] [--set optim.epochs=5]
     spottune evaluate runs/spottune
     spottune compare runs/finetune runs/spottune --report runs/comparison.md
@@ -28,11 +31,78 @@ def _params(args: argparse.Namespace):
     return load_params(path, overrides)
 
 
-def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    from spottune.data.sources import materialise
+def _write_json(path: Path | None, obj) -> None:
+    if path is not None:
+        from spottune.training import write_json
 
-    materialise(args.source, args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                seed=args.seed, fashion_mnist_dir=runtime.fashion_mnist_dir, overwrite=args.overwrite)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, obj)
+
+
+def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.data.sources import DATASET_CARD, materialise
+
+    remote = None
+    if args.track or args.push:  # validate the remote settings before any work
+        from spottune.config import RemoteSettings
+
+        remote = RemoteSettings.resolve(_params(args).remote)
+    if args.keep_existing and (args.out / DATASET_CARD).is_file():
+        print(f"{args.out} already holds a dataset: kept as it is")
+    else:
+        materialise(args.source, args.out, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                    seed=args.seed, fashion_mnist_dir=runtime.fashion_mnist_dir, overwrite=args.overwrite)
+    if remote is not None:
+        from spottune.data.versioning import version_data
+
+        version_data(args.out, remote, push=True if args.push else None)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    params = _params(args)
+    from spottune.data.manifest import build_manifest, split_counts, write_manifest
+    from spottune.errors import ConfigError
+
+    if params.data.manifest is None:
+        raise ConfigError("data.manifest: set it to the manifest file `prepare` writes (e.g. prepared/manifest.csv)")
+    rows = build_manifest(params.data.root, params.prepare)
+    write_manifest(rows, params.data.manifest)
+    counts = {s: sum(c.values()) for s, c in split_counts(rows).items()}
+    print(f"{params.data.manifest}: {len(rows)} images ({', '.join(f'{n} {s}' for s, n in counts.items())}) "
+          f"from {params.data.root}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    params = _params(args)
+    from spottune.data.validation import expected_classes, validate_manifest, write_reports
+    from spottune.errors import ConfigError, DataError
+
+    if params.data.manifest is None:
+        raise ConfigError("data.manifest: not set, so there is no manifest to validate (run `spottune prepare`)")
+    classes = expected_classes(params.validate_, params.data.root)
+    report = validate_manifest(params.data.manifest, params.data.root, params.validate_, classes)
+    paths = write_reports(report, args.out_dir, params.data.manifest)
+    if args.metrics is not None:
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics.write_bytes(paths["summary"].read_bytes())
+    if not report.success:
+        raise DataError(f"{report.summary()}\n  report: {paths['html']}")
+    print(f"{report.summary()} -> {paths['html']}")
+    return 0
+
+
+def cmd_remote(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.config import RemoteSettings
+    from spottune.data.versioning import configure_remote, repo_root
+
+    remote = RemoteSettings.resolve(_params(args).remote)
+    if not configure_remote(remote, repo_root(Path.cwd())):
+        print("no remote: set remote.url in params.yaml or SPOTTUNE_REMOTE_URL (s3://BUCKET/PREFIX)")
+        return 0
+    print(f"DVC remote {remote.name!r} -> {remote.url}" + (f" at {remote.endpoint_url}" if remote.endpoint_url else "")
+          + " (credentials: boto3's standard chain)")
     return 0
 
 
@@ -40,7 +110,13 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
     from spottune.training import fit
 
-    fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite, stop_after_epochs=args.stop_after_epochs)
+    metrics = fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite,
+                  stop_after_epochs=args.stop_after_epochs)
+    if metrics is not None and (args.metrics or args.plots):
+        from spottune.evaluate import learning_curve, training_metrics
+
+        _write_json(args.metrics, training_metrics(metrics))
+        _write_json(args.plots, learning_curve(metrics))
     return 0
 
 
@@ -68,6 +144,13 @@ def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
         atomic_write(args.report, lambda tmp: tmp.write_text(report))
     if args.json:
         write_json(args.json, comparison)
+    if args.metrics or args.plots_dir:
+        from spottune.evaluate import comparison_metrics, per_class_rows, routing_rows
+
+        _write_json(args.metrics, comparison_metrics(comparison))
+        if args.plots_dir:
+            _write_json(args.plots_dir / "per_class.json", per_class_rows(comparison))
+            _write_json(args.plots_dir / "routing.json", routing_rows(comparison))
     print(report)
     return 0
 
@@ -110,18 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spottune", description="SpotTune adaptive fine-tuning and its baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="materialise a real dataset as an ImageFolder tree")
-    p.add_argument("source", help="fashion-mnist | digits | torchvision:NAME")
+    def with_params(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml if present)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. optim.epochs=2")
+
+    p = sub.add_parser("data", help="materialise a real dataset as an ImageFolder tree (and version it with DVC)")
+    p.add_argument("source", help="fashion-mnist | digits | torchvision:NAME | PATH (ImageFolder) | decathlon:ROOT/TASK")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-per-class", type=int, default=None)
     p.add_argument("--test-per-class", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-existing", action="store_true", help="leave OUT as it is when it already holds a dataset")
+    p.add_argument("--track", action="store_true",
+                   help="version the top folder of OUT with DVC (dvc add data -> data.dvc); push when a remote is set")
+    p.add_argument("--push", action="store_true", help="like --track, and fail when no remote is configured")
+    with_params(p)
     p.set_defaults(func=cmd_data)
 
-    def with_params(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml if present)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. optim.epochs=2")
+    p = sub.add_parser("prepare", help="write the manifest (path, label, split, size, sha256) of data.root")
+    with_params(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("validate", help="check the manifest and the images against the data contract")
+    with_params(p)
+    p.add_argument("--out-dir", type=Path, default=Path("reports/validation"), help="result.json, report.html, gx.html")
+    p.add_argument("--metrics", type=Path, default=None, help="also write the summary here (for dvc metrics)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("remote", help="make params.yaml's remote (env SPOTTUNE_REMOTE_* wins) DVC's default remote")
+    with_params(p)
+    p.set_defaults(func=cmd_remote)
 
     p = sub.add_parser("train", help="train one method and write a run directory")
     with_params(p)
@@ -131,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="end this invocation after N epochs")
+    p.add_argument("--metrics", type=Path, default=None, help="write the run's summary metrics here (dvc metrics)")
+    p.add_argument("--plots", type=Path, default=None, help="write the per-epoch learning curve here (dvc plots)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a finished run on its test (or val) split")
@@ -146,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--report", type=Path, default=None, help="write the Markdown report here")
     p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
+    p.add_argument("--metrics", type=Path, default=None, help="write summary metrics here (dvc metrics)")
+    p.add_argument("--plots-dir", type=Path, default=None, help="write per_class.json and routing.json here (dvc plots)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="classify image files with a finished run")

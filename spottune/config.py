@@ -1,8 +1,11 @@
 """Typed run parameters, validated once at the edge.
 
-`params.yaml` holds one section per concern (`data`, `model`, `policy`, `optim`). Everything below
-the CLI receives these models, never raw dicts, files or environment variables. Unknown keys and
-bad values are refused with the dotted key named, so a typo fails before any work starts.
+`params.yaml` holds one section per pipeline stage: `prepare` (manifest and splits), `validate`
+(the data contract), `data`/`model`/`policy`/`optim` (training) and `remote` (where DVC keeps data).
+Everything below the CLI receives these models, never raw dicts, files or environment variables.
+Unknown keys and bad values are refused with the dotted key named, so a typo fails before any work
+starts. The environment may override where things live (endpoints) and supply secrets, never what
+is computed; credentials never appear in params.yaml (boto3's standard chain finds them).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class DataParams(_Section):
     """Where the images are and how they are fed to the network."""
 
     root: Path = Field(Path("data/fashion-mnist"), description="ImageFolder root with train/ and test/ (val/ optional)")
+    manifest: Path | None = Field(
+        None, description="CSV written by `spottune prepare`: splits come from it (None: ImageFolder train/test as is)"
+    )
     image_size: int = Field(64, ge=16, le=1024)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train/ when there is no val/")
     batch_size: int = Field(64, ge=1)
@@ -93,13 +99,66 @@ class OptimParams(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
 
 
-class Params(_Section):
-    """Everything one training run depends on."""
+class PrepareParams(_Section):
+    """How `spottune prepare` turns the image tree at data.root into a manifest with splits."""
 
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="of each class of train/, when there is no val/")
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="of each class, only when there is no test/")
+    seed: int = Field(0, description="seeds the stratified split, independent of the training seed")
+
+
+class ValidateParams(_Section):
+    """The data contract `spottune validate` enforces on the manifest and the image files."""
+
+    classes: tuple[str, ...] | None = Field(
+        None, description="the allowed labels; None: the classes recorded in DATA_ROOT/dataset.json by `spottune data`"
+    )
+    min_images_per_class: int = Field(5, ge=1, description="in every split")
+    max_imbalance: float = Field(3.0, ge=1.0, description="largest class / smallest class, per split")
+    min_rows: int = Field(1, ge=1)
+    max_rows: int = Field(10_000_000, ge=1)
+    min_side: int = Field(8, ge=1, description="pixels, width and height")
+    max_side: int = Field(4096, ge=1, description="pixels, width and height")
+    max_pixels: int = Field(16_000_000, ge=1, description="width x height; larger files are not decoded (bombs)")
+    modes: tuple[str, ...] = Field(("L", "RGB"), min_length=1, description="PIL modes accepted")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ValidateParams:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} exceeds max_side {self.max_side}")
+        if self.min_rows > self.max_rows:
+            raise ValueError(f"min_rows {self.min_rows} exceeds max_rows {self.max_rows}")
+        return self
+
+
+class RemoteParams(_Section):
+    """DVC's S3-compatible remote: where, never who (credentials come from boto3's chain)."""
+
+    name: str = Field("storage", pattern=r"^[A-Za-z0-9_-]+$")
+    url: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+                            description="s3://BUCKET/PREFIX; None: no remote (env SPOTTUNE_REMOTE_URL overrides)")
+    endpoint_url: str | None = Field(None, pattern=r"^https?://",
+                                     description="S3-compatible endpoint; None: AWS (env SPOTTUNE_REMOTE_ENDPOINT_URL overrides)")
+    region: str | None = None
+
+
+class Params(_Section):
+    """Everything the pipeline depends on; training reads data/model/policy/optim.
+
+    `validate` is spelled `validate_` in Python (pydantic's BaseModel has a `validate` method);
+    both names are accepted. `remote` says where data is stored, not what a run computes, so it
+    is left out of dumps (run cards, checkpoints).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    prepare: PrepareParams = PrepareParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     policy: PolicyParams = PolicyParams()
     optim: OptimParams = OptimParams()
+    remote: RemoteParams = Field(RemoteParams(), exclude=True)
 
 
 class RuntimeSettings(BaseSettings):
@@ -110,6 +169,35 @@ class RuntimeSettings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     progress: bool = Field(True, description="show progress bars")
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+
+
+class RemoteSettings(BaseSettings):
+    """The DVC remote: params.yaml's `remote` section, with SPOTTUNE_REMOTE_* taking precedence.
+
+    Endpoints differ per machine (a local S3-compatible server in tests, AWS in production), so
+    the environment wins over the file; the file never overrides the environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_REMOTE_", extra="ignore")
+
+    name: str = "storage"
+    url: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return env_settings, init_settings
+
+    @classmethod
+    def resolve(cls, params: RemoteParams) -> RemoteSettings:
+        """Environment over params.yaml, then re-checked against the params rules."""
+        merged = cls(**params.model_dump())
+        try:
+            RemoteParams.model_validate(merged.model_dump())
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, "remote settings (params.yaml + SPOTTUNE_REMOTE_*)")) from None
+        return merged
 
 
 def _format_error(err: ValidationError, source: str) -> str:

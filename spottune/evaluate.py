@@ -19,8 +19,8 @@ from spottune.training import load_model
 def evaluate_run(run_dir: Path, runtime: RuntimeSettings, *, data_root: Path | None = None, split: str = "test") -> dict[str, Any]:
     """Predictions and metrics of a finished run on `split` of its own data (or of `data_root`)."""
     model, params, classes = load_model(run_dir)
-    if data_root is not None:
-        params = params.model_copy(update={"data": params.data.model_copy(update={"root": Path(data_root)})})
+    if data_root is not None:  # another ImageFolder tree: the run's manifest does not describe it
+        params = params.model_copy(update={"data": params.data.model_copy(update={"root": Path(data_root), "manifest": None})})
     setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
     model = model.to(setup.device)
     if setup.channels_last:
@@ -107,3 +107,74 @@ def comparison_markdown(c: dict[str, Any]) -> str:
             "| tuned fraction | " + " | ".join(f"{x:.2f}" for x in fr) + " |",
         ]
     return "\n".join(lines) + "\n"
+
+
+# Files for `dvc metrics` and `dvc plots`: small, flat, deterministic (no timings, which differ per run).
+
+
+def training_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalars of a finished run that `dvc metrics show/diff` should list."""
+    last = metrics["history"][-1] if metrics["history"] else {}
+    out = {
+        "test_accuracy": metrics["test"]["accuracy"],
+        "test_loss": metrics["test"]["loss"],
+        "train_loss": last.get("train", {}).get("loss"),
+        "train_accuracy": last.get("train", {}).get("accuracy"),
+        "val_accuracy": last.get("val", {}).get("accuracy"),
+        "epochs": len(metrics["history"]),
+    }
+    if "tuned_blocks_per_image" in metrics["test"]:
+        out["tuned_blocks_per_image"] = metrics["test"]["tuned_blocks_per_image"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def learning_curve(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per epoch: train and val loss/accuracy (and SpotTune's tuned blocks per image)."""
+    rows = []
+    for h in metrics["history"]:
+        row = {"epoch": h["epoch"], "train_loss": h["train"]["loss"], "train_accuracy": h["train"]["accuracy"]}
+        if h.get("val"):
+            row |= {"val_loss": h["val"]["loss"], "val_accuracy": h["val"]["accuracy"]}
+            if "tuned_blocks_per_image" in h["val"]:
+                row["val_tuned_blocks_per_image"] = h["val"]["tuned_blocks_per_image"]
+        rows.append(row)
+    return rows
+
+
+def comparison_metrics(c: dict[str, Any]) -> dict[str, Any]:
+    """Both methods' test accuracy and loss, the paired difference with its CI, McNemar's p, routing."""
+    base, cand = c["baseline"], c["candidate"]
+    out: dict[str, Any] = {
+        base["method"]: {"accuracy": base["accuracy"], "loss": base["loss"]},
+        cand["method"]: {"accuracy": cand["accuracy"], "loss": cand["loss"]},
+        "difference": c["bootstrap"]["difference"],
+        "difference_ci_low": c["bootstrap"]["ci_low"],
+        "difference_ci_high": c["bootstrap"]["ci_high"],
+        "mcnemar_p": c["mcnemar"]["p_value"],
+        "test_images": base["images"],
+    }
+    if "tuned_blocks_per_image" in cand:
+        out[cand["method"]]["tuned_blocks_per_image"] = cand["tuned_blocks_per_image"]
+    return out
+
+
+def routing_rows(c: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per block: the fraction of test images that ran the tuned copy (overall and per class)."""
+    cand = c["candidate"]
+    if "tuned_fraction_per_block" not in cand:
+        return []
+    rows = []
+    for block, frac in enumerate(cand["tuned_fraction_per_block"]):
+        row: dict[str, Any] = {"block": block, "tuned_fraction": frac}
+        for name, per_block in zip(c["classes"], cand.get("tuned_fraction_per_class_block") or []):
+            if per_block is not None:
+                row[name] = per_block[block]
+        rows.append(row)
+    return rows
+
+
+def per_class_rows(c: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per class: test accuracy of baseline and candidate."""
+    base, cand = c["baseline"], c["candidate"]
+    return [{"class": name, base["method"]: a, cand["method"]: b}
+            for name, a, b in zip(c["classes"], base["per_class_accuracy"], cand["per_class_accuracy"])]

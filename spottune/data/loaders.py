@@ -1,4 +1,9 @@
-"""ImageFolder datasets and loaders: ROOT/train, ROOT/test and ROOT/val (or val carved from train)."""
+"""Datasets and loaders.
+
+With `data.manifest` set, the splits are the manifest's (written by `spottune prepare`, checked by
+`spottune validate`): training sees exactly the files the pipeline validated. Without it, an
+ImageFolder tree: ROOT/train, ROOT/test and ROOT/val (or val carved from train).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from spottune.config import DataParams
+from spottune.data.manifest import IMAGE_EXTENSIONS, read_manifest
 from spottune.errors import DataError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def load_rgb(path: str):
@@ -73,8 +77,48 @@ def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[li
     return sorted(keep), sorted(held)
 
 
-def build_datasets(data: DataParams, mean, std, seed: int) -> DataSplits:
+class ManifestDataset(Dataset):
+    """(image, class index) for a list of files under `root`; same decoding as the ImageFolder path."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], transform) -> None:
+        self.root, self.samples, self.transform = Path(root), samples, transform
+        self.targets = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        rel, target = self.samples[i]
+        return self.transform(load_rgb(str(self.root / rel))), target
+
+
+def _manifest_datasets(data: DataParams, train_tf, eval_tf) -> DataSplits:
+    """Splits exactly as the manifest lists them; classes are its labels, sorted (as ImageFolder sorts)."""
+    rows = read_manifest(data.manifest)
+    classes = sorted({r.label for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    by_split = {s: [(r.path, index[r.label]) for r in rows if r.split == s] for s in ("train", "val", "test")}
+    for split in ("train", "test"):
+        if not by_split[split]:
+            raise DataError(f"{data.manifest}: no {split} images")
     root = Path(data.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: directory not found: {root} (the manifest's paths are relative to it)")
+    return DataSplits(
+        ManifestDataset(root, by_split["train"], train_tf),
+        ManifestDataset(root, by_split["val"], eval_tf),
+        ManifestDataset(root, by_split["test"], eval_tf),
+        classes,
+    )
+
+
+def build_datasets(data: DataParams, mean, std, seed: int) -> DataSplits:
+    """Train/val/test datasets from the manifest when `data.manifest` is set, else from the ImageFolder tree."""
+    root = Path(data.root)
+    if data.manifest is not None:
+        train_tf = build_transform(data.image_size, mean, std, train=True, augment=data.augment)
+        eval_tf = build_transform(data.image_size, mean, std, train=False, augment=False)
+        return _manifest_datasets(data, train_tf, eval_tf)
     if not root.is_dir():
         raise DataError(f"data.root: directory not found: {root} (materialise one with `spottune data`)")
     train_tf = build_transform(data.image_size, mean, std, train=True, augment=data.augment)

@@ -4,7 +4,13 @@ Sources:
   fashion-mnist        Debian's dataset-fashion-mnist files, read through torchvision's FashionMNIST
   digits               scikit-learn's 8x8 digits (1,797 images), split 2:1 train/test, stratified
   torchvision:NAME     any torchvision dataset with a train/test split (downloads when online)
+  PATH (a directory)   any ImageFolder: PATH/{train,val,test}/CLASS/* or PATH/CLASS/* (copied as is)
+  decathlon:ROOT/TASK  a Visual Decathlon task: ROOT/data/TASK/{train,val}/CLASS/*, class names from
+                       ROOT/annotations/TASK_train.json when present; Decathlon's val becomes test/
+                       (its test labels are withheld)
 
+Next to the splits, DIR/dataset.json records the source, the class list and the counts: the
+`validate` stage takes the allowed labels from it, so a class folder that appears later is caught.
 The tree is written under a temporary name and renamed when complete, so an interrupted run never
 leaves a half-written dataset that looks finished.
 """
@@ -22,7 +28,8 @@ import numpy as np
 
 from spottune.errors import ConfigError, DataError
 
-SOURCES = ("fashion-mnist", "digits", "torchvision:NAME")
+SOURCES = ("fashion-mnist", "digits", "torchvision:NAME", "PATH (an ImageFolder directory)", "decathlon:ROOT/TASK")
+DATASET_CARD = "dataset.json"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 )
@@ -51,6 +58,9 @@ def materialise(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out} already holds data; pass --overwrite to replace it")
+    folder = _folder_source(source)
+    if folder is not None:
+        return _copy_folder(source, folder, out, train_per_class, test_per_class, seed, log)
     with tempfile.TemporaryDirectory(prefix="spottune-src-") as cache:
         splits = _load(source, Path(cache), fashion_mnist_dir, seed)
         staging = out.with_name(out.name + ".partial")
@@ -63,10 +73,119 @@ def materialise(
             keep = _per_class_subset(labels, limit, seed)
             counts[split] = _write_split(staging / split, images, labels, classes, keep)
             log(f"{source}: wrote {counts[split]} {split} images in {len(set(labels[keep].tolist()))} classes")
+        classes = [safe_class_name(c) for c in splits["train"][2]]
+    _write_card(staging, source, classes, counts, seed, train_per_class, test_per_class)
+    _publish(staging, out)
+    return counts
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace `out` by the complete `staging` tree in one rename."""
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(out)
+
+
+def _write_card(root: Path, source: str, classes: Sequence[str], counts: dict[str, int], seed: int,
+                train_per_class: int | None, test_per_class: int | None) -> None:
+    """DIR/dataset.json: where the tree came from and which labels it may hold."""
+    import json
+
+    card = {"source": source, "classes": sorted(classes), "images": counts, "seed": seed,
+            "train_per_class": train_per_class, "test_per_class": test_per_class}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DATASET_CARD).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def read_card_classes(root: Path) -> list[str] | None:
+    """The class list recorded by `materialise`, or None when the tree has no dataset card."""
+    import json
+
+    card = Path(root) / DATASET_CARD
+    if not card.is_file():
+        return None
+    try:
+        classes = json.loads(card.read_text())["classes"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{card}: not a dataset card with a 'classes' list ({e})") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{card}: 'classes' must be a list of names")
+    return classes
+
+
+def _folder_source(source: str) -> list[tuple[str, Path]] | None:
+    """[(split, split_dir)] for a directory or decathlon: source; None for the array sources."""
+    if source.startswith("decathlon:"):
+        task_path = Path(source.split(":", 1)[1])
+        root, task = task_path.parent, task_path.name
+        base = root / "data" / task
+        if not (base / "train").is_dir():
+            raise DataError(f"Visual Decathlon task {task!r}: {base / 'train'} not found "
+                            "(expected ROOT/data/TASK/{train,val}/CLASS/*)")
+        parts = [("train", base / "train")]
+        if (base / "val").is_dir():
+            parts.append(("test", base / "val"))  # Decathlon's test labels are withheld: its val is our test
+        return parts
+    path = Path(source)
+    if source in ("fashion-mnist", "digits") or source.startswith("torchvision:") or not path.is_dir():
+        return None
+    if (path / "train").is_dir():
+        return [(s, path / s) for s in ("train", "val", "test") if (path / s).is_dir()]
+    return [("train", path)]  # class folders alone: `spottune prepare` carves val and test
+
+
+def _decathlon_names(source: str) -> dict[str, str]:
+    """Class folder -> category name from ROOT/annotations/TASK_train.json (COCO-style), if present."""
+    import json
+
+    if not source.startswith("decathlon:"):
+        return {}
+    task_path = Path(source.split(":", 1)[1])
+    ann = task_path.parent / "annotations" / f"{task_path.name}_train.json"
+    if not ann.is_file():
+        return {}
+    try:
+        cats = json.loads(ann.read_text())["categories"]
+        names = {int(c["id"]): str(c["name"]) for c in cats}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{ann}: no usable 'categories' list ({e})") from None
+    ids = sorted(names)  # folders are numbered 1..N in id order (zero-padded)
+    return {f"{i:07d}": names[cid] for i, cid in enumerate(ids, start=1)} | {str(cid): names[cid] for cid in ids}
+
+
+def _copy_folder(source: str, parts: list[tuple[str, Path]], out: Path, train_per_class: int | None,
+                 test_per_class: int | None, seed: int, log: Callable[[str], None]) -> dict[str, int]:
+    """Copy image files as they are (bytes unchanged), at most N per class per split, seeded."""
+    from spottune.data.manifest import IMAGE_EXTENSIONS
+
+    names = _decathlon_names(source)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    counts: dict[str, int] = {}
+    classes: set[str] = set()
+    rng = np.random.default_rng(seed)
+    for split, folder in parts:
+        limit = test_per_class if split == "test" else train_per_class
+        n = 0
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            files = sorted(f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if limit is not None and len(files) > limit:
+                files = [files[i] for i in sorted(rng.permutation(len(files))[:limit])]
+            name = safe_class_name(names.get(class_dir.name, class_dir.name))
+            classes.add(name)
+            for f in files:
+                dest = staging / split / name / f.relative_to(class_dir)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dest)
+                n += 1
+        counts[split] = n
+        log(f"{source}: copied {n} {split} images")
+    if not any(counts.values()):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"{source}: no image files in class folders")
+    _write_card(staging, source, sorted(classes), counts, seed, train_per_class, test_per_class)
+    _publish(staging, out)
     return counts
 
 

@@ -1,0 +1,84 @@
+"""Versioning the data tree with DVC: `dvc add`, the S3-compatible remote, `dvc push`.
+
+DVC runs as a subprocess (`python -m dvc`) of the interpreter that runs spottune, so the library
+never imports it and its output reaches the user unchanged. Remote credentials are never written
+here: DVC's S3 backend asks boto3's standard chain (environment, profile, role).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from spottune.config import RemoteSettings
+from spottune.errors import ConfigError, DataError
+
+
+def dvc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one DVC command; a failure raises DataError with DVC's own message."""
+    try:
+        r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError as e:  # pragma: no cover - the interpreter itself vanished
+        raise DataError(f"cannot run dvc: {e}") from None
+    if r.returncode != 0 and "No module named dvc" in r.stderr:
+        raise DataError("DVC is not installed: pip install 'spottune[pipeline]'")
+    if check and r.returncode != 0:
+        raise DataError(f"dvc {' '.join(args)} failed:\n{(r.stderr or r.stdout).strip()}")
+    return r
+
+
+def repo_root(start: Path) -> Path:
+    """The nearest folder above `start` holding .dvc/; DataError when there is none."""
+    start = Path(start).resolve()
+    for p in (start, *start.parents):
+        if (p / ".dvc").is_dir():
+            return p
+    raise DataError(f"{start} is not inside a DVC repository (run `dvc init` at the repository root)")
+
+
+def tracked_root(path: Path, repo: Path) -> Path:
+    """What `dvc add` tracks: the top folder under the repository (data/ for data/fashion-mnist)."""
+    rel = Path(path).resolve().relative_to(repo)
+    return repo / rel.parts[0]
+
+
+def configure_remote(remote: RemoteSettings, repo: Path) -> bool:
+    """Make `remote.url` DVC's default remote; endpoint and region go to .dvc/config.local (per machine)."""
+    if remote.url is None:
+        return False
+    dvc("remote", "add", "--force", "--default", remote.name, remote.url, cwd=repo)
+    for key, value in (("endpointurl", remote.endpoint_url), ("region", remote.region)):
+        if value is not None:
+            dvc("remote", "modify", "--local", remote.name, key, value, cwd=repo)
+        else:
+            dvc("remote", "modify", "--local", "--unset", remote.name, key, cwd=repo, check=False)
+    return True
+
+
+def has_default_remote(repo: Path) -> bool:
+    r = dvc("config", "core.remote", cwd=repo, check=False)
+    return r.returncode == 0 and bool(r.stdout.strip())
+
+
+def version_data(path: Path, remote: RemoteSettings, *, push: bool | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """`dvc add` the top folder holding `path` (data/ -> data.dvc); push when a remote is configured.
+
+    push=None pushes when a default remote exists, True requires one, False never pushes.
+    """
+    repo = repo_root(Path(path).parent if not Path(path).exists() else Path(path))
+    target = tracked_root(path, repo)
+    if target == repo:
+        raise ConfigError(f"{path}: the data folder must be below the repository root, not the root itself")
+    configure_remote(remote, repo)
+    dvc("add", target.name, cwd=repo)
+    log(f"versioned {target.name}/ -> {target.name}.dvc (commit it with git)")
+    remote_ok = has_default_remote(repo)
+    if push and not remote_ok:
+        raise ConfigError("--push needs a remote: set remote.url in params.yaml or SPOTTUNE_REMOTE_URL")
+    if push is not False and remote_ok:
+        dvc("push", f"{target.name}.dvc", cwd=repo)
+        log(f"pushed {target.name}/ to the default DVC remote")
+    return repo / f"{target.name}.dvc"

@@ -1,0 +1,161 @@
+"""The manifest and the data contract on real Fashion-MNIST files, broken one way at a time.
+
+Runs the `spottune prepare` and `spottune validate` commands in-process (one GX import for the
+module) and checks the exit code and that the message names the failed check and the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spottune.cli import main
+from spottune.config import PrepareParams
+from spottune.data.manifest import COLUMNS, build_manifest, read_manifest
+
+
+def _params_file(tmp_path: Path, root: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        f"data:\n  root: {root}\n  manifest: {tmp_path / 'prepared' / 'manifest.csv'}\n"
+        "validate:\n  min_images_per_class: 2\n  min_rows: 10\n"
+    )
+    return path
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def prepare_and_validate(capsys, tmp_path: Path, root: Path) -> tuple[int, str]:
+    params = _params_file(tmp_path, root)
+    code, text = _run(capsys, "prepare", "--params", params)
+    assert code == 0, text
+    return _run(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+
+
+@pytest.fixture
+def root(fashion_root, tmp_path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(fashion_root, copy)
+    return copy
+
+
+def test_manifest_lists_every_image_with_seeded_stratified_splits(root):
+    rows = build_manifest(root, PrepareParams(val_fraction=0.25, seed=3))
+    assert len(rows) == 600 and len({r.path for r in rows}) == 600
+    per = {(s, c): 0 for s in ("train", "val", "test") for c in {r.label for r in rows}}
+    for r in rows:
+        per[(r.split, r.label)] += 1
+        assert (r.width, r.height, r.mode) == (28, 28, "L") and r.bytes == (root / r.path).stat().st_size > 0
+    assert {n for (s, _), n in per.items() if s == "val"} == {10}  # 25% of 40, every class
+    assert {n for (s, _), n in per.items() if s == "train"} == {30}
+    assert all(r.path.startswith("test/") for r in rows if r.split == "test")
+    again = build_manifest(root, PrepareParams(val_fraction=0.25, seed=3))
+    other = build_manifest(root, PrepareParams(val_fraction=0.25, seed=4))
+    assert again == rows and [r.split for r in other] != [r.split for r in rows]
+
+
+def test_pool_without_split_folders_is_carved_into_three_splits(root, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(root / "train", pool)
+    rows = build_manifest(pool, PrepareParams(val_fraction=0.25, test_fraction=0.5, seed=0))
+    counts = {s: sum(r.split == s for r in rows) for s in ("train", "val", "test")}
+    assert counts == {"test": 200, "val": 50, "train": 150}
+
+
+def test_clean_dataset_passes_and_writes_reports(capsys, root, tmp_path):
+    code, text = prepare_and_validate(capsys, tmp_path, root)
+    assert code == 0 and "passed" in text, text
+    with open(tmp_path / "prepared" / "manifest.csv") as f:
+        assert tuple(csv.DictReader(f).fieldnames) == COLUMNS
+    result = json.loads((tmp_path / "report" / "result.json").read_text())
+    assert result["success"] and result["statistics"]["rows"] == 600
+    assert result["statistics"]["expectations"] >= 15
+    assert "PASSED" in (tmp_path / "report" / "report.html").read_text()
+
+
+def _corrupt(root: Path) -> list[str]:
+    f = next((root / "train" / "bag").glob("*.png"))
+    f.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return [f.name, "file_decodes"]
+
+
+def _truncated(root: Path) -> list[str]:
+    f = next((root / "train" / "coat").glob("*.png"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return [f.name, "file_decodes"]
+
+
+def _zero_byte(root: Path) -> list[str]:
+    f = next((root / "test" / "dress").glob("*.png"))
+    f.write_bytes(b"")
+    return [f.name, "file_not_empty"]
+
+
+def _duplicate_across_splits(root: Path) -> list[str]:
+    src = next((root / "train" / "sandal").glob("*.png"))
+    shutil.copyfile(src, root / "test" / "sandal" / "copy-of-train.png")
+    return [src.name, "copy-of-train.png", "across splits", "expect_column_values_to_be_unique(column=sha256)"]
+
+
+def _empty_class(root: Path) -> list[str]:
+    for f in (root / "test" / "shirt").iterdir():
+        f.unlink()
+    return ["test/shirt", "expect_column_values_to_be_between(column=images"]
+
+
+def _unexpected_label(root: Path) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "train" / "zebra").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / "train" / "zebra" / f"z{i}.png")
+    return ["zebra", "z0.png", "expect_column_values_to_be_in_set(column=label"]
+
+
+def _oversized(root: Path) -> list[str]:
+    from PIL import Image
+
+    f = next((root / "train" / "trouser").glob("*.png"))
+    Image.new("L", (4500, 4500), 7).save(f)  # 20 Mpx > max_pixels, 4500 > max_side; a few KB on disk
+    return [f.name, "pixels_within_limit", "4500x4500", "expect_column_values_to_be_between(column=width"]
+
+
+@pytest.mark.parametrize("breakage", [_corrupt, _truncated, _zero_byte, _duplicate_across_splits, _empty_class,
+                                      _unexpected_label, _oversized])
+def test_bad_data_fails_naming_the_check_and_the_files(capsys, root, tmp_path, breakage):
+    expected = breakage(root)
+    code, text = prepare_and_validate(capsys, tmp_path, root)
+    assert code == 2, text
+    assert "data validation failed" in text and "Traceback" not in text
+    for words in expected:
+        assert words in text, f"{words!r} not in:\n{text}"
+    result = json.loads((tmp_path / "report" / "result.json").read_text())
+    assert not result["success"] and result["failures"]
+    assert "FAILED" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_labels_come_from_params_when_given(capsys, root, tmp_path):
+    params = _params_file(tmp_path, root)
+    params.write_text(params.read_text() + "  classes: [bag, coat]\n")
+    assert _run(capsys, "prepare", "--params", params)[0] == 0
+    code, text = _run(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 2 and "unexpected label(s)" in text and "trouser" in text
+
+
+def test_manifest_with_wrong_columns_is_named(tmp_path):
+    from spottune.errors import DataError
+
+    bad = tmp_path / "m.csv"
+    bad.write_text("path,label\nx.png,a\n")
+    with pytest.raises(DataError, match="m.csv"):
+        read_manifest(bad)

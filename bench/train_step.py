@@ -1,10 +1,15 @@
 """Benchmark: SpotTune's training step and inference against plain fine-tuning, on one GPU.
 
-Same engine, same settings (bf16 autocast, channels_last, SGD with momentum), batch resident on the
-GPU so only the model is timed. SpotTune's routing mix is set through the policy's bias: with zero
-weights, P(tuned) = p for every image and block, whatever the Gumbel temperature.
+Same engine and settings for every row (bf16 autocast, channels_last, SGD with momentum); the batch
+lives on the GPU so only the model is timed (the data path has its own benchmark). Rows:
+  hand-written   the plainest torchvision fine-tuning loop (our engine should be as fast)
+  finetune       our FineTuneNet
+  spottune       per execution (mixed = the 2019 design, split/conditional = ours) and routing mix:
+                 p=0.5/0.1/0.9 draw each image's decision per block with that probability;
+                 'trained' replays the per-block routing a policy learnt on real data
+                 (bench/results/routing-*.json)
 
-    python bench/train_step.py --backbones resnet50 resnet101 efficientnet_lite0 --out bench/results/train_step.json
+    python bench/train_step.py --out bench/results/train_step.json
 
 Prints a table and writes JSON. Not a test: run it on the GPU whose numbers you report.
 """
@@ -40,64 +45,110 @@ def cuda_time(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def set_routing(model, p: float) -> None:
+def set_routing(model, mix: str, trained: list[float]) -> None:
+    """Policy whose decisions follow `mix`: per-image random draws at rate p, or a trained per-block pattern."""
+    probs = trained if mix == "trained" else [float(mix)] * model.num_blocks
     with torch.no_grad():
         model.policy.fc.weight.zero_()
         bias = model.policy.fc.bias.view(-1, 2)
         bias[:, 0] = 0.0
-        bias[:, 1] = math.log(p / (1 - p)) if 0 < p < 1 else (30.0 if p >= 1 else -30.0)
+        for l, p in enumerate(probs):
+            p = min(max(p, 1e-6), 1 - 1e-6)
+            bias[l, 1] = math.log(p / (1 - p))
+    # Random draws need sampling at evaluation (equal logits for all images); a trained pattern is argmax.
+    eval_mode = "argmax" if mix == "trained" else "sample"
+    model.policy_params = model.policy_params.model_copy(update={"eval_decisions": eval_mode, "temperature": 1.0})
+    model.temperature = 1.0
 
 
-def measure(backbone: str, method: str, p: float | None, batch: int, size: int, steps: int, warmup: int) -> dict:
-    params = validate_params({
-        "model": {"backbone": backbone, "weights": "none", "method": method},
-        "data": {"image_size": size},
-    })
+def _batch(batch: int, size: int):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 100, (batch,), device="cuda", generator=g)
+
+
+def measure(backbone: str, method: str, execution: str | None, mix: str | None, trained: list[float],
+            batch: int, size: int, steps: int, warmup: int, policy: dict) -> dict:
+    params = validate_params({"model": {"backbone": backbone, "weights": "none", "method": method},
+                              "data": {"image_size": size}, "policy": policy})
     torch.manual_seed(0)
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
-    if p is not None:
-        set_routing(model, p)
+    if mix is not None:
+        set_routing(model, mix, trained)
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (batch,), device="cuda")
+    x, y = _batch(batch, size)
 
     def train_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x)
             loss = F.cross_entropy(out.logits.float(), y)
-            extra = model.regularization(out)
-            loss = loss if extra is None else loss + extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    row = {"backbone": backbone, "method": method, "execution": execution, "mix": mix, "batch": batch, "size": size}
     model.train()
+    if execution is not None:
+        model.execution = {"mixed": "mixed", "ours": "auto"}[execution]
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    train_ms = cuda_time(train_step, steps, warmup)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    base_mem = torch.cuda.memory_allocated()
+    row["train_ms"] = cuda_time(train_step, steps, warmup)
+    row["peak_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**30 + base_mem / 2**30
+    row["train_img_s"] = batch / row["train_ms"] * 1e3
 
     model.eval()
+    if execution is not None:
+        model.execution = {"mixed": "mixed", "ours": "auto"}[execution]
 
     @torch.inference_mode()
     def infer():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x)
+            return model(x)
 
-    infer_ms = cuda_time(infer, steps, warmup)
-    return {"backbone": backbone, "method": method, "p_tuned": p, "batch": batch, "size": size,
-            "train_ms": train_ms, "train_img_s": batch / train_ms * 1e3, "peak_gib": peak,
-            "infer_ms": infer_ms, "infer_img_s": batch / infer_ms * 1e3}
+    row["infer_ms"] = cuda_time(infer, steps, warmup)
+    row["infer_img_s"] = batch / row["infer_ms"] * 1e3
+    if mix is not None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.manual_seed(1)
+            decisions = model.decide(x)
+            model.execution = "mixed"
+            ref = model(x, decisions).logits.float()
+            model.execution = "conditional"
+            got = model(x, decisions).logits.float()
+        row["tuned_fraction"] = float(decisions.float().mean())
+        row["infer_rel_err_vs_mixed"] = float((got - ref).norm() / ref.norm())
+        row["infer_same_top1"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    return row
+
+
+def policy_cost(policy: dict, num_blocks: int, batch: int, size: int, steps: int, warmup: int) -> dict:
+    """The routing policy alone: what SpotTune pays on top of its blocks, in training and inference."""
+    from spottune.models.policy import RoutingPolicy
+
+    net = RoutingPolicy(num_blocks, policy["width"], policy["input_size"]).cuda().to(memory_format=torch.channels_last)
+    x, _ = _batch(batch, size)
+
+    def train():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            net(x).float().sum().backward()
+
+    @torch.inference_mode()
+    def infer():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            net(x)
+
+    return {"policy": dict(policy), "train_ms": cuda_time(train, steps, warmup), "infer_ms": cuda_time(infer, steps, warmup)}
 
 
 def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: int) -> dict:
-    """The plainest PyTorch fine-tuning step with the same settings: our engine should not be slower."""
+    """The plainest PyTorch fine-tuning step with the same settings."""
     import torchvision
 
     torch.manual_seed(0)
     net = torchvision.models.get_model(backbone, weights=None, num_classes=100).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (batch,), device="cuda")
+    x, y = _batch(batch, size)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -108,46 +159,65 @@ def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: 
 
     net.train()
     ms = cuda_time(step, steps, warmup)
-    return {"backbone": backbone, "method": "hand-written", "p_tuned": None, "batch": batch, "size": size,
-            "train_ms": ms, "train_img_s": batch / ms * 1e3}
+    return {"backbone": backbone, "method": "hand-written", "execution": None, "mix": None, "batch": batch,
+            "size": size, "train_ms": ms, "train_img_s": batch / ms * 1e3}
+
+
+def print_table(rows: list[dict], header: str) -> None:
+    base = {r["backbone"]: r for r in rows if r["method"] == "finetune"}
+    print(header)
+    print(f"{'backbone':18} {'method':12} {'exec':6} {'mix':>7} {'train ms':>9} {'x ft':>5} {'GiB':>6} {'x ft':>5} "
+          f"{'infer img/s':>11} {'x ft':>5} {'rel err':>8}")
+    for r in rows:
+        b = base[r["backbone"]]
+        mem = f"{r['peak_gib']:6.2f} {r['peak_gib'] / b['peak_gib']:5.2f}" if "peak_gib" in r else " " * 12
+        inf = f"{r['infer_img_s']:11.0f} {r['infer_img_s'] / b['infer_img_s']:5.2f}" if "infer_img_s" in r else " " * 17
+        err = f"{r['infer_rel_err_vs_mixed']:8.1e}" if "infer_rel_err_vs_mixed" in r else ""
+        print(f"{r['backbone']:18} {r['method']:12} {r['execution'] or '':6} {r['mix'] or '':>7} {r['train_ms']:9.1f} "
+              f"{r['train_ms'] / b['train_ms']:5.2f} {mem} {inf} {err}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101", "efficientnet_lite0"])
-    ap.add_argument("--mixes", nargs="+", type=float, default=[0.5, 0.1, 0.9])
+    ap.add_argument("--mixes", nargs="+", default=["0.5", "0.1", "0.9", "trained"])
+    ap.add_argument("--executions", nargs="+", default=["mixed", "ours"])
+    ap.add_argument("--trained-routing", type=Path, default=Path(__file__).parent / "results" / "routing-fashion-mnist-lite0.json")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--policy-width", type=int, default=32)
+    ap.add_argument("--policy-input", type=int, default=64)
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for every row")
     ap.add_argument("--out", type=Path, default=Path("bench/results/train_step.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    policy = {"width": args.policy_width, "input_size": args.policy_input}
+    trained = json.loads(args.trained_routing.read_text())["tuned_fraction_per_block"]
     rows = []
     for backbone in args.backbones:
         if backbone.startswith("resnet") and backbone != "resnet26":
             rows.append(hand_written_loop(backbone, args.batch, args.size, args.steps, args.warmup))
-        rows.append(measure(backbone, "finetune", None, args.batch, args.size, args.steps, args.warmup))
-        for p in args.mixes:
-            rows.append(measure(backbone, "spottune", p, args.batch, args.size, args.steps, args.warmup))
-        torch.cuda.empty_cache()
+        rows.append(measure(backbone, "finetune", None, None, trained, args.batch, args.size, args.steps, args.warmup,
+                            policy))
+        for execution in args.executions:
+            for mix in args.mixes:
+                rows.append(measure(backbone, "spottune", execution, mix, trained, args.batch, args.size,
+                                    args.steps, args.warmup, policy))
+                torch.cuda.empty_cache()
+    policy_row = policy_cost(policy, 16, args.batch, args.size, args.steps, args.warmup)
     gpu = torch.cuda.get_device_name()
-    base = {r["backbone"]: r for r in rows if r["method"] == "finetune"}
-    print(f"GPU: {gpu}, torch {torch.__version__}, batch {args.batch}, {args.size} px, bf16, channels_last")
-    print(f"{'backbone':18} {'method':13} {'p':>4} {'train ms':>9} {'x ft':>6} {'img/s':>7} {'GiB':>6} {'x ft':>5} "
-          f"{'infer img/s':>11} {'x ft':>5}")
-    for r in rows:
-        b = base[r["backbone"]]
-        p = "" if r["p_tuned"] is None else f"{r['p_tuned']:.1f}"
-        mem = f"{r['peak_gib']:6.2f} {r['peak_gib'] / b['peak_gib']:5.2f}" if "peak_gib" in r else " " * 12
-        inf = f"{r['infer_img_s']:11.0f} {r['infer_img_s'] / b['infer_img_s']:5.2f}" if "infer_img_s" in r else ""
-        print(f"{r['backbone']:18} {r['method']:13} {p:>4} {r['train_ms']:9.1f} {r['train_ms'] / b['train_ms']:6.2f} "
-              f"{r['train_img_s']:7.0f} {mem} {inf}")
+    print_table(rows, f"GPU: {gpu}, torch {torch.__version__}, batch {args.batch}, {args.size} px, bf16, channels_last, "
+                      f"cudnn.benchmark={args.cudnn_benchmark}, median of {args.steps} steps after {args.warmup}")
+    print(f"policy alone (width {args.policy_width}, {args.policy_input} px): train {policy_row['train_ms']:.2f} ms, "
+          f"inference {policy_row['infer_ms']:.2f} ms per batch")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
-                                    "rows": rows}, indent=2) + "\n")
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": meta, "rows": rows,
+                                    "policy": policy_row}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

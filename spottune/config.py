@@ -70,7 +70,8 @@ class PolicyParams(_Section):
     """SpotTune's routing policy and its Gumbel-Softmax relaxation."""
 
     width: int = Field(32, ge=4, description="channels of the policy's first stage (ResNet-8: w, 2w, 4w)")
-    input_scale: float = Field(0.5, gt=0.0, le=1.0, description="policy sees the image downscaled by this factor")
+    input_size: int = Field(64, ge=8, le=512, description="policy sees the image resized to this side: its cost "
+                            "does not grow with the backbone's resolution")
     temperature: float = Field(5.0, gt=0.0)
     temperature_min: float = Field(0.5, gt=0.0)
     temperature_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiplied into the temperature each epoch")

@@ -34,15 +34,16 @@ class _PolicyBlock(nn.Module):
 class RoutingPolicy(nn.Module):
     """ResNet-8-like policy (stem + 3 basic blocks + linear) returning 2 logits per routable block.
 
-    It sees the image downscaled by `input_scale`, which keeps its cost small next to the backbone's.
+    It sees the image resized to `input_size` pixels a side, so its cost stays small and fixed
+    whatever the backbone's resolution.
     Its normalisation is per image (GroupNorm), so a decision depends on that image alone.
     Logit index 1 means "run the tuned copy".
     """
 
-    def __init__(self, num_blocks: int, width: int = 32, input_scale: float = 0.5) -> None:
+    def __init__(self, num_blocks: int, width: int = 32, input_size: int = 64) -> None:
         super().__init__()
         self.num_blocks = num_blocks
-        self.input_scale = input_scale
+        self.input_size = input_size
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), _norm(width), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(
             _PolicyBlock(width, width, 2), _PolicyBlock(width, 2 * width, 2), _PolicyBlock(2 * width, 4 * width, 2)
@@ -54,8 +55,9 @@ class RoutingPolicy(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
-        if self.input_scale != 1.0:
-            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False, antialias=False)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
+                              antialias=False)
         x = self.blocks(self.stem(x))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x).view(-1, self.num_blocks, 2)

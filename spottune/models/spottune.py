@@ -70,11 +70,11 @@ class SpotTuneNet(TransferModel):
         self.tuned_blocks = copy.deepcopy(backbone.blocks)
         self.neck = backbone.neck
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
-        self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_scale)
+        self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_size)
         self.policy_params = policy
         self.temperature = policy.temperature
         self.execution: Execution = "auto"
-        self.bucket = 16
+        self.bucket = 32
         self.frozen_modules = []
         self.freeze(self.frozen_blocks)
         if not train_stem:
@@ -155,7 +155,30 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
         with torch.no_grad():
             f_t = frozen(x.index_select(0, idx_t))[:n_t]
         f = torch.cat([f_f, f_t.to(f_f.dtype)]).index_select(0, plan.inverse[l])
-    return torch.lerp(f.to(t.dtype), t, d.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
+    return _Mix.apply(f.to(t.dtype), t, d)
+
+
+class _Mix(torch.autograd.Function):
+    """F + d * (F~ - F) per image, keeping only F~ - F for backward (torch.lerp keeps F and F~)."""
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        w = d.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+        diff = t - f
+        ctx.save_for_backward(diff, w)
+        ctx.d_dtype = d.dtype
+        return f + w * diff
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        diff, w = ctx.saved_tensors
+        grad_f = g * (1 - w) if ctx.needs_input_grad[0] else None
+        grad_t = g * w if ctx.needs_input_grad[1] else None
+        grad_d = None
+        if ctx.needs_input_grad[2]:  # a reduction over the whole block output: accumulate in float32 at least
+            acc = torch.promote_types(g.dtype, torch.float32)
+            grad_d = (g * diff).flatten(1).sum(1, dtype=acc).to(ctx.d_dtype)
+        return grad_f, grad_t, grad_d
 
 
 def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """`spottune <command>`: parse and validate settings, call the library, write outputs.
 
     spottune data fashion-mnist --out data/fashion-mnist --train-per-class 100 [--track]
-    spottune prepare                       (data.root -> data.manifest, splits from `prepare`)
+    spottune prepare                       (data.root -> prepare.manifest, seeded stratified splits)
     spottune validate --out-dir reports/validation   (non-zero exit on bad data)
     spottune remote                        (DVC remote from `remote` + SPOTTUNE_REMOTE_*)
     spottune train --method spottune --out runs/spottune [--params params.yaml] [--set optim.epochs=5]
@@ -62,14 +62,10 @@ def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 def cmd_prepare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
     from spottune.data.manifest import build_manifest, split_counts, write_manifest
-    from spottune.errors import ConfigError
-
-    if params.data.manifest is None:
-        raise ConfigError("data.manifest: set it to the manifest file `prepare` writes (e.g. prepared/manifest.csv)")
     rows = build_manifest(params.data.root, params.prepare)
-    write_manifest(rows, params.data.manifest)
+    write_manifest(rows, params.prepare.manifest)
     counts = {s: sum(c.values()) for s, c in split_counts(rows).items()}
-    print(f"{params.data.manifest}: {len(rows)} images ({', '.join(f'{n} {s}' for s, n in counts.items())}) "
+    print(f"{params.prepare.manifest}: {len(rows)} images ({', '.join(f'{n} {s}' for s, n in counts.items())}) "
           f"from {params.data.root}")
     return 0
 
@@ -77,13 +73,11 @@ def cmd_prepare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
     from spottune.data.validation import expected_classes, validate_manifest, write_reports
-    from spottune.errors import ConfigError, DataError
+    from spottune.errors import DataError
 
-    if params.data.manifest is None:
-        raise ConfigError("data.manifest: not set, so there is no manifest to validate (run `spottune prepare`)")
     classes = expected_classes(params.validate_, params.data.root)
-    report = validate_manifest(params.data.manifest, params.data.root, params.validate_, classes)
-    paths = write_reports(report, args.out_dir, params.data.manifest)
+    report = validate_manifest(params.prepare.manifest, params.data.root, params.validate_, classes)
+    paths = write_reports(report, args.out_dir, params.prepare.manifest)
     if args.metrics is not None:
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_bytes(paths["summary"].read_bytes())
@@ -211,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_params(p)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("prepare", help="write the manifest (path, label, split, size, sha256) of data.root")
+    p = sub.add_parser("prepare", help="write the manifest (path, label, split, size, sha256) of data.root to prepare.manifest")
     with_params(p)
     p.set_defaults(func=cmd_prepare)
 

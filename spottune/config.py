@@ -36,7 +36,8 @@ class DataParams(_Section):
 
     root: Path = Field(Path("data/fashion-mnist"), description="ImageFolder root with train/ and test/ (val/ optional)")
     manifest: Path | None = Field(
-        None, description="CSV written by `spottune prepare`: splits come from it (None: ImageFolder train/test as is)"
+        None, description="CSV written by `spottune prepare`: splits come from it (None: ImageFolder train/test as is); "
+        "the pipeline's train stages set it to prepare.manifest"
     )
     image_size: int = Field(64, ge=16, le=1024)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="carved from train/ when there is no val/")
@@ -106,6 +107,7 @@ class PrepareParams(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="of each class of train/, when there is no val/")
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="of each class, only when there is no test/")
     seed: int = Field(0, description="seeds the stratified split, independent of the training seed")
+    manifest: Path = Field(Path("prepared/manifest.csv"), description="where the manifest is written")
 
 
 class ValidateParams(_Section):
@@ -160,6 +162,8 @@ class Params(_Section):
     policy: PolicyParams = PolicyParams()
     optim: OptimParams = OptimParams()
     remote: RemoteParams = Field(RemoteParams(), exclude=True)
+    gate: GateParams = Field(default_factory=lambda: GateParams(), exclude=True)
+    publish: PublishParams = Field(default_factory=lambda: PublishParams(), exclude=True)
 
 
 class RuntimeSettings(BaseSettings):
@@ -293,3 +297,23 @@ class StoreSettings(BaseSettings):
         if self.store_backend == "s3" and not self.s3_bucket:
             raise ValueError("store_backend 's3' needs a bucket: set SPOTTUNE_S3_BUCKET")
         return self
+
+
+class GateParams(_Section):
+    """The promotion gate the retrain flow applies to the evaluate stage's comparison.
+
+    SpotTune becomes production only when its test top-1 is at least `margin` above the fine-tuning
+    baseline's (on the same test images) and at least `floor` in absolute terms. A negative margin
+    allows a tie band. Left out of run dumps: it judges a run, it does not change what is trained.
+    """
+
+    margin: float = Field(0.0, ge=-1.0, le=1.0, description="candidate top-1 minus baseline top-1 must be >= this")
+    floor: float = Field(0.0, ge=0.0, le=1.01, description="candidate top-1 must be >= this (above 1: never passes)")
+
+
+class PublishParams(_Section):
+    """Where the retrain flow publishes in the artifact store (the store itself comes from SPOTTUNE_STORE_*)."""
+
+    model_name: str = Field("fashion-spottune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                            description="model name in the store: models/NAME/versions/...")
+    promote: bool = Field(True, description="promote a version that passes the gate (false: publish only)")

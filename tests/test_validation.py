@@ -22,7 +22,7 @@ from spottune.data.manifest import COLUMNS, build_manifest, read_manifest
 def _params_file(tmp_path: Path, root: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(
-        f"data:\n  root: {root}\n  manifest: {tmp_path / 'prepared' / 'manifest.csv'}\n"
+        f"data:\n  root: {root}\nprepare:\n  manifest: {tmp_path / 'prepared' / 'manifest.csv'}\n"
         "validate:\n  min_images_per_class: 2\n  min_rows: 10\n"
     )
     return path

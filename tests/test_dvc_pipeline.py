@@ -1,0 +1,209 @@
+"""The DVC pipeline for real: a temporary git repository with this project's dvc.yaml and params.yaml,
+real `dvc repro` runs, and `dvc push`/`dvc pull` against moto's S3 server as a separate process on
+127.0.0.1. Tiny params (12 train / 6 test images per class, 32 px, 2 steps per epoch) keep it short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("dvc")
+pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SPOTTUNE_REMOTE_"))}
+    return env | {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
+        "SPOTTUNE_PROGRESS": "false", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org", "NO_PROXY": "127.0.0.1",
+        "no_proxy": "127.0.0.1", **extra,
+    }
+
+
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
+    if ok:
+        assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env, ok=ok)
+
+
+def new_repo(path: Path) -> Path:
+    """A git + DVC repository holding this project's pipeline files (not its data or runs)."""
+    path.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(PROJECT / name, path / name)
+    shutil.copytree(PROJECT / "spottune", path / "spottune", ignore=shutil.ignore_patterns("__pycache__"))
+    (path / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(PROJECT / ".dvc" / name, path / ".dvc" / name)
+    sh("git", "init", "-q", "-b", "main", cwd=path)
+    return path
+
+
+def set_params(repo: Path, **sections: dict) -> None:
+    path = repo / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def ran(result: subprocess.CompletedProcess) -> set[str]:
+    """Stages that `dvc repro` ran (not skipped, not restored from the run cache)."""
+    return {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> Path:
+    repo = new_repo(tmp_path_factory.mktemp("clone") / "repo")
+    sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
+       "--train-per-class", "12", "--test-per-class", "6", "--track", cwd=repo)
+    assert (repo / "data.dvc").is_file()
+    set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
+               data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
+               optim={"epochs": 2, "max_steps_per_epoch": 2})
+    sh("git", "add", ".", cwd=repo)
+    sh("git", "commit", "-q", "-m", "pipeline on a tiny dataset", cwd=repo)
+    return repo
+
+
+def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipeline_repo):
+    repo = pipeline_repo
+    first = dvc("repro", cwd=repo)
+    assert ran(first) == {"prepare", "validate", "train_finetune", "train_spottune", "evaluate"}, first.stdout
+    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert {"finetune", "spottune", "difference", "mcnemar_p"} <= set(metrics)
+    assert json.loads((repo / "metrics" / "validate.json").read_text())["success"] == 1
+    assert metrics["test_images"] == 60
+    assert len(json.loads((repo / "plots" / "evaluate" / "routing.json").read_text())) == 16
+    assert [r["epoch"] for r in json.loads((repo / "plots" / "spottune" / "learning_curve.json").read_text())] == [0, 1]
+    sh("git", "add", ".", cwd=repo)
+    sh("git", "commit", "-q", "-m", "first run", cwd=repo)
+
+    second = dvc("repro", cwd=repo)
+    assert ran(second) == set(), second.stdout
+    assert dvc("status", cwd=repo).stdout.strip().endswith("Data and pipelines are up to date.")
+
+    set_params(repo, policy={"temperature": 2.0})  # SpotTune only
+    third = dvc("repro", cwd=repo)
+    assert ran(third) == {"train_spottune", "evaluate"}, third.stdout
+
+    shown = dvc("metrics", "diff", "HEAD", "--json", cwd=repo).stdout
+    assert "metrics/spottune.json" in shown
+    shown = dvc("metrics", "show", cwd=repo).stdout
+    assert "metrics/evaluate.json" in shown and "test_accuracy" in shown
+    html = repo / "plots_out"
+    dvc("plots", "show", "--out", str(html), cwd=repo)
+    assert (html / "index.html").is_file() and "val_accuracy" in (html / "index.html").read_text()
+
+
+def test_same_params_give_identical_evaluation_metrics(pipeline_repo):
+    repo = pipeline_repo
+    sh("git", "checkout", "-q", "params.yaml", cwd=repo)
+    dvc("repro", cwd=repo)
+    before = {n: (repo / "metrics" / n).read_text() for n in ("finetune.json", "spottune.json", "evaluate.json")}
+    again = set()
+    for stage in ("train_spottune", "evaluate"):  # SpotTune samples routing noise: the stochastic one
+        again |= ran(dvc("repro", "--force", "--no-run-cache", "--single-item", stage, cwd=repo))  # really trains again
+    assert again == {"train_spottune", "evaluate"}
+    after = {n: (repo / "metrics" / n).read_text() for n in before}
+    assert after == before
+
+
+def test_exp_run_with_a_param_override(pipeline_repo):
+    repo = pipeline_repo
+    sh("git", "checkout", "-q", ".", cwd=repo)
+    r = dvc("exp", "run", "-S", "policy.temperature_min=0.25", cwd=repo)
+    assert ran(r) == {"train_spottune", "evaluate"}, r.stdout
+    assert yaml.safe_load((repo / "params.yaml").read_text())["policy"]["temperature_min"] == 0.25
+    assert "0.25" in dvc("exp", "show", "--csv", cwd=repo).stdout
+
+
+def test_bad_params_fail_before_any_work(pipeline_repo, tmp_path):
+    repo = pipeline_repo
+    for section, values, key in (
+        ("optim", {"nesterov": True}, "optim.nesterov"),
+        ("optim", {"lr_net": -0.5}, "optim.lr_net"),
+        ("model", {"backbone": "vgg16"}, "model.backbone"),
+    ):
+        sh("git", "checkout", "-q", ".", cwd=repo)
+        shutil.rmtree(repo / "runs", ignore_errors=True)
+        set_params(repo, **{section: values})
+        r = dvc("repro", "train_finetune", cwd=repo, ok=False)
+        assert r.returncode != 0 and key in r.stdout + r.stderr, r.stdout + r.stderr
+        assert not (repo / "runs" / "finetune" / "checkpoint.pt").exists()
+    sh("git", "checkout", "-q", ".", cwd=repo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3 server as its own process on 127.0.0.1 (real HTTP), killed afterwards."""
+    port = _free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_push_then_pull_from_s3_gives_identical_bytes(s3_server, tmp_path):
+    import boto3
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="spottune-data")
+    env = _env(**creds, SPOTTUNE_REMOTE_URL="s3://spottune-data/dvcstore", SPOTTUNE_REMOTE_ENDPOINT_URL=s3_server)
+    repo = new_repo(tmp_path / "repo")
+    sh(sys.executable, "-m", "spottune.cli", "data", "digits", "--out", "data/digits", "--train-per-class", "5",
+       "--test-per-class", "3", "--push", cwd=repo, env=env)
+    config = (repo / ".dvc" / "config").read_text() + (repo / ".dvc" / "config.local").read_text()
+    assert "s3://spottune-data/dvcstore" in config and s3_server in config and "testing" not in config
+    stored = s3.list_objects_v2(Bucket="spottune-data", Prefix="dvcstore/").get("KeyCount", 0)
+    assert stored >= 81  # 80 images + the card, plus the directory listing object
+    before = tree_digest(repo / "data")
+
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    dvc("pull", "data.dvc", cwd=repo, env=env)
+    assert tree_digest(repo / "data") == before
+

@@ -1,0 +1,125 @@
+"""The promotion gate and the retrain report: pure functions of the evaluate stage's comparison.
+
+No Prefect here, so the gate's arithmetic and the report's bytes can be tested (and reused) without
+a server. The report must be deterministic (no timestamps, no run ids): re-publishing the same
+retrain after a failure has to produce the same files, or the store would refuse it as different.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from spottune.config import GateParams
+from spottune.store import Gate
+
+SHADES = " ░▒▓█"
+
+
+def decide_gate(comparison: dict[str, Any], gate: GateParams) -> Gate:
+    """SpotTune passes when its test top-1 is >= floor and >= baseline + margin (same test images)."""
+    base, cand = comparison["baseline"], comparison["candidate"]
+    acc_b, acc_c = float(base["accuracy"]), float(cand["accuracy"])
+    diff = acc_c - acc_b
+    failures = []
+    if acc_c < gate.floor:
+        failures.append(f"{cand['method']} top-1 {acc_c:.4f} is below the floor {gate.floor:.4f}")
+    if diff < gate.margin - 1e-12:
+        failures.append(f"{cand['method']} beats {base['method']} by {diff:+.4f}, less than the margin {gate.margin:+.4f}")
+    details = {
+        "baseline_method": base["method"], "candidate_method": cand["method"],
+        "baseline_accuracy": acc_b, "candidate_accuracy": acc_c, "difference": diff,
+        "margin": gate.margin, "floor": gate.floor,
+        "bootstrap_ci": [comparison["bootstrap"]["ci_low"], comparison["bootstrap"]["ci_high"]],
+        "mcnemar_p": comparison["mcnemar"]["p_value"], "test_images": base["images"],
+    }
+    if failures:
+        return Gate(False, "; ".join(failures), details)
+    return Gate(True, f"{cand['method']} top-1 {acc_c:.4f} >= floor {gate.floor:.4f} and beats {base['method']} "
+                      f"by {diff:+.4f} >= margin {gate.margin:+.4f}", details)
+
+
+def routing_matrix(comparison: dict[str, Any]) -> tuple[list[str], list[list[float]]] | None:
+    """Classes and, per class, the fraction of its test images that run each block's tuned copy."""
+    per_class = comparison["candidate"].get("tuned_fraction_per_class_block")
+    if not per_class:
+        return None
+    rows = [(name, fr) for name, fr in zip(comparison["classes"], per_class) if fr is not None]
+    return [n for n, _ in rows], [list(map(float, fr)) for _, fr in rows]
+
+
+def routing_block_table(classes: list[str], matrix: list[list[float]]) -> str:
+    """A monospace heatmap (blocks across, classes down) that renders anywhere Markdown does."""
+    width = max(len(c) for c in classes)
+    n = len(matrix[0])
+    header = " " * width + " | " + "".join(f"{b % 10}" for b in range(n))
+    lines = [header, "-" * len(header)]
+    for name, row in zip(classes, matrix):
+        cells = "".join(SHADES[min(len(SHADES) - 1, int(round(v * (len(SHADES) - 1))))] for v in row)
+        lines.append(f"{name:>{width}} | {cells}  ({sum(row):.1f} tuned)")
+    legend = "  ".join(f"'{s}' ~{i / (len(SHADES) - 1):.2f}" for i, s in enumerate(SHADES))
+    return "\n".join(["```text", *lines, "```", "", f"Shade = fraction of the class's test images that run the "
+                      f"block's tuned copy: {legend}. Block digits are block index mod 10."])
+
+
+def routing_heatmap_png(classes: list[str], matrix: list[list[float]]) -> bytes | None:
+    """The same picture as a PNG (matplotlib, Agg backend); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(matrix[0]), 0.8 + 0.35 * len(classes)), dpi=100)
+    try:
+        im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(matrix[0])))
+        ax.set_yticks(range(len(classes)), labels=classes)
+        ax.set_xlabel("block")
+        ax.set_title("SpotTune: fraction of test images running the tuned block", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: same input, same bytes
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def retrain_report(comparison_md: str, comparison: dict[str, Any], gate: Gate, data_version: str,
+                   overrides: dict[str, Any], png: bytes | None) -> str:
+    """The published report: gate verdict, data version, overrides, the comparison, the routing picture."""
+    verdict = "passed" if gate.passed else "FAILED: not promoted"
+    lines = [
+        "# Retrain report",
+        "",
+        f"- promotion gate: **{verdict}** ({gate.reason})",
+        f"- data version (data.dvc md5): `{data_version}`",
+        "- parameter overrides for this run: "
+        + (", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(overrides.items())) if overrides else "none"),
+        "",
+        *("#" + line if line.startswith("#") else line for line in comparison_md.splitlines()),
+    ]
+    found = routing_matrix(comparison)
+    if found:
+        classes, matrix = found
+        lines += ["", "## Which blocks SpotTune tunes, per class", "", routing_block_table(classes, matrix)]
+        if png:
+            lines += ["", f"![tuned fraction per class and block](data:image/png;base64,{base64.b64encode(png).decode()})"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def version_id(weights_sha256: str, gate: Gate, report: str, data_version: str) -> str:
+    """The store version: 12 hex of the weights' sha256, then 6 of everything published beside them.
+
+    A re-run of the same retrain maps to the same version (publishing is then a no-op), while the
+    same weights judged by another gate (or with another report) become a new version instead of
+    clashing with the one already stored.
+    """
+    extra = json.dumps({"gate": gate.to_json(), "report": report, "data": data_version}, sort_keys=True)
+    return f"{weights_sha256[:12]}-{hashlib.sha256(extra.encode()).hexdigest()[:6]}"

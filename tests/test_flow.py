@@ -349,8 +349,9 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(1)
         assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
-        # a different training override: a new model, trained by the served process, promoted
-        run = run_deployment("retrain/weekly", parameters={"overrides": {"optim.max_steps_per_epoch": 2}},
+        # the served process runs the flow; another gate margin makes a new version (same weights, no
+        # retraining: CI time), which it promotes
+        run = run_deployment("retrain/weekly", parameters={"overrides": {**TRAINING, "gate.margin": -0.5}},
                              timeout=600)
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
     finally:
@@ -366,4 +367,6 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
     assert pointer["version"] != first_run["version"]
     assert pointer["history"][-1]["version"] == first_run["version"]
     params = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "params.json").read_text())
-    assert params["optim"]["max_steps_per_epoch"] == 2
+    assert params["optim"]["max_steps_per_epoch"] == 1
+    gate = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "gate.json").read_text())
+    assert gate["passed"] and gate["details"]["margin"] == -0.5

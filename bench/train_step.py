@@ -70,11 +70,14 @@ def _batch(batch: int, size: int):
 def measure(backbone: str, method: str, execution: str | None, mix: str | None, trained: list[float],
             batch: int, size: int, steps: int, warmup: int, policy: dict) -> dict:
     params = validate_params({"model": {"backbone": backbone, "weights": "none", "method": method},
-                              "data": {"image_size": size}, "policy": policy})
+                              "data": {"image_size": size},
+                              "policy": {k: v for k, v in policy.items() if k != "compile"}})
     torch.manual_seed(0)
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
         set_routing(model, mix, trained)
+        if policy.get("compile"):
+            model.policy = torch.compile(model.policy)
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=1e-3, momentum=0.9)
     x, y = _batch(batch, size)
 
@@ -127,6 +130,8 @@ def policy_cost(policy: dict, num_blocks: int, batch: int, size: int, steps: int
     from spottune.models.policy import RoutingPolicy
 
     net = RoutingPolicy(num_blocks, policy["width"], policy["input_size"]).cuda().to(memory_format=torch.channels_last)
+    if policy.get("compile"):
+        net = torch.compile(net)
     x, _ = _batch(batch, size)
 
     def train():
@@ -189,6 +194,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--policy-width", type=int, default=32)
     ap.add_argument("--policy-input", type=int, default=64)
+    ap.add_argument("--compile-policy", action="store_true", help="torch.compile the routing policy")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for every row")
     ap.add_argument("--out", type=Path, default=Path("bench/results/train_step.json"))
     args = ap.parse_args()
@@ -196,6 +202,8 @@ def main() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     policy = {"width": args.policy_width, "input_size": args.policy_input}
+    if args.compile_policy:
+        policy["compile"] = True
     trained = json.loads(args.trained_routing.read_text())["tuned_fraction_per_block"]
     rows = []
     for backbone in args.backbones:

@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+    from spottune import store_cli  # publish, promote, rollback, models list (boto3 only when S3 is used)
+
+    store_cli.register(sub)
     return parser
 
 

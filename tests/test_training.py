@@ -47,7 +47,7 @@ def test_training_changes_tuned_head_policy_and_never_the_frozen_branch(fashion_
 def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
     k = 4
     params = tiny_params(digits_root, model={"backbone": "resnet26", "weights": "none"},
-                         policy={"global_k": k, "k_weight": 1.0, "entropy_weight": 0.05, "temperature": 1.0},
+                         policy={"global_k": k, "k_weight": 1.0, "entropy_weight": 0.05, "temperature": 1.0, "input_size": 16},
                          optim={"lr_policy": 0.02, "lr_net": 0.01})
     loader, n = _loader(digits_root, params)
     torch.manual_seed(0)
@@ -55,12 +55,15 @@ def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=0.01, momentum=0.9)
     setup = DeviceSetup(torch.device("cpu"))
     first = train_one_epoch(model, optimizer, loader, setup, epoch=0, max_steps=1, progress=False)
-    for epoch in range(1, 5):
-        last = train_one_epoch(model, optimizer, loader, setup, epoch=epoch, max_steps=8, progress=False)
+    history = [train_one_epoch(model, optimizer, loader, setup, epoch=e, max_steps=8, progress=False)
+               for e in range(1, 8)]
     assert abs(first["tuned_blocks_per_image"] - k) > 1.5, "should start away from k (12 blocks, 50/50 routing)"
-    assert abs(last["tuned_blocks_per_image"] - k) < 1.0, last["tuned_blocks_per_image"]
-    # Deterministic (argmax) decisions at evaluation tune about k blocks per image too.
+    late = sum(h["tuned_blocks_per_image"] for h in history[-3:]) / 3
+    assert abs(late - k) < 0.75, [h["tuned_blocks_per_image"] for h in history]
+    # The regulariser acts on sampled decisions: sampling from the learnt policy at evaluation tunes
+    # about k blocks too. (Argmax follows once the entropy term has pushed each block to 0 or 1.)
     model.eval()
+    model.policy_params = model.policy_params.model_copy(update={"eval_decisions": "sample"})
     images, _ = next(iter(loader))
     with torch.no_grad():
         per_image = model(images).decisions.sum(1).float().mean().item()

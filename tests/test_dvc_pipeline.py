@@ -9,10 +9,8 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ import yaml
 pytest.importorskip("dvc")
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
+from support import PROJECT, MotoServer, new_pipeline_repo, set_params  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
@@ -47,24 +45,9 @@ def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = Tru
 
 
 def new_repo(path: Path) -> Path:
-    """A git + DVC repository holding this project's pipeline files (not its data or runs)."""
-    path.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(PROJECT / name, path / name)
-    shutil.copytree(PROJECT / "spottune", path / "spottune", ignore=shutil.ignore_patterns("__pycache__"))
-    (path / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(PROJECT / ".dvc" / name, path / ".dvc" / name)
-    sh("git", "init", "-q", "-b", "main", cwd=path)
-    return path
-
-
-def set_params(repo: Path, **sections: dict) -> None:
-    path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    repo = new_pipeline_repo(path)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    return repo
 
 
 def ran(result: subprocess.CompletedProcess) -> set[str]:
@@ -158,31 +141,12 @@ def test_bad_params_fail_before_any_work(pipeline_repo, tmp_path):
     sh("git", "checkout", "-q", ".", cwd=repo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3_server():
-    """moto's S3 server as its own process on 127.0.0.1 (real HTTP), killed afterwards."""
-    port = _free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto_server did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+def s3_server(tmp_path):
+    """moto's S3 server as its own process on 127.0.0.1 (real HTTP), stopped afterwards."""
+    server = MotoServer(tmp_path / "moto.log")
+    yield server.url
+    server.stop()
 
 
 def test_push_then_pull_from_s3_gives_identical_bytes(s3_server, tmp_path):

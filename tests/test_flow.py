@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ pytest.importorskip("dvc")
 if importlib.util.find_spec("prefect") is None:  # not imported here: PREFECT_HOME is set first (prefect_api)
     pytest.skip("prefect is not installed", allow_module_level=True)
 
-PROJECT = Path(__file__).resolve().parents[1]
+from support import PROJECT, MotoServer, new_pipeline_repo, set_params  # noqa: E402
 BIN = Path(sys.executable).parent
 NAME = "fashion-test"
 TRAINING = {"optim.max_steps_per_epoch": 1}  # one run's override, repeated so later runs retrain nothing
@@ -53,25 +52,9 @@ def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.C
 
 
 def new_repo(path: Path) -> Path:
-    """A git + DVC repository holding this project's pipeline files and flows (not its data or runs)."""
-    path.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "prefect.yaml"):
-        shutil.copy(PROJECT / name, path / name)
-    for name in ("spottune", "flows"):
-        shutil.copytree(PROJECT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (path / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(PROJECT / ".dvc" / name, path / ".dvc" / name)
-    sh("git", "init", "-q", "-b", "main", cwd=path)
-    return path
-
-
-def set_params(repo: Path, **sections: dict) -> None:
-    path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    repo = new_pipeline_repo(path, with_flows=True)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    return repo
 
 
 @pytest.fixture(scope="module")
@@ -217,28 +200,12 @@ def test_a_bad_override_fails_before_any_work(first_run, project):
 
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory) -> Iterator[str]:
-    """`python -m moto.server` as a child process on a free loopback port; dummy credentials in the env."""
-    import socket
-    import urllib.request
-
+    """moto's S3 server as a child process on a free loopback port; dummy credentials in the env."""
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    url = server.url
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
         with pytest.MonkeyPatch.context() as mp:
             for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
                 mp.delenv(k, raising=False)
@@ -247,9 +214,7 @@ def moto_url(tmp_path_factory) -> Iterator[str]:
             mp.setenv("NO_PROXY", "127.0.0.1")
             yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+        server.stop()
 
 
 def test_rerun_after_an_upload_failure_neither_duplicates_nor_corrupts(first_run, project, moto_url, monkeypatch):

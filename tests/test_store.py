@@ -13,18 +13,17 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support import MotoServer, free_port
 
 from spottune.config import StoreSettings
 from spottune.errors import SpotTuneError, StoreError
@@ -69,43 +68,6 @@ def other_run(finished_run, tmp_path_factory) -> Path:
     state[bias] = state[bias] + 1.0
     save_file(state, str(out / "model.safetensors"), metadata={"format": "spottune-model/1"})
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MotoServer:
-    """`python -m moto.server` as a child process on a free loopback port."""
-
-    def __init__(self, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not start on {self.url}: see {log}")
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
@@ -439,7 +401,7 @@ def test_a_tampered_manifest_cannot_name_files_outside_the_version(store, finish
 def test_s3_misconfiguration_gives_a_clear_error(moto, monkeypatch):
     with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
         open_store(s3_settings(moto, "no-such-bucket"))
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StoreError, match=f"endpoint {closed} is unreachable"):
         open_store(StoreSettings(store_backend="s3", s3_bucket="models", s3_endpoint_url=closed, s3_max_attempts=1))
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -1,0 +1,76 @@
+"""Helpers shared by the integration tests: a moto S3 server process, and throwaway pipeline repos."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """`python -m moto.server` as a child process on a free loopback port (real HTTP; can be paused)."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not start on {self.url}: see {log}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)  # a paused server must wake up to terminate
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def new_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:
+    """A git + DVC repository holding this project's pipeline files (not its data or runs)."""
+    path.mkdir()
+    files = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"] + (["prefect.yaml"] if with_flows else [])
+    for name in files:
+        shutil.copy(PROJECT / name, path / name)
+    for name in ["spottune"] + (["flows"] if with_flows else []):
+        shutil.copytree(PROJECT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (path / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(PROJECT / ".dvc" / name, path / ".dvc" / name)
+    return path
+
+
+def set_params(repo: Path, **sections: dict) -> None:
+    """Merge keys into sections of the repository's params.yaml."""
+    path = repo / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))

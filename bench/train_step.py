@@ -223,7 +223,9 @@ def main() -> None:
     print(f"policy alone (width {args.policy_width}, {args.policy_input} px): train {policy_row['train_ms']:.2f} ms, "
           f"inference {policy_row['infer_ms']:.2f} ms per batch")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    repo = Path(__file__).resolve().parents[1]
+    meta = {k: (str(v.resolve().relative_to(repo)) if isinstance(v, Path) and v.resolve().is_relative_to(repo)
+                else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": meta, "rows": rows,
                                     "policy": policy_row}, indent=2) + "\n")
 

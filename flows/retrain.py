@@ -367,15 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def overrides_from_pairs(pairs: list[str]) -> dict[str, Any]:
     """['optim.epochs=1'] -> {'optim.epochs': 1}; values parse as YAML, like `spottune --set`."""
-    import yaml
+    from spottune.config import parse_override
 
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise _config_error(f"override {pair!r} is not KEY=VALUE (for example optim.epochs=1)")
-        out[key] = yaml.safe_load(raw)
-    return out
+    return dict(parse_override(pair) for pair in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:

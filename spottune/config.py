@@ -217,20 +217,26 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def parse_override(pair: str) -> tuple[str, Any]:
+    """'optim.epochs=2' -> ('optim.epochs', 2): the value parses as YAML, as on DVC's command line."""
+    key, sep, raw = pair.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {pair!r} is not KEY=VALUE (for example optim.epochs=2)")
+    return key, yaml.safe_load(raw)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ['optim.epochs=2', 'model.method=finetune'] into a nested dict (values parsed as YAML)."""
     nested: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {pair!r} is not KEY=VALUE (for example optim.epochs=2)")
+        key, value = parse_override(pair)
         node = nested
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {pair!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = value
     return nested
 
 

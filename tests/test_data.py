@@ -37,6 +37,14 @@ def test_materialise_is_deterministic_and_refuses_to_overwrite(tmp_path):
     assert not (tmp_path / "a.partial").exists()
 
 
+def test_mnist_from_its_package_is_real_digits(tmp_path):
+    counts = materialise("mnist", tmp_path / "mnist", train_per_class=3, test_per_class=2, log=lambda _: None)
+    assert counts == {"train": 30, "test": 20}
+    image = load_rgb(next((tmp_path / "mnist" / "test" / "7").glob("*.png")))
+    pixels = np.asarray(image)
+    assert image.size == (28, 28) and pixels.max() > 200 and pixels.min() == 0  # a white stroke on black
+
+
 def test_missing_packaged_files_name_the_package(tmp_path):
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         materialise("fashion-mnist", tmp_path / "x", fashion_mnist_dir=tmp_path / "nowhere", log=lambda _: None)

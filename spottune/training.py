@@ -186,3 +186,32 @@ def load_model(run_dir: Path) -> tuple[TransferModel, Params, list[str]]:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{run.weights} does not match the model in {run.model_card}: {e}") from None
     return model.eval(), params, card["classes"]
+
+
+def export_backbone(run_dir: Path, out: Path) -> dict[str, Any]:
+    """Write a baseline run's trained backbone as a plain weights file that `model.weights` accepts.
+
+    This is how a network pretrained inside the pipeline (say ResNet-26 trained on Fashion-MNIST)
+    becomes the starting point of transfer runs. The file is in the source network's own key format
+    (what `build_backbone(name, weights=FILE)` loads); the run's head becomes the source classifier
+    when their shapes match. Only baselines export: a SpotTune run has two copies of every block.
+    """
+    from safetensors.torch import save_file
+
+    from spottune.models.backbones import build_backbone
+    from spottune.models.baselines import FineTuneNet
+
+    model, params, classes = load_model(run_dir)
+    if not isinstance(model, FineTuneNet):
+        raise ConfigError(f"{run_dir}: a {params.model.method} run has no single backbone to export; "
+                          "export a finetune, l2sp, lastk or linear run")
+    backbone = build_backbone(params.model.backbone, "none", params.data.image_size)
+    for part in ("stem", "blocks", "neck"):
+        getattr(backbone, part).load_state_dict(getattr(model, part).state_dict())
+    head = model.head[-1]
+    if backbone.classifier.weight.shape == head.weight.shape:
+        backbone.classifier.load_state_dict(head.state_dict())
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.net.state_dict().items()}
+    out = Path(out)
+    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"backbone": params.model.backbone}))
+    return {"backbone": params.model.backbone, "source_classes": classes, "tensors": len(state), "path": str(out)}

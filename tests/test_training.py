@@ -112,3 +112,33 @@ def test_short_real_run_beats_chance_by_a_wide_margin(fashion_root, tiny_params,
     if method == "spottune":
         fractions = metrics["test"]["tuned_fraction_per_block"]
         assert len(fractions) == 16 and all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_exported_backbone_is_the_trained_network(digits_root, tiny_params, runtime, tmp_path):
+    """A ResNet-26 trained from scratch by the pipeline, exported, rebuilt through model.weights,
+    predicts exactly what the run predicts (the source task's head included)."""
+    from spottune.errors import ConfigError
+    from spottune.models.backbones import build_backbone
+    from spottune.training import export_backbone, fit, load_model
+
+    params = tiny_params(digits_root, model={"method": "finetune", "backbone": "resnet26", "weights": "none"},
+                         optim={"epochs": 1, "max_steps_per_epoch": 3})
+    fit(params, tmp_path / "source", runtime, log=lambda _: None)
+    info = export_backbone(tmp_path / "source", tmp_path / "resnet26-digits.safetensors")
+    assert info["backbone"] == "resnet26" and info["source_classes"] == [str(c) for c in range(10)]
+
+    run_model, _, _ = load_model(tmp_path / "source")
+    rebuilt = build_backbone("resnet26", str(tmp_path / "resnet26-digits.safetensors"))
+    rebuilt.net.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.forward(x), run_model(x).logits)
+    untrained = build_backbone("resnet26", "none")
+    assert not torch.equal(untrained.blocks[0].conv1.weight, rebuilt.blocks[0].conv1.weight)
+
+    spottune = tiny_params(digits_root, model={"method": "spottune", "backbone": "resnet26", "weights": "none"},
+                           optim={"epochs": 1, "max_steps_per_epoch": 1})
+    fit(spottune, tmp_path / "spottune", runtime, log=lambda _: None)
+    with pytest.raises(ConfigError, match="export a finetune"):
+        export_backbone(tmp_path / "spottune", tmp_path / "nope.safetensors")
+    assert not (tmp_path / "nope.safetensors").exists()

@@ -37,6 +37,7 @@ class Backbone:
     num_features: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    net: nn.Module  # the whole source network, sharing the parts above: its state_dict is the weights-file format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The source network's own prediction (logits of its source task)."""
@@ -127,6 +128,7 @@ def _efficientnet_lite0(weights: str, image_size: int) -> Backbone:
         num_features=net._fc.in_features,
         mean=TF_MEAN,
         std=TF_STD,
+        net=net,
     )
 
 
@@ -167,6 +169,7 @@ def _torchvision_resnet(name: str, weights: str) -> Backbone:
         num_features=net.fc.in_features,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        net=net,
     )
 
 
@@ -234,4 +237,5 @@ def _resnet26(weights: str) -> Backbone:
         num_features=net.fc.in_features,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        net=net,
     )

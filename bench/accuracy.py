@@ -1,0 +1,537 @@
+"""Accuracy benchmark: SpotTune against fine-tuning and its peers on real data, with equal budgets.
+
+Every run is the pipeline's own `spottune.training.fit` on an ImageFolder tree, followed by the
+pipeline's own evaluation; the benchmark only chooses the settings, schedules the runs and reads
+their results. Each finished run leaves one small JSON file (kept in the repository), so the tables
+in docs/results.md can be rebuilt without a GPU.
+
+    python bench/accuracy.py prepare --data-dir bench-data            materialise the datasets (CPU, once)
+    python bench/accuracy.py run --data-dir bench-data --gpus 4 --jobs-per-gpu 3
+    python bench/accuracy.py run --data-dir bench-data --suites lite0 --targets mnist-100 --methods spottune
+    python bench/accuracy.py report                                   tables and figure into docs/results.md
+    python bench/accuracy.py smoke --work DIR                         all of it on a tiny subset, on CPU
+
+Protocol (the `full` profile):
+  suites     lite0: EfficientNet-Lite0 with its ImageNet weights; resnet26: a ResNet-26 the pipeline
+             first trains on Fashion-MNIST (not ImageNet), then transfers to the other targets;
+             study: SpotTune variants (temperature, policy learning rate, annealing, global-k weight)
+  targets    MNIST and Fashion-MNIST with 100 and 1,000 training images per class, scikit-learn's
+             digits (all of its train split); 28x28 or 8x8 grey images upsampled to 64 px, channels repeated
+  budget     the same epochs, batch size and schedule for every method of a target
+  lr         each method's learning rates (net, head, policy together) scaled by 0.3, 1 or 3, the
+             scale chosen on seed 0's validation accuracy (10% of the training images), never on test
+  seeds      0, 1, 2 at the chosen scale (a seed changes initialisation, order and the validation carve-out)
+Runs are independent processes spread over the GPUs; finished runs are skipped on a re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Relative to the repository root, where the benchmark runs: result files name no machine's paths.
+RESULTS = Path("bench/results/accuracy")
+RESULTS_DOC = Path("docs/results.md")
+BEGIN, END = "<!-- accuracy-tables:begin -->", "<!-- accuracy-tables:end -->"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A dataset tree and its training budget."""
+
+    source: str  # a spottune data source
+    train_per_class: int | None
+    test_per_class: int | None
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Suite:
+    backbone: str
+    weights: str  # 'imagenet', or 'source' for the backbone pretrained by this benchmark
+    targets: tuple[str, ...]
+    methods: dict[str, dict[str, Any]]
+    grid: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    targets: dict[str, Target]
+    suites: dict[str, Suite]
+    source: str  # the target tree the resnet26 suite pretrains on
+    source_overrides: dict[str, Any]
+    seeds: int
+    overrides: dict[str, Any]  # for every run
+    max_steps_per_epoch: int | None = None
+    note: str = ""
+
+
+def _methods(blocks: int) -> dict[str, dict[str, Any]]:
+    return {
+        "linear": {"model.method": "linear"},
+        "finetune": {"model.method": "finetune"},
+        "l2sp": {"model.method": "l2sp"},
+        "spottune": {"model.method": "spottune"},
+        "spottune-k": {"model.method": "spottune", "policy.global_k": blocks // 2},
+    }
+
+
+STUDY = {
+    "spottune": {"model.method": "spottune"},
+    "temperature-1": {"model.method": "spottune", "policy.temperature": 1.0},
+    "anneal-0.9": {"model.method": "spottune", "policy.temperature_decay": 0.9},
+    "policy-lr-x10": {"model.method": "spottune", "optim.lr_policy": 0.1},
+    "k-weak": {"model.method": "spottune", "policy.global_k": 8, "policy.k_weight": 0.1},
+}
+
+
+def full_profile() -> Profile:
+    targets = {
+        "mnist-100": Target("mnist", 100, None, 30),
+        "mnist-1000": Target("mnist", 1000, None, 8),
+        "fashion-100": Target("fashion-mnist", 100, None, 30),
+        "fashion-1000": Target("fashion-mnist", 1000, None, 8),
+        "digits": Target("digits", None, None, 30),
+        "fashion-source": Target("fashion-mnist", 2000, 100, 15),
+    }
+    grid = (0.3, 1.0, 3.0)
+    return Profile(
+        targets=targets,
+        suites={
+            "lite0": Suite("efficientnet_lite0", "imagenet",
+                           ("mnist-100", "mnist-1000", "fashion-100", "fashion-1000", "digits"), _methods(16), grid),
+            "resnet26": Suite("resnet26", "source", ("mnist-100", "mnist-1000", "digits"), _methods(12), grid),
+            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100", "mnist-1000"), STUDY, (1.0,)),
+        },
+        source="fashion-source",
+        source_overrides={"optim.lr_net": 0.1, "optim.lr_head": 0.1, "data.batch_size": 128},
+        seeds=3,
+        overrides={"data.image_size": 64, "data.batch_size": 64, "data.eval_batch_size": 500, "data.val_fraction": 0.1},
+    )
+
+
+def smoke_profile() -> Profile:
+    targets = {"digits": Target("digits", 12, 6, 1), "fashion-source": Target("fashion-mnist", 12, 4, 1)}
+    methods = _methods(16)
+    return Profile(
+        targets=targets,
+        suites={
+            "lite0": Suite("efficientnet_lite0", "imagenet", ("digits",), methods, (0.3, 1.0)),
+            "resnet26": Suite("resnet26", "source", ("digits",), _methods(12), (1.0,)),
+        },
+        source="fashion-source",
+        source_overrides={"optim.lr_net": 0.1},
+        seeds=2,
+        overrides={"data.image_size": 32, "data.batch_size": 16, "data.eval_batch_size": 64, "data.val_fraction": 0.25},
+        max_steps_per_epoch=2,
+        note="smoke profile: a tiny subset on CPU; these numbers say nothing about accuracy",
+    )
+
+
+PROFILES = {"full": full_profile, "smoke": smoke_profile}
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run; `key` is its result file relative to the results folder."""
+
+    key: str
+    suite: str
+    target: str
+    method: str
+    seed: int
+    lr_scale: float
+    overrides: dict[str, Any] = field(hash=False)
+
+
+def _scaled_lrs(scale: float, base: dict[str, float]) -> dict[str, Any]:
+    return {f"optim.{k}": round(v * scale, 6) for k, v in base.items()}
+
+
+def source_job(profile: Profile, data_dir: Path) -> Job:
+    t = profile.targets[profile.source]
+    overrides = {**profile.overrides, "data.root": str(data_dir / profile.source), "model.backbone": "resnet26",
+                 "model.weights": "none", "model.method": "finetune", "optim.epochs": t.epochs, "optim.seed": 0,
+                 **profile.source_overrides}
+    return Job("resnet26/source.json", "resnet26", profile.source, "finetune", 0, 1.0, overrides)
+
+
+def source_weights(results: Path) -> Path:
+    """Where the pretrained ResNet-26 is kept: beside the results, never committed (see .gitignore)."""
+    return results / "resnet26" / "source.safetensors"
+
+
+def target_job(profile: Profile, data_dir: Path, results: Path, base_lrs: dict[str, float],
+               suite_name: str, target: str, method: str, seed: int, scale: float) -> Job:
+    suite, t = profile.suites[suite_name], profile.targets[target]
+    weights = str(source_weights(results)) if suite.weights == "source" else suite.weights
+    method_overrides = dict(suite.methods[method])
+    lrs = _scaled_lrs(scale, {k: v for k, v in base_lrs.items() if f"optim.{k}" not in method_overrides})
+    overrides = {**profile.overrides, "data.root": str(data_dir / target), "model.backbone": suite.backbone,
+                 "model.weights": weights, "optim.epochs": t.epochs, "optim.seed": seed, **lrs, **method_overrides}
+    if profile.max_steps_per_epoch:
+        overrides["optim.max_steps_per_epoch"] = profile.max_steps_per_epoch
+    return Job(f"{suite_name}/{target}/{method}/lr{scale:g}-seed{seed}.json", suite_name, target, method, seed, scale,
+               overrides)
+
+
+def ready_jobs(profile: Profile, data_dir: Path, results: Path, done: dict[str, dict], base_lrs: dict[str, float],
+               only: dict[str, set[str] | None]) -> list[Job]:
+    """Every job whose inputs exist: grid runs at seed 0, then the other seeds at the chosen scale."""
+    jobs: list[Job] = []
+    for suite_name, suite in profile.suites.items():
+        if only["suites"] and suite_name not in only["suites"]:
+            continue
+        if suite.weights == "source":
+            src = source_job(profile, data_dir)
+            if src.key not in done:
+                jobs.append(src)
+                continue
+        for target in suite.targets:
+            if only["targets"] and target not in only["targets"]:
+                continue
+            for method in suite.methods:
+                if only["methods"] and method not in only["methods"]:
+                    continue
+                grid = [target_job(profile, data_dir, results, base_lrs, suite_name, target, method, 0, s)
+                        for s in suite.grid]
+                jobs += [j for j in grid if j.key not in done]
+                if all(j.key in done for j in grid):
+                    scale = choose_scale([done[j.key] for j in grid])
+                    jobs += [j for seed in range(1, profile.seeds)
+                             if (j := target_job(profile, data_dir, results, base_lrs, suite_name, target, method,
+                                                 seed, scale)).key not in done]
+    return jobs
+
+
+def choose_scale(grid_results: list[dict]) -> float:
+    """The learning-rate scale with the best validation accuracy (ties: the smaller scale)."""
+    best = max(grid_results, key=lambda r: (r["val_accuracy"], -r["lr_scale"]))
+    return best["lr_scale"]
+
+
+def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
+    """Train and evaluate one run with the pipeline's code; write its JSON; drop the heavy run folder."""
+    import torch
+
+    from spottune.config import RuntimeSettings, load_params
+    from spottune.evaluate import evaluate_run
+    from spottune.training import export_backbone, fit
+
+    started = time.perf_counter()
+    params = load_params(ROOT / "params.yaml", [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                                for k, v in job.overrides.items()])
+    runtime = RuntimeSettings(device=device, progress=False)
+    run_dir = work / job.key.removesuffix(".json")
+    metrics = fit(params, run_dir, runtime, overwrite=True, log=lambda _: None)
+    evaluation = evaluate_run(run_dir, runtime)
+    p = evaluation["predictions"]
+    correct = (p["predictions"] == p["labels"]).numpy()
+    history = metrics["history"]
+    out = {
+        "key": job.key, "suite": job.suite, "target": job.target, "method": job.method, "seed": job.seed,
+        "lr_scale": job.lr_scale, "overrides": job.overrides, "params": params.model_dump(mode="json"),
+        "val_accuracy": history[-1]["val"].get("accuracy") if history[-1]["val"] else None,
+        "val_history": [h["val"].get("accuracy") for h in history],
+        "train_accuracy": history[-1]["train"]["accuracy"],
+        "test": {k: v for k, v in evaluation["metrics"].items()},
+        "test_labels_sha256": hashlib.sha256(p["labels"].numpy().astype("int64").tobytes()).hexdigest(),
+        "test_correct_bits": base64.b64encode(__import__("numpy").packbits(correct).tobytes()).decode(),
+        "classes": evaluation["classes"],
+        "train_images_per_s": metrics["train_images_per_s"],
+        "wall_seconds": time.perf_counter() - started,
+        "device": metrics["device"], "torch": torch.__version__,
+    }
+    if job.key.endswith("source.json"):
+        info = export_backbone(run_dir, source_weights(results))
+        out["exported"] = {"sha256": hashlib.sha256(Path(info["path"]).read_bytes()).hexdigest(),
+                           "tensors": info["tensors"]}
+    path = results / job.key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(path)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def _pin_gpu(slots) -> None:
+    """Process-pool initializer: each worker takes one GPU before torch is imported."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def load_done(results: Path) -> dict[str, dict]:
+    return {str(p.relative_to(results)): json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))}
+
+
+def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus: int, jobs_per_gpu: int,
+            only: dict[str, set[str] | None], log=print) -> dict[str, dict]:
+    """Schedule every ready job on a pool of processes (GPUs x jobs per GPU, or one inline on CPU)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from spottune.config import load_params
+
+    optim = load_params(ROOT / "params.yaml", []).optim
+    base_lrs = {"lr_net": optim.lr_net, "lr_head": optim.lr_head, "lr_policy": optim.lr_policy}
+    done = load_done(results)
+    started = time.perf_counter()
+    if gpus == 0:  # inline, on CPU: the smoke profile inside the test suite
+        while jobs := ready_jobs(profile, data_dir, results, done, base_lrs, only):
+            for job in jobs:
+                done[job.key] = run_job(job, results, work, "cpu")
+                log(f"{job.key}: test {done[job.key]['test']['accuracy']:.4f}")
+        return done
+    ctx = mp.get_context("spawn")
+    slots = ctx.Queue()
+    for i in range(gpus * jobs_per_gpu):
+        slots.put(i % gpus)
+    running: dict = {}
+    with ProcessPoolExecutor(gpus * jobs_per_gpu, mp_context=ctx, initializer=_pin_gpu, initargs=(slots,)) as pool:
+        while True:
+            for job in ready_jobs(profile, data_dir, results, done, base_lrs, only):
+                if job.key not in {j.key for j in running.values()}:
+                    running[pool.submit(run_job, job, results, work, "cuda")] = job
+            if not running:
+                return done
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                done[job.key] = fut.result()
+                log(f"[{time.perf_counter() - started:6.0f} s] {job.key}: val {done[job.key]['val_accuracy']}, "
+                    f"test {done[job.key]['test']['accuracy']:.4f} ({done[job.key]['wall_seconds']:.0f} s)")
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def prepare(profile: Profile, data_dir: Path, fashion_mnist_dir: Path | None = None) -> None:
+    from spottune.data.sources import DATASET_CARD, materialise
+
+    kwargs = {"fashion_mnist_dir": fashion_mnist_dir} if fashion_mnist_dir else {}
+    for name, t in profile.targets.items():
+        if (data_dir / name / DATASET_CARD).is_file():
+            continue
+        materialise(t.source, data_dir / name, train_per_class=t.train_per_class, test_per_class=t.test_per_class,
+                    seed=0, **kwargs)
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def _correct(result: dict):
+    import numpy as np
+
+    bits = np.frombuffer(base64.b64decode(result["test_correct_bits"]), dtype=np.uint8)
+    return np.unpackbits(bits)[: result["test"]["images"]].astype(bool)
+
+
+def final_runs(done: dict[str, dict], profile: Profile) -> dict[tuple[str, str, str], list[dict]]:
+    """(suite, target, method) -> the runs at the chosen scale, one per seed, in seed order."""
+    cells: dict[tuple[str, str, str], list[dict]] = {}
+    for suite_name, suite in profile.suites.items():
+        for target in suite.targets:
+            for method in suite.methods:
+                grid = [r for r in done.values() if (r["suite"], r["target"], r["method"], r["seed"]) ==
+                        (suite_name, target, method, 0)]
+                if len(grid) < len(suite.grid):
+                    continue
+                scale = choose_scale(grid)
+                runs = sorted((r for r in done.values() if (r["suite"], r["target"], r["method"], r["lr_scale"]) ==
+                               (suite_name, target, method, scale)), key=lambda r: r["seed"])
+                cells[(suite_name, target, method)] = runs
+    return cells
+
+
+def paired_difference(a_runs: list[dict], b_runs: list[dict], samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean over seeds of accuracy(b) - accuracy(a), with a paired bootstrap CI over test images."""
+    import numpy as np
+
+    seeds = sorted({r["seed"] for r in a_runs} & {r["seed"] for r in b_runs})
+    a = {r["seed"]: r for r in a_runs}
+    b = {r["seed"]: r for r in b_runs}
+    for s in seeds:
+        if a[s]["test_labels_sha256"] != b[s]["test_labels_sha256"]:
+            raise ValueError(f"{a[s]['key']} and {b[s]['key']} were tested on different images")
+    diff = np.mean([_correct(b[s]).astype(float) - _correct(a[s]).astype(float) for s in seeds], axis=0)
+    rng = np.random.default_rng(seed)
+    boot = np.sort(diff[rng.integers(0, len(diff), (samples, len(diff)))].mean(1))
+    per_seed = [float(_correct(b[s]).mean() - _correct(a[s]).mean()) for s in seeds]
+    return {"difference": float(diff.mean()), "ci_low": float(boot[int(0.025 * samples)]),
+            "ci_high": float(boot[int(0.975 * samples) - 1]), "seeds": len(seeds),
+            "wins": sum(d > 0 for d in per_seed), "losses": sum(d < 0 for d in per_seed)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | None) -> str:
+    """The tables of docs/results.md, rebuilt from the result files alone."""
+    cells = final_runs(done, profile)
+    lines: list[str] = []
+    if profile.note:
+        lines += [f"> {profile.note}", ""]
+    for suite_name, suite in profile.suites.items():
+        targets = [t for t in suite.targets if any((suite_name, t, m) in cells for m in suite.methods)]
+        if not targets:
+            continue
+        lines += [f"### Suite `{suite_name}`: {suite.backbone}, weights: "
+                  + ("ImageNet" if suite.weights == "imagenet" else f"trained by the pipeline on {profile.source} (not ImageNet)"), ""]
+        lines += ["Test top-1 (%), mean ± std over seeds; the chosen learning-rate scale in brackets.", ""]
+        lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        for method in suite.methods:
+            row = []
+            for t in targets:
+                runs = cells.get((suite_name, t, method))
+                if not runs:
+                    row.append("–")
+                    continue
+                m, s = _mean_std([100 * r["test"]["accuracy"] for r in runs])
+                row.append(f"{m:.2f} ± {s:.2f} (n={len(runs)}) [{runs[0]['lr_scale']:g}]")
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        baseline = "finetune" if "finetune" in suite.methods else next(iter(suite.methods))
+        lines += ["", f"Paired difference against `{baseline}` (percentage points): mean over seeds, 95% bootstrap "
+                  "CI over test images, seeds won / lost.", ""]
+        lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        for method in suite.methods:
+            if method == baseline:
+                continue
+            row = []
+            for t in targets:
+                a, b = cells.get((suite_name, t, baseline)), cells.get((suite_name, t, method))
+                if not a or not b:
+                    row.append("–")
+                    continue
+                d = paired_difference(a, b)
+                row.append(f"{100 * d['difference']:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
+                           f"{d['wins']}/{d['losses']}")
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        routed = [m for m in suite.methods if suite.methods[m].get("model.method") == "spottune"]
+        if routed:
+            lines += ["", "Tuned blocks per test image (of the backbone's blocks), mean over seeds.", ""]
+            lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+            for method in routed:
+                vals = []
+                for t in targets:
+                    runs = cells.get((suite_name, t, method))
+                    vals.append(f"{_mean_std([r['test']['tuned_blocks_per_image'] for r in runs])[0]:.1f}" if runs else "–")
+                lines.append(f"| {method} | " + " | ".join(vals) + " |")
+            if figure_dir is not None:
+                name = routing_figure(cells, suite_name, targets, routed[0], figure_dir)
+                if name:
+                    lines += ["", f"![which blocks {routed[0]} tunes per target]({name})"]
+        lines.append("")
+    runs = list(done.values())
+    devices = sorted({r["device"] for r in runs})
+    gpu_seconds = sum(r["wall_seconds"] for r in runs)
+    lines += [f"{len(runs)} runs on {', '.join(devices)}; {gpu_seconds / 3600:.2f} process-hours in all "
+              f"(runs share GPUs, so wall time is less: see the command log below).", ""]
+    return "\n".join(lines)
+
+
+def routing_figure(cells, suite_name: str, targets: list[str], method: str, out_dir: Path) -> str | None:
+    """A heatmap: per target, the fraction of test images for which each block runs its tuned copy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [np.mean([r["test"]["tuned_fraction_per_block"] for r in cells[(suite_name, t, method)]], axis=0)
+            for t in targets if (suite_name, t, method) in cells]
+    if not rows:
+        return None
+    data = np.array(rows)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * data.shape[1], 0.8 + 0.45 * len(rows)))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(data.shape[1]), [str(i) for i in range(data.shape[1])])
+    ax.set_yticks(range(len(rows)), [t for t in targets if (suite_name, t, method) in cells])
+    ax.set_xlabel("block")
+    ax.set_title(f"{suite_name}: fraction of test images tuned, {method}")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    name = f"results-routing-{suite_name}.png"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def write_report(doc: Path, tables: str) -> None:
+    """Replace the generated part of `doc` (between the markers), keeping the hand-written reading."""
+    text = doc.read_text() if doc.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: markers {BEGIN} / {END} not found")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{tables}\n{END}{tail}")
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("prepare", "run", "report", "smoke"))
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--data-dir", type=Path, default=Path("bench-data"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=Path("bench-work"), help="run folders while they train")
+    parser.add_argument("--doc", type=Path, default=RESULTS_DOC)
+    parser.add_argument("--gpus", type=int, default=None, help="default: every visible GPU (0: inline on CPU)")
+    parser.add_argument("--jobs-per-gpu", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=3, help="data-loading processes per run")
+    parser.add_argument("--suites", nargs="*")
+    parser.add_argument("--targets", nargs="*")
+    parser.add_argument("--methods", nargs="*")
+    args = parser.parse_args(argv)
+
+    if args.command == "smoke":  # everything, tiny, on CPU, inside args.work
+        profile = smoke_profile()
+        args.data_dir, args.results, args.doc = args.work / "data", args.work / "results", args.work / "results.md"
+        prepare(profile, args.data_dir)
+        run_all(profile, args.data_dir, args.results, args.work / "runs", gpus=0, jobs_per_gpu=1,
+                only={"suites": None, "targets": None, "methods": None})
+        write_report(args.doc, report_markdown(load_done(args.results), profile, args.work))
+        print(args.doc.read_text())
+        return 0
+    profile = PROFILES[args.profile]()
+    if args.command == "prepare":
+        prepare(profile, args.data_dir)
+    elif args.command == "run":
+        import torch  # only the parent: workers pin their GPU before importing it
+
+        gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
+        profile.overrides["data.num_workers"] = args.workers
+        only = {"suites": set(args.suites or []) or None, "targets": set(args.targets or []) or None,
+                "methods": set(args.methods or []) or None}
+        started = time.perf_counter()
+        run_all(profile, args.data_dir, args.results, args.work, gpus=gpus, jobs_per_gpu=args.jobs_per_gpu, only=only)
+        print(f"all runs done in {time.perf_counter() - started:.0f} s wall on {gpus} GPU(s)")
+    else:
+        write_report(args.doc, report_markdown(load_done(args.results), profile, args.doc.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

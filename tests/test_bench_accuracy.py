@@ -1,0 +1,83 @@
+"""The accuracy benchmark end to end on CPU (its smoke profile): every run, the learning-rate choice on
+validation, the ResNet-26 pretrained by the pipeline, and tables rebuilt from the result files alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_accuracy"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_benchmark_runs_every_cell_and_rebuilds_its_tables(tmp_path):
+    work = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), "smoke", "--work", str(work)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = _bench()
+    profile = bench.smoke_profile()
+    done = bench.load_done(work / "results")
+
+    expected = {"resnet26/source.json"}
+    for suite_name, suite in profile.suites.items():
+        for target in suite.targets:
+            for method in suite.methods:
+                grid = [done[f"{suite_name}/{target}/{method}/lr{s:g}-seed0.json"] for s in suite.grid]
+                chosen = max(grid, key=lambda r: (r["val_accuracy"], -r["lr_scale"]))["lr_scale"]
+                expected |= {r["key"] for r in grid}
+                expected |= {f"{suite_name}/{target}/{method}/lr{chosen:g}-seed{s}.json" for s in range(1, profile.seeds)}
+    assert set(done) == expected
+
+    labels = {r["test_labels_sha256"] for r in done.values() if r["target"] == "digits"}
+    assert len(labels) == 1, "every method is tested on the same images"
+    for r in done.values():
+        assert 0.0 <= r["test"]["accuracy"] <= 1.0
+        assert r["params"]["model"]["method"] == (r["overrides"]["model.method"])
+    routed = [r for r in done.values() if r["method"] == "spottune-k"]
+    assert routed and all(r["params"]["policy"]["global_k"] is not None for r in routed)
+
+    # The ResNet-26 suite starts from the network the benchmark trained on its source task.
+    weights = bench.source_weights(work / "results")
+    assert weights.is_file()
+    resnet = [r for r in done.values() if r["suite"] == "resnet26" and r["target"] != profile.source]
+    assert resnet and all(r["params"]["model"]["weights"] == str(weights) for r in resnet)
+    assert done["resnet26/source.json"]["params"]["model"]["weights"] == "none"
+
+    # The document's tables are exactly what the result files give.
+    text = (work / "results.md").read_text()
+    tables = text.split(bench.BEGIN, 1)[1].split(bench.END, 1)[0].strip("\n")
+    assert tables == bench.report_markdown(done, profile, work).strip("\n")
+    for method in profile.suites["lite0"].methods:
+        assert f"| {method} |" in tables
+    assert (work / "results-routing-lite0.png").stat().st_size > 1000
+
+
+def test_paired_difference_refuses_different_test_images():
+    bench = _bench()
+    a = {"seed": 0, "key": "a", "test_labels_sha256": "x", "test": {"images": 8}, "test_correct_bits": "/w=="}
+    b = {**a, "key": "b", "test_labels_sha256": "y"}
+    with pytest.raises(ValueError, match="different images"):
+        bench.paired_difference([a], [b])
+    same = bench.paired_difference([a], [{**a, "test_correct_bits": "AA=="}])  # all right -> all wrong
+    assert same["difference"] == -1.0 and same["losses"] == 1
+
+
+def test_written_tables_keep_the_hand_written_reading(tmp_path):
+    bench = _bench()
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\n\nreading before\n\n{bench.BEGIN}\nold\n{bench.END}\n\nreading after\n")
+    bench.write_report(doc, "new tables")
+    assert doc.read_text() == f"# Results\n\nreading before\n\n{bench.BEGIN}\nnew tables\n{bench.END}\n\nreading after\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +98,14 @@ def train_one_epoch(
     epoch: int,
     max_steps: int | None = None,
     progress: bool = True,
+    forward: Callable[[torch.Tensor], Any] | None = None,
 ) -> dict[str, Any]:
-    """One pass over `loader`; returns mean loss, accuracy, images/s and routing statistics."""
+    """One pass over `loader`; returns mean loss, accuracy, images/s and routing statistics.
+
+    `forward` is what computes the outputs when it is not `model` itself: its DistributedDataParallel
+    wrapper under torchrun (the regularisers and the epoch's temperature still come from `model`).
+    """
+    forward = model if forward is None else forward
     model.train()
     model.set_epoch(epoch)
     stats = RunningStats()
@@ -110,7 +116,7 @@ def train_one_epoch(
             break
         images, labels = setup.images(images), labels.to(setup.device, non_blocking=True)
         with setup.autocast():
-            out = model(images)
+            out = forward(images)
             loss = F.cross_entropy(out.logits.float(), labels)
             extra = model.regularization(out)
             total_loss = loss if extra is None else loss + extra

@@ -21,6 +21,7 @@ import torch
 
 from spottune.config import OptimParams, Params, RuntimeSettings, validate_params
 from spottune.data.loaders import build_datasets, make_loader
+from spottune.distributed import Distributed
 from spottune.engine import (
     DeviceSetup, atomic_write, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state, train_one_epoch,
 )
@@ -79,23 +80,34 @@ def fit(
     machine); the run is then unfinished (returns None) and `resume=True` continues it.
     """
     run = RunDir(out_dir)
+    dist = Distributed.from_env()
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if not resume and any(p.exists() for p in run.outputs()):
         if not overwrite:
             raise ConfigError(f"{run.root} already holds a run: pass --resume to continue it or --overwrite to replace it")
-        for p in run.outputs():
-            p.unlink(missing_ok=True)
+        if dist.is_main:
+            for p in run.outputs():
+                p.unlink(missing_ok=True)
 
     seed_everything(params.optim.seed)
-    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
+    setup = DeviceSetup.resolve(dist.device_name(runtime.device), params.optim.amp, params.optim.channels_last)
+    dist.start(setup.device)
+    log = log if dist.is_main else (lambda _: None)
     mean, std = input_normalization(params.model.backbone)
     splits = build_datasets(params.data, mean, std, params.optim.seed)
     num_classes = len(splits.classes)
     loader_gen = torch.Generator().manual_seed(params.optim.seed)
     pin = setup.device.type == "cuda"
-    train_loader = make_loader(splits.train, params.data.batch_size, shuffle=True, num_workers=params.data.num_workers,
-                               generator=loader_gen, pin_memory=pin, drop_last=len(splits.train) > params.data.batch_size)
+    sampler = None
+    if dist.enabled:  # each rank its own shard of every epoch; the order depends on the seed and epoch only
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(splits.train, dist.world_size, dist.rank, shuffle=True, seed=params.optim.seed,
+                                     drop_last=True)
+    train_loader = make_loader(splits.train, params.data.batch_size, shuffle=sampler is None,
+                               num_workers=params.data.num_workers, generator=loader_gen, pin_memory=pin,
+                               drop_last=len(splits.train) > params.data.batch_size * dist.world_size, sampler=sampler)
     eval_loader = lambda ds: make_loader(ds, params.data.eval_batch_size, shuffle=False,  # noqa: E731
                                          num_workers=params.data.num_workers, generator=torch.Generator(), pin_memory=pin)
 
@@ -117,37 +129,49 @@ def fit(
         set_rng_state(ckpt["rng"], loader_gen)
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         log(f"resuming {run.root} after epoch {ckpt['epoch']}")
+    forward = dist.wrap(model, setup.device)
 
     log(f"{params.model.method} on {params.model.backbone}: {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test images, {num_classes} classes, device {setup.device}")
+        f"{len(splits.test)} test images, {num_classes} classes, device {setup.device}"
+        + (f" x {dist.world_size} processes" if dist.enabled else ""))
     end_epoch = params.optim.epochs if stop_after_epochs is None else min(params.optim.epochs, start_epoch + stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch,
-                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress)
-        val_stats = evaluate(model, eval_loader(splits.val), setup, num_classes) if len(splits.val) else {}
+        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch, forward=forward,
+                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress and dist.is_main)
+        train_stats["images_per_s"] *= dist.world_size  # every rank trains as many images as this one
         scheduler.step()
-        history.append({"epoch": epoch, "lr": lrs, "train": train_stats, "val": val_stats})
-        log(f"epoch {epoch}: train loss {train_stats['loss']:.4f} acc {train_stats['accuracy']:.4f} "
-            f"({train_stats['images_per_s']:.0f} img/s)" + (f", val acc {val_stats['accuracy']:.4f}" if val_stats else ""))
-        save_checkpoint(run.checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "rng": rng_state(loader_gen), "history": history, "params": params_json,
-        })
+        if dist.is_main:
+            val_stats = evaluate(model, eval_loader(splits.val), setup, num_classes) if len(splits.val) else {}
+            history.append({"epoch": epoch, "lr": lrs, "train": train_stats, "val": val_stats})
+            log(f"epoch {epoch}: train loss {train_stats['loss']:.4f} acc {train_stats['accuracy']:.4f} "
+                f"({train_stats['images_per_s']:.0f} img/s)" + (f", val acc {val_stats['accuracy']:.4f}" if val_stats else ""))
+            save_checkpoint(run.checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "rng": rng_state(loader_gen), "history": history, "params": params_json,
+            })
+        dist.barrier()
 
     if end_epoch < params.optim.epochs:
         log(f"stopped after epoch {end_epoch - 1} of {params.optim.epochs}: continue with --resume")
+    if end_epoch < params.optim.epochs or not dist.is_main:
+        dist.stop()
         return None
     test_stats = evaluate(model, eval_loader(splits.test), setup, num_classes, progress=runtime.progress)
     metrics = {
         "method": params.model.method, "backbone": params.model.backbone, "classes": splits.classes,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
+        "processes": dist.world_size,
         "test": test_stats, "history": history,
-        "train_images_per_s": sum(h["train"]["images"] for h in history) / max(sum(h["train"]["seconds"] for h in history), 1e-9),
+        "train_images_per_s": dist.world_size * sum(h["train"]["images"] for h in history)
+        / max(sum(h["train"]["seconds"] for h in history), 1e-9),
     }
     save_model(model, params, splits.classes, run)
     write_json(run.metrics, metrics)
     log(f"test accuracy {test_stats['accuracy']:.4f} -> {run.root}")
+    dist.stop()
     return metrics
 
 

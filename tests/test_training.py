@@ -142,3 +142,31 @@ def test_exported_backbone_is_the_trained_network(digits_root, tiny_params, runt
     with pytest.raises(ConfigError, match="export a finetune"):
         export_backbone(tmp_path / "spottune", tmp_path / "nope.safetensors")
     assert not (tmp_path / "nope.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_trains_data_parallel_with_one_writer(digits_root, tmp_path):
+    """Two processes under torchrun (gloo on CPU; NCCL on GPUs): one set of files, written by rank 0,
+    and a model that learnt from both shards."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "spottune.cli", "train", "--method", "linear",
+           "--out", str(tmp_path / "run"), "--params", str(Path(__file__).resolve().parent.parent / "params.yaml")]
+    for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", "optim.epochs=2",
+                 "optim.max_steps_per_epoch=5"):
+        cmd += ["--set", pair]
+    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("test accuracy") == 1, "only rank 0 reports"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert [h["train"]["images"] for h in metrics["history"]] == [80, 80]  # rank 0's shard: 5 steps of 16
+    assert metrics["test"]["accuracy"] > 0.3, metrics["test"]["accuracy"]  # 10 classes: chance is 0.1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]

@@ -145,12 +145,12 @@ def _same_classes(expected: list[str], found: list[str], where: Path) -> None:
 
 def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool, num_workers: int, generator: torch.Generator | None = None,
-    pin_memory: bool = False, drop_last: bool = False,
+    pin_memory: bool = False, drop_last: bool = False, sampler=None,
 ) -> DataLoader:
     """A DataLoader whose order depends only on `generator` (saved in checkpoints for exact resume)."""
     if len(dataset) == 0:
         raise DataError("empty dataset: no images to load")
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
-        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=False,
+        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=False, sampler=sampler,
     )

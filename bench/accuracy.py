@@ -97,11 +97,11 @@ STUDY = {
 
 def full_profile() -> Profile:
     targets = {
-        "mnist-100": Target("mnist", 100, None, 30),
-        "mnist-1000": Target("mnist", 1000, None, 8),
-        "fashion-100": Target("fashion-mnist", 100, None, 30),
-        "fashion-1000": Target("fashion-mnist", 1000, None, 8),
-        "digits": Target("digits", None, None, 30),
+        "mnist-100": Target("mnist", 100, None, 20),
+        "mnist-1000": Target("mnist", 1000, None, 6),
+        "fashion-100": Target("fashion-mnist", 100, None, 20),
+        "fashion-1000": Target("fashion-mnist", 1000, None, 6),
+        "digits": Target("digits", None, None, 20),
         "fashion-source": Target("fashion-mnist", 2000, 100, 15),
     }
     grid = (0.3, 1.0, 3.0)

@@ -13,8 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+from urllib.parse import urlsplit
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spottune.errors import ConfigError
@@ -27,8 +30,35 @@ BACKBONES: tuple[str, ...] = Backbone.__args__
 METHODS: tuple[str, ...] = Method.__args__
 
 
+def _no_nul_in_paths(value: Any) -> Any:
+    """A NUL byte passes pydantic's Path type but makes every later open() fail with a bare ValueError."""
+    if isinstance(value, Path) and "\x00" in str(value):
+        raise ValueError("path contains a NUL byte")
+    return value
+
+
+def refuse_url_credentials(url: str | None) -> str | None:
+    """Endpoints carry no credentials: boto3 ignores user:password@ in a URL, and the URL is logged.
+
+    Credentials come from boto3's standard chain only (AWS_* variables, a profile, an instance role),
+    so a secret typed into an endpoint is refused instead of being written to .dvc/config.local, logs
+    and error messages. The message does not repeat the URL.
+    """
+    if url is not None and urlsplit(url).username is not None:
+        raise ValueError("credentials in the URL (user:password@) are not allowed and not used: give them through "
+                         "boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)")
+    return url
+
+
+def redact_url_credentials(text: str) -> str:
+    """'http://user:secret@host' -> 'http://***@host' anywhere in text: messages never echo a secret."""
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@", r"\1***@", text)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    _paths_without_nul = field_validator("*")(_no_nul_in_paths)
 
 
 class DataParams(_Section):
@@ -60,11 +90,19 @@ class ModelParams(_Section):
 
     @model_validator(mode="after")
     def _weights_exist(self) -> ModelParams:
-        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
-            raise ValueError(f"weights file not found: {self.weights!r} (or use 'imagenet' / 'none')")
+        if self.weights not in ("imagenet", "none") and not _is_file(self.weights):
+            raise ValueError(f"weights file not found: {_shown(self.weights)} (or use 'imagenet' / 'none')")
         if self.backbone == "resnet26" and self.weights == "imagenet":
             raise ValueError("resnet26 has no published ImageNet weights: use 'none' or a local weights file")
         return self
+
+
+def _is_file(path: str) -> bool:
+    """Path.is_file that answers False (not OSError/ValueError) for names too long or holding a NUL byte."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 class PolicyParams(_Section):
@@ -144,6 +182,8 @@ class RemoteParams(_Section):
                                      description="S3-compatible endpoint; None: AWS (env SPOTTUNE_REMOTE_ENDPOINT_URL overrides)")
     region: str | None = None
 
+    _no_credentials = field_validator("url", "endpoint_url")(refuse_url_credentials)
+
 
 class Params(_Section):
     """Everything the pipeline depends on; training reads data/model/policy/optim.
@@ -209,20 +249,49 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = printable(key)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+        got = "" if e["type"] == "missing" else f" (got {_shown(e.get('input'))})"
         lines.append(f"  {key}: {msg}{got}")
     return "\n".join(lines)
+
+
+def printable(key: str) -> str:
+    """A key as it appears in a message: control characters escaped, so one key is always one line."""
+    return key if key.isprintable() else key.encode("unicode_escape").decode()
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """The offending value for a message: repr, credentials in URLs redacted, cut to `limit` characters."""
+    text = redact_url_credentials(repr(value))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def parse_override(pair: str) -> tuple[str, Any]:
     """'optim.epochs=2' -> ('optim.epochs', 2): the value parses as YAML, as on DVC's command line."""
     key, sep, raw = pair.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {pair!r} is not KEY=VALUE (for example optim.epochs=2)")
-    return key, yaml.safe_load(raw)
+        raise ConfigError(f"override {_shown(pair)} is not KEY=VALUE (for example optim.epochs=2)")
+    try:
+        return key, safe_yaml(raw)
+    except ValueError as e:
+        raise ConfigError(f"override {printable(key)}: value {_shown(raw)} is not valid YAML ({e})") from None
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load, with every way it fails as one ValueError.
+
+    PyYAML's constructors raise plain ValueError/KeyError/TypeError for well-formed YAML with bad
+    content ('2001-13-45' is a timestamp with month 13; '!!int x', '!!bool x'), not only YAMLError.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(getattr(e, "problem", None) or str(e).splitlines()[0]) from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -235,7 +304,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {pair!r}: {p!r} is not a section")
+                raise ConfigError(f"override {_shown(pair)}: {p!r} is not a section")
         node[leaf] = value
     return nested
 
@@ -254,10 +323,14 @@ def load_params(path: Path | None, overrides: list[str] | None = None) -> Params
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError(f"params file not found: {path}") from None
-        except yaml.YAMLError as e:
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"params file {path} is unreadable: {e}") from None
+        try:
+            loaded = safe_yaml(text)
+        except ValueError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
@@ -297,6 +370,8 @@ class StoreSettings(BaseSettings):
     s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode, backoff)")
     s3_connect_timeout_s: float = Field(5.0, gt=0)
     s3_read_timeout_s: float = Field(60.0, gt=0)
+
+    _no_credentials = field_validator("s3_endpoint_url")(refuse_url_credentials)
 
     @model_validator(mode="after")
     def _bucket_for_s3(self) -> StoreSettings:

@@ -278,8 +278,8 @@ class S3Backend:
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectMissing(f"{where} does not exist")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
-                return StoreError(f"cannot {action} {where}: access denied ({code}); check the credentials "
-                                  "in boto3's standard chain and the bucket policy")
+                return StoreError(f"cannot {action} {where}: access denied ({code}) at {self.endpoint}; check the "
+                                  "credentials in boto3's standard chain and the bucket policy")
             return StoreError(f"cannot {action} {where}: {code or status}: {e.response.get('Error', {}).get('Message', '')}")
         if isinstance(e, S3UploadFailedError):
             return StoreError(f"cannot {action} {where}: {e}")

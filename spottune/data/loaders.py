@@ -14,17 +14,28 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from spottune.config import DataParams
-from spottune.data.manifest import IMAGE_EXTENSIONS, read_manifest
+from spottune.data.manifest import IMAGE_EXTENSIONS, outside_links, read_manifest
 from spottune.errors import DataError
 
 
 def load_rgb(path: str):
-    """Open an image as RGB; a file that does not decode raises DataError naming it."""
+    """Open an image as RGB; a file that does not decode raises DataError naming it.
+
+    Images over Pillow's pixel limit (Image.MAX_IMAGE_PIXELS, about 89 Mpx) are refused from their
+    header, before any decoding: Pillow itself only warns up to twice that and raises a non-OSError
+    above it, so a decompression bomb would otherwise exhaust memory or crash with a traceback.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > Image.MAX_IMAGE_PIXELS:
+                raise DataError(f"refused image {path}: {width}x{height} pixels exceeds the limit of "
+                                f"{Image.MAX_IMAGE_PIXELS} (a decompression bomb?)")
             return img.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise DataError(f"refused image {path}: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(f"cannot decode image {path}: {e}") from None
 
@@ -48,15 +59,25 @@ class DataSplits:
     classes: list[str]
 
 
-def _image_folder(path: Path, transform):
+def _image_folder(path: Path, transform, tree: Path):
     from torchvision.datasets import ImageFolder
 
     if not path.is_dir():
         raise DataError(f"data directory not found: {path}")
     try:
-        return ImageFolder(str(path), transform=transform, loader=load_rgb, is_valid_file=_is_image)
+        folder = ImageFolder(str(path), transform=transform, loader=load_rgb, is_valid_file=_is_image)
     except FileNotFoundError as e:  # no class folders, or a class folder with no image
         raise DataError(f"{path}: {e}") from None
+    _refuse_outside(tree, [Path(p) for p, _ in folder.samples])
+    return folder
+
+
+def _refuse_outside(root: Path, files: list[Path]) -> None:
+    """DataError naming every file that resolves outside `root` (a symlink or '..' path out of the tree)."""
+    escaping = outside_links(root, files)
+    if escaping:
+        raise DataError(f"{root}: {len(escaping)} image(s) lead outside the data directory (symlinks or '..' "
+                        f"paths; copy the files into it): {', '.join(escaping[:20])}")
 
 
 def _is_image(path: str) -> bool:
@@ -104,6 +125,7 @@ def _manifest_datasets(data: DataParams, train_tf, eval_tf) -> DataSplits:
     root = Path(data.root)
     if not root.is_dir():
         raise DataError(f"data.root: directory not found: {root} (the manifest's paths are relative to it)")
+    _refuse_outside(root, [root / r.path for r in rows])
     return DataSplits(
         ManifestDataset(root, by_split["train"], train_tf),
         ManifestDataset(root, by_split["val"], eval_tf),
@@ -123,14 +145,14 @@ def build_datasets(data: DataParams, mean, std, seed: int) -> DataSplits:
         raise DataError(f"data.root: directory not found: {root} (materialise one with `spottune data`)")
     train_tf = build_transform(data.image_size, mean, std, train=True, augment=data.augment)
     eval_tf = build_transform(data.image_size, mean, std, train=False, augment=False)
-    train = _image_folder(root / "train", train_tf)
-    test = _image_folder(root / "test", eval_tf)
+    train = _image_folder(root / "train", train_tf, root)
+    test = _image_folder(root / "test", eval_tf, root)
     if (root / "val").is_dir():
-        val = _image_folder(root / "val", eval_tf)
+        val = _image_folder(root / "val", eval_tf, root)
         _same_classes(train.classes, val.classes, root / "val")
     else:
         keep, held = stratified_split(train.targets, data.val_fraction, seed)
-        val = Subset(_image_folder(root / "train", eval_tf), held)
+        val = Subset(_image_folder(root / "train", eval_tf, root), held)
         train = Subset(train, keep)
     classes = train.dataset.classes if isinstance(train, Subset) else train.classes
     _same_classes(classes, test.classes, root / "test")

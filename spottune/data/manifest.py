@@ -42,12 +42,35 @@ class ManifestRow:
     sha256: str
 
 
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, with every symlink resolved, lies under `root` (itself resolved).
+
+    The data tree is what DVC versions and `validate` checks: a symlink that leads out of it would
+    feed training bytes that are neither versioned nor validated (or any readable file on the
+    machine). Links that stay inside the tree are fine: they resolve to versioned, checked files.
+    """
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def outside_links(root: Path, paths: list[Path]) -> list[str]:
+    """The paths (relative to root, as given) that resolve outside `root`, with their targets."""
+    root = Path(root)
+    return [f"{p.relative_to(root).as_posix() if p.is_relative_to(root) else p} -> {p.resolve()}"
+            for p in paths if not inside(root, p)]
+
+
 def scan_tree(root: Path) -> list[tuple[str, str, str | None]]:
     """(relative path, label, split or None) of every image file under `root`, sorted.
 
     Two layouts: split folders holding class folders (ROOT/train/CLASS/x.png), or class folders
     alone (ROOT/CLASS/x.png: one pool that `assign_splits` divides). Files outside a class folder
-    (a dataset card, a README) are not images of any class and are skipped.
+    (a dataset card, a README) and files without an image extension (notes.txt, labels.csv) are not
+    images of any class and are skipped. A symlink that resolves outside `root` is refused
+    (DataError naming it): its bytes would escape versioning and validation.
     """
     root = Path(root)
     if not root.is_dir():
@@ -62,6 +85,10 @@ def scan_tree(root: Path) -> list[tuple[str, str, str | None]]:
                     found.append((f.relative_to(root).as_posix(), class_dir.name, split))
     if not found:
         raise DataError(f"{root}: no image files in class folders (expected ROOT/train/CLASS/*.png or ROOT/CLASS/*.png)")
+    escaping = outside_links(root, [root / rel for rel, _, _ in found])
+    if escaping:
+        raise DataError(f"{root}: {len(escaping)} file(s) are symlinks that lead outside the data directory "
+                        f"(copy them into it instead): {', '.join(escaping[:20])}")
     return sorted(found)
 
 

@@ -37,8 +37,13 @@ FASHION_MNIST_FILES = (
 
 
 def safe_class_name(name: str) -> str:
-    """A directory name for a class: 'T-shirt/top' -> 't-shirt_top'."""
-    cleaned = re.sub(r"[^a-z0-9._-]+", "_", name.strip().lower()).strip("._")
+    """A directory name for a class: 'T-shirt/top' -> 't-shirt_top'.
+
+    Only [a-z0-9._-], never starting or ending with '.', '_' or '-': no name is '..', hidden, or
+    read as an option by a command line (`-rf`), and every label survives CSV, YAML and shells
+    unquoted. Names with nothing usable left (all punctuation, or all non-ASCII) are refused.
+    """
+    cleaned = re.sub(r"[^a-z0-9._-]+", "_", name.strip().lower()).strip("._-")
     if not cleaned:
         raise DataError(f"class name {name!r} has no usable characters for a directory name")
     return cleaned
@@ -166,14 +171,17 @@ def _copy_folder(source: str, parts: list[tuple[str, Path]], out: Path, train_pe
     counts: dict[str, int] = {}
     classes: set[str] = set()
     rng = np.random.default_rng(seed)
+    _refuse_escaping_links(source, [folder for _, folder in parts])
     for split, folder in parts:
         limit = test_per_class if split == "test" else train_per_class
         n = 0
-        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+        safe = _safe_names(folder, [names.get(d.name, d.name) for d in class_dirs])
+        for class_dir in class_dirs:
             files = sorted(f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             if limit is not None and len(files) > limit:
                 files = [files[i] for i in sorted(rng.permutation(len(files))[:limit])]
-            name = safe_class_name(names.get(class_dir.name, class_dir.name))
+            name = safe[names.get(class_dir.name, class_dir.name)]
             classes.add(name)
             for f in files:
                 dest = staging / split / name / f.relative_to(class_dir)
@@ -188,6 +196,43 @@ def _copy_folder(source: str, parts: list[tuple[str, Path]], out: Path, train_pe
     _write_card(staging, source, sorted(classes), counts, seed, train_per_class, test_per_class)
     _publish(staging, out)
     return counts
+
+
+def _safe_names(folder: Path, labels: list[str]) -> dict[str, str]:
+    """label -> safe_class_name(label); DataError when two labels of one folder would merge into one class."""
+    safe: dict[str, str] = {}
+    for label in labels:
+        try:
+            safe[label] = safe_class_name(label)
+        except DataError as e:
+            raise DataError(f"{folder}: class folder {label!r}: {e}: rename it") from None
+    by_safe: dict[str, list[str]] = {}
+    for label, name in safe.items():
+        by_safe.setdefault(name, []).append(label)
+    merged = {name: sorted(labels) for name, labels in by_safe.items() if len(labels) > 1}
+    if merged:
+        raise DataError(f"{folder}: class folders {', '.join(f'{v} -> {k!r}' for k, v in sorted(merged.items()))} "
+                        "would merge into one class once made safe for directories: rename them")
+    return safe
+
+
+def _refuse_escaping_links(source: str, folders: list[Path]) -> None:
+    """Refuse a source whose class folders hold symlinks that lead outside the source directory.
+
+    A copy follows links, so such a link would import bytes from anywhere on the machine (another
+    dataset, a private file) into the versioned tree; links that stay inside the source are copied
+    as the files they point to.
+    """
+    from spottune.data.manifest import IMAGE_EXTENSIONS, outside_links
+
+    first = Path(folders[0])
+    root = first if first == Path(source) else first.parent  # class folders alone, or split folders
+    candidates = [f for folder in folders for d in Path(folder).iterdir() if d.is_dir()
+                  for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    escaping = outside_links(root, candidates)
+    if escaping:
+        raise DataError(f"{source}: {len(escaping)} file(s) are symlinks that lead outside {root} "
+                        f"(copy them into it, or remove them): {', '.join(escaping[:20])}")
 
 
 Split = tuple[np.ndarray, np.ndarray, Sequence[str]]  # images (N, H, W[, C]) uint8, labels (N,), class names

@@ -57,18 +57,23 @@ class ValidationReport:
         return "\n  ".join([head, *(f.line() for f in self.failures)])
 
 
-IMAGE_CHECKS = ("file_exists", "file_not_empty", "pixels_within_limit", "file_decodes")
+IMAGE_CHECKS = ("file_exists", "file_inside_root", "file_not_empty", "pixels_within_limit", "file_decodes")
 
 
 def check_images(root: Path, rows: list[ManifestRow], max_pixels: int) -> dict[str, list[str]]:
     """{check: [failing paths]}: what only opening the file can tell. Big files are never decoded."""
     from PIL import Image
 
+    from spottune.data.manifest import inside
+
     bad: dict[str, list[str]] = {c: [] for c in IMAGE_CHECKS}
     for r in rows:
         f = Path(root) / r.path
         if not f.is_file():
             bad["file_exists"].append(r.path)
+            continue
+        if not inside(root, f):  # a symlink (or a '..' path) out of the tree: never opened
+            bad["file_inside_root"].append(f"{r.path} -> {f.resolve()}")
             continue
         if f.stat().st_size == 0:
             bad["file_not_empty"].append(r.path)

@@ -57,6 +57,16 @@ def configure_remote(remote: RemoteSettings, repo: Path) -> bool:
     return True
 
 
+def describe_remote(remote: RemoteSettings) -> str:
+    """'DVC remote 'storage' s3://bucket/prefix at http://host:port' for messages: where, never who."""
+    from spottune.config import redact_url_credentials
+
+    if remote.url is None:
+        return "the default DVC remote of .dvc/config"
+    where = f"DVC remote {remote.name!r} {remote.url} at {remote.endpoint_url or 'AWS S3'}"
+    return redact_url_credentials(where)
+
+
 def has_default_remote(repo: Path) -> bool:
     r = dvc("config", "core.remote", cwd=repo, check=False)
     return r.returncode == 0 and bool(r.stdout.strip())
@@ -79,6 +89,9 @@ def version_data(path: Path, remote: RemoteSettings, *, push: bool | None = None
     if push and not remote_ok:
         raise ConfigError("--push needs a remote: set remote.url in params.yaml or SPOTTUNE_REMOTE_URL")
     if push is not False and remote_ok:
-        dvc("push", f"{target.name}.dvc", cwd=repo)
+        try:
+            dvc("push", f"{target.name}.dvc", cwd=repo)
+        except DataError as e:  # DVC's own message may name neither the bucket nor the endpoint
+            raise DataError(f"cannot push {target.name}/ to {describe_remote(remote)}: {e}") from None
         log(f"pushed {target.name}/ to the default DVC remote")
     return repo / f"{target.name}.dvc"

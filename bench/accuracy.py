@@ -280,7 +280,7 @@ def load_done(results: Path) -> dict[str, dict]:
 
 
 def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus: int, jobs_per_gpu: int,
-            only: dict[str, set[str] | None], log=print) -> dict[str, dict]:
+            only: dict[str, set[str] | None], device: str = "cuda", log=print) -> dict[str, dict]:
     """Schedule every ready job on a pool of processes (GPUs x jobs per GPU, or one inline on CPU)."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -306,7 +306,7 @@ def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus
         while True:
             for job in ready_jobs(profile, data_dir, results, done, base_lrs, only):
                 if job.key not in {j.key for j in running.values()}:
-                    running[pool.submit(run_job, job, results, work, "cuda")] = job
+                    running[pool.submit(run_job, job, results, work, device)] = job
             if not running:
                 return done
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("bench-work"), help="run folders while they train")
     parser.add_argument("--doc", type=Path, default=RESULTS_DOC)
     parser.add_argument("--gpus", type=int, default=None, help="default: every visible GPU (0: inline on CPU)")
-    parser.add_argument("--jobs-per-gpu", type=int, default=3)
+    parser.add_argument("--jobs-per-gpu", type=int, default=3, help="runs sharing one GPU at a time")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu to spread runs over processes without a GPU")
     parser.add_argument("--workers", type=int, default=3, help="data-loading processes per run")
     parser.add_argument("--suites", nargs="*")
     parser.add_argument("--targets", nargs="*")
@@ -526,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         only = {"suites": set(args.suites or []) or None, "targets": set(args.targets or []) or None,
                 "methods": set(args.methods or []) or None}
         started = time.perf_counter()
-        run_all(profile, args.data_dir, args.results, args.work, gpus=gpus, jobs_per_gpu=args.jobs_per_gpu, only=only)
+        run_all(profile, args.data_dir, args.results, args.work, gpus=gpus, jobs_per_gpu=args.jobs_per_gpu, only=only,
+                device=args.device)
         print(f"all runs done in {time.perf_counter() - started:.0f} s wall on {gpus} GPU(s)")
     else:
         write_report(args.doc, report_markdown(load_done(args.results), profile, args.doc.parent))

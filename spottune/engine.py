@@ -6,8 +6,10 @@ name, fsync, rename) and read with `torch.load(weights_only=True)`: no code runs
 
 from __future__ import annotations
 
+import glob
 import os
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -197,16 +199,58 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
         loader_generator.set_state(state["loader"])
 
 
+def _temporary_prefix(path: Path) -> str:
+    """Temporary names carry host and pid, so a later writer can tell which ones were left by a dead process."""
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete temporary files of `path` left by writers on this host that were killed mid-write (kill -9, OOM).
+
+    Why: a killed writer cannot clean up, and a checkpoint-sized leftover per preemption would fill
+    the disk. Only this host's files of processes that no longer run are touched: a live writer's
+    file, or one from another host sharing the folder, is left alone.
+    """
+    prefix = _temporary_prefix(path)
+    removed = []
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one."""
+    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one.
+
+    A writer killed at any point leaves `path` as it was (its temporary file is removed by the next
+    write); the directory is fsynced after the rename so the new name also survives a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
 

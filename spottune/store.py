@@ -238,7 +238,8 @@ class S3Backend:
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         config = Config(
             region_name=settings.s3_region,
-            retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first request; botocore's max_attempts would count retries only.
+            retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
             connect_timeout=settings.s3_connect_timeout_s,
             read_timeout=settings.s3_read_timeout_s,
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
@@ -723,25 +724,42 @@ class ArtifactStore:
             new = update(current)
             if new is None:
                 assert current is not None
+                self._audit(name, current)  # a retry after an outage between pointer and audit record
                 return current
+            now = datetime.now(timezone.utc)
             new = {"format": STORE_FORMAT, "name": name, **new, "action": action,
-                   "by": actor or default_actor(), "at": _now(), "reason": reason}
+                   "previous_version": current["version"] if current else None,
+                   "by": actor or default_actor(), "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "reason": reason,
+                   "audit_id": f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex}"}
             try:
                 self.backend.put_bytes(key, _dump(new), if_match=tag, if_absent=tag is None)
             except WriteConflict:
                 continue
-            self._audit(name, {"action": action, "name": name, "version": new["version"],
-                               "manifest_sha256": new["manifest_sha256"],
-                               "previous_version": current["version"] if current else None,
-                               "by": new["by"], "at": new["at"], "reason": reason})
+            self._audit(name, new)
             return new
         raise WriteConflict(f"{self.backend.url(key)} kept changing: gave up after {CAS_ATTEMPTS} attempts")
 
-    def _audit(self, name: str, record: dict[str, Any]) -> None:
-        """Append one audit object; a unique key per record, created only if absent, so none is ever overwritten."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        key = self.model_key(name, "audit", f"{stamp}-{uuid.uuid4().hex}.json")
-        self.backend.put_bytes(key, _dump({"format": STORE_FORMAT, **record}), if_absent=True)
+    def _audit(self, name: str, pointer: dict[str, Any]) -> None:
+        """Write the audit record of a pointer unless it is there: one object per pointer, never overwritten.
+
+        Why keyed by the pointer's audit_id (UTC timestamp, then a uuid): the pointer is written
+        first, so an outage between the two writes leaves a production version without its record.
+        The retry (promoting the same version again) finds the pointer unchanged and writes the
+        missing record under the same key; create-only, so a record never appears twice.
+        Pointers written before audit ids existed got their record with them and are skipped.
+        """
+        audit_id = pointer.get("audit_id")
+        if audit_id is None:
+            return
+        key = self.model_key(name, "audit", f"{_check_name('audit id', str(audit_id))}.json")
+        record = {"format": STORE_FORMAT, "action": pointer.get("action"), "name": name,
+                  "version": pointer["version"], "manifest_sha256": pointer.get("manifest_sha256"),
+                  "previous_version": pointer.get("previous_version"), "by": pointer.get("by"),
+                  "at": pointer.get("at"), "reason": pointer.get("reason", "")}
+        try:
+            self.backend.put_bytes(key, _dump(record), if_absent=True)
+        except WriteConflict:
+            pass  # recorded already (by the first attempt, or by a request the outage delayed)
 
     def audit_trail(self, name: str) -> list[dict[str, Any]]:
         """Every promotion and rollback of NAME, oldest first (by key: UTC timestamp, then uuid)."""

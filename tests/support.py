@@ -25,8 +25,9 @@ def free_port() -> int:
 class MotoServer:
     """`python -m moto.server` as a child process on a free loopback port (real HTTP; can be paused)."""
 
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
+    def __init__(self, log: Path, port: int | None = None) -> None:
+        """port: restart a server on the address of one that was stopped or killed."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -51,6 +52,33 @@ class MotoServer:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed host: connections are refused at once, and everything moto held is lost."""
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+
+def snapshot_bucket(url: str, bucket: str) -> dict[str, bytes]:
+    """Every object of a bucket, read through a client of its own (not the code under test)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def restore_bucket(url: str, bucket: str, objects: dict[str, bytes]) -> None:
+    """Create the bucket on a fresh (in-memory) moto server and put a snapshot back, as durable storage keeps it."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for key, data in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def new_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:

@@ -337,3 +337,81 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
     assert params["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "gate.json").read_text())
     assert gate["passed"] and gate["details"]["margin"] == -0.5
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Ctrl-C, as a user stops it; killed if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefect_api, project, local_store,
+                                                                  tmp_path):
+    """The work-pool route of the README, command for command: `make deploy`'s two commands, `prefect
+    worker start --pool spottune-cpu` as a real process, `prefect deployment run retrain/weekly -p ...`.
+    The worker's flow run retrains nothing (same training overrides as the other tests: CI time) but
+    another gate margin makes a new version, which it promotes."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:  # retrain/weekly of the tests above, served or deployed
+        try:
+            client.delete_deployment(read_deployment("retrain/weekly").id)
+        except ObjectNotFound:
+            pass
+    store = open_local(local_store)
+    before = store.production(NAME)["version"]
+
+    # make deploy: the pool unless it exists, then prefect.yaml's deployments
+    if subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", "spottune-cpu"], cwd=project,
+                      env=_env(PREFECT_API_URL=prefect_api), capture_output=True).returncode != 0:
+        prefect_cli("work-pool", "create", "spottune-cpu", "--type", "process", cwd=project, api=prefect_api)
+    prefect_cli("--no-prompt", "deploy", "--all", cwd=project, api=prefect_api, SPOTTUNE_PROJECT_DIR=str(project))
+    deployment = read_deployment("retrain/weekly")
+    assert deployment.work_pool_name == "spottune-cpu"
+
+    log_path = tmp_path / "worker.log"
+    log = open(log_path, "wb")
+    # the worker asks for scheduled runs every second instead of every 10 (CI time) and logs at INFO (the
+    # runs it submits); nothing else differs
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "spottune-cpu"], cwd=project,
+                              env=_env(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
+                                       PREFECT_LOGGING_LEVEL="INFO"),
+                              stdout=log, stderr=subprocess.STDOUT)
+    started = time.monotonic()
+    try:
+        overrides = {**TRAINING, "gate.margin": -0.25}
+        out = prefect_cli("deployment", "run", "retrain/weekly", "-p", f"overrides={json.dumps(overrides)}",
+                          cwd=project, api=prefect_api).stdout
+        run_id = uuid.UUID(out.split("UUID:")[1].split()[0])
+        deadline = time.monotonic() + 300
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    break
+                assert worker.poll() is None, f"the worker exited:\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, (run.state, log_path.read_text()[-3000:])
+                time.sleep(1)
+        assert run.state.is_completed(), (run.state, log_path.read_text()[-3000:])
+    finally:
+        stop(worker)
+        log.close()
+    print(f"worker started, run triggered and completed in {time.monotonic() - started:.0f} s")
+    # the worker, not this process, ran it: the pool's run, which the worker's log says it submitted
+    assert run.deployment_id == deployment.id and run.work_pool_name == "spottune-cpu"
+    assert run.parameters["overrides"] == overrides
+    assert f"submitting flow run '{run_id}'" in log_path.read_text(), log_path.read_text()[-3000:]
+    pointer = store.production(NAME)
+    assert pointer["version"] != before and pointer["history"][-1]["version"] == before
+    version_dir = local_store / "models" / NAME / "versions" / pointer["version"]
+    assert json.loads((version_dir / "params.json").read_text())["optim"]["max_steps_per_epoch"] == 1
+    gate = json.loads((version_dir / "gate.json").read_text())
+    assert gate["passed"] and gate["details"]["margin"] == -0.25
+    store.verify_version(NAME, pointer["version"])

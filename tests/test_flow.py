@@ -3,7 +3,8 @@ pipeline, Prefect's test server, the local store and a moto S3 server process on
 
 One tiny training (12 train / 6 test images per class, 32 px, 1 step per epoch) is shared by the
 tests: later runs pass the same training overrides, so DVC reruns nothing and only the gate,
-report, publish and promote steps differ. The deployment test trains once more, through Prefect.
+report, publish and promote steps differ; so do the runs that Prefect starts through a deployment
+(`python -m flows.serve`, and a `prefect worker start` process on the prefect.yaml deployment).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -25,13 +28,14 @@ def free_port() -> int:
 class MotoServer:
     """`python -m moto.server` as a child process on a free loopback port (real HTTP; can be paused)."""
 
-    def __init__(self, log: Path, port: int | None = None) -> None:
-        """port: restart a server on the address of one that was stopped or killed."""
+    def __init__(self, log: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        """env: extra variables for the server process (INITIAL_NO_AUTH_ACTION_COUNT=0 makes it check credentials).
+        port: restart a server on the address of one that was stopped or killed."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -102,3 +106,35 @@ def set_params(repo: Path, **sections: dict) -> None:
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child tool (dvc, spottune, prefect) without any AWS_*, DVC remote or
+    Prefect API settings of the machine running the tests; this interpreter's scripts first on PATH."""
+    drop = ("AWS_", "SPOTTUNE_REMOTE_", "SPOTTUNE_STORE_", "SPOTTUNE_S3_", "PREFECT_API")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return env | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+        "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org",
+        "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra,
+    }
+
+
+@contextlib.contextmanager
+def prefect_test_server(home: Path, log_level: str = "WARNING") -> Iterator[str]:
+    """Prefect's test server with PREFECT_HOME at `home`; yields its API URL. Prefect is imported only here,
+    after PREFECT_HOME is set, so it never reads or writes the user's own ~/.prefect."""
+    import pytest
+
+    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
+           "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": log_level}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        from prefect.settings import PREFECT_API_URL
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=60):
+            yield str(PREFECT_API_URL.value())

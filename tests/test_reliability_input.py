@@ -1,0 +1,682 @@
+"""Bad input and secrets: every kind of bad input fails with a message naming the culprit and leaves
+nothing half-made (no manifest, dataset, checkpoint or promoted model), and credentials reach no
+log, report, params file, DVC file, Prefect record or uploaded object.
+
+Real files, real `spottune` commands (in-process, or as processes where the exit status and stderr
+are the point), moto's S3 server as a process on 127.0.0.1 and Prefect's test server. Corrupt,
+truncated, zero-byte and oversized images, empty class folders and unexpected labels are covered in
+test_validation.py; missing buckets, unreachable endpoints and absent credentials for the store in
+test_store.py. This file adds what those do not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from support import PROJECT, MotoServer, clean_env, free_port, new_pipeline_repo, prefect_test_server, set_params
+
+from spottune.cli import main
+from spottune.config import Params, RemoteSettings, load_params, validate_params
+from spottune.errors import ConfigError, DataError, StoreError
+
+FASHION = ("bag", "coat", "sandal", "trouser")
+sys.path.insert(0, str(PROJECT))  # `flows` is not an installed package: it runs from the repository root
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: small real trees, the CLI in-process, crafted PNGs
+
+
+def real_tree(src: Path, dst: Path, labels: dict[str, str], train: int = 4, test: int = 2) -> Path:
+    """dst/{train,test}/LABEL/*.png holding real Fashion-MNIST images of the mapped source class, and a
+    dataset card listing the labels (as `spottune data` writes it)."""
+    for split, n in (("train", train), ("test", test)):
+        for label, source_class in labels.items():
+            folder = dst / split / label
+            folder.mkdir(parents=True)
+            for f in sorted((src / split / source_class).glob("*.png"))[:n]:
+                shutil.copyfile(f, folder / f.name)
+    (dst / "dataset.json").write_text(json.dumps({"source": "test", "classes": sorted(labels)}))
+    return dst
+
+
+def cli(capsys, *args: Any) -> tuple[int, str]:
+    """`spottune ARGS` in this process: exit status and everything it printed."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def params_file(tmp_path: Path, root: Path, **sections: dict[str, Any]) -> Path:
+    """A params.yaml for a tiny CPU run on `root` (YAML-dumped, so any label or path is quoted right)."""
+    raw: dict[str, Any] = {
+        "data": {"root": str(root), "image_size": 32, "batch_size": 64, "eval_batch_size": 64},
+        "prepare": {"manifest": str(tmp_path / "prepared" / "manifest.csv"), "val_fraction": 0.25},
+        "validate": {"min_images_per_class": 1, "min_rows": 1},
+        "model": {"method": "linear"},
+        "optim": {"epochs": 1, "max_steps_per_epoch": 1},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return path
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height zeros: kilobytes on disk, width x height pixels once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = (b"\x00" * (1 + (width + 7) // 8)) * height
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def tree(fashion_root, tmp_path) -> Path:
+    return real_tree(fashion_root, tmp_path / "data", {c: c for c in FASHION})
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-image files and decompression bombs
+
+
+def test_non_image_files_are_skipped_and_a_disguised_one_is_named(capsys, tree, tmp_path):
+    """Files without an image extension are not images of a class: the manifest leaves them out, so
+    validation and training never see them. A text file named .png is an image by its name: validation
+    names it (file_decodes), and training from an unvalidated tree stops naming it, before a checkpoint."""
+    (tree / "train" / "bag" / "notes.txt").write_text("photographed in 2019\n")
+    (tree / "train" / "bag" / "labels.csv").write_text("path,label\nx.png,bag\n")
+    params = params_file(tmp_path, tree)
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 0, text
+    manifest = (tmp_path / "prepared" / "manifest.csv").read_text()
+    assert "notes.txt" not in manifest and "labels.csv" not in manifest and manifest.count("\n") == 1 + 4 * 6
+
+    disguised = tree / "train" / "coat" / "table.png"
+    disguised.write_text("path,label,split\na.png,coat,train\n")
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 2 and "file_decodes" in text and "table.png" in text and "Traceback" not in text, text
+
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", "data.manifest=null")
+    assert code == 2 and "table.png" in text and "cannot decode" in text, text
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_decompression_bombs_are_refused_from_their_header(capsys, tree, tmp_path):
+    """A 48 KB PNG that decodes to 400 Mpx (over twice Pillow's limit: Pillow raises a non-OSError) and a
+    12 KB one of 100 Mpx (over the limit: Pillow only warns and would decode 300 MB of RGB). Validation
+    refuses both without decoding; training refuses them by name instead of crashing or swapping."""
+    from spottune.config import DataParams
+    from spottune.data.loaders import build_datasets, load_rgb
+
+    big, bigger = tree / "train" / "bag" / "bomb-100mpx.png", tree / "train" / "coat" / "bomb-400mpx.png"
+    big.write_bytes(png_bomb(10_000, 10_000))
+    bigger.write_bytes(png_bomb(20_000, 20_000))
+    assert bigger.stat().st_size < 100_000
+
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 2 and "pixels_within_limit" in text, text
+    assert "bomb-100mpx.png (10000x10000)" in text and "bomb-400mpx.png (20000x20000)" in text, text
+
+    for bomb in (big, bigger):
+        with pytest.raises(DataError, match=f"refused image .*{bomb.name}"):
+            load_rgb(str(bomb))
+    splits = build_datasets(DataParams(root=tree, image_size=32), (0.5,) * 3, (0.5,) * 3, seed=0)
+    with pytest.raises(DataError, match="bomb-"):
+        for i in range(len(splits.train.dataset)):
+            splits.train.dataset[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Symlinks: out of the tree refused everywhere; inside the tree allowed
+
+
+@pytest.fixture
+def outside_file(fashion_root, tmp_path) -> Path:
+    """A real image outside every data directory (a private file, another dataset)."""
+    private = tmp_path / "private"
+    private.mkdir()
+    target = private / "secret.png"
+    shutil.copyfile(next((fashion_root / "train" / "shirt").glob("*.png")), target)
+    return target
+
+
+def test_materialise_refuses_symlinks_out_of_the_source_and_copies_links_inside(tree, outside_file, tmp_path):
+    link = tree / "train" / "bag" / "escape.png"
+    link.symlink_to(outside_file)
+    from spottune.data.sources import materialise
+
+    with pytest.raises(DataError, match="escape.png") as err:
+        materialise(str(tree), tmp_path / "out", log=lambda _: None)
+    assert "outside" in str(err.value) and str(outside_file) in str(err.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+    link.unlink()
+    inner = tree / "train" / "bag" / "alias.png"
+    inner.symlink_to(next((tree / "train" / "coat").glob("*.png")))
+    materialise(str(tree), tmp_path / "out", log=lambda _: None)
+    copied = tmp_path / "out" / "train" / "bag" / "alias.png"
+    assert copied.is_file() and not copied.is_symlink()  # the bytes, not a link that could be re-pointed
+    assert copied.read_bytes() == inner.read_bytes()
+
+
+def test_prepare_validate_and_training_refuse_symlinks_out_of_the_data_directory(capsys, tree, outside_file, tmp_path):
+    from spottune.config import DataParams
+    from spottune.data.loaders import build_datasets
+
+    inner = tree / "train" / "bag" / "alias.png"
+    inner.symlink_to(Path("..") / "coat" / next((tree / "train" / "coat").glob("*.png")).name)
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0, "a link inside the tree is allowed"
+    assert "train/bag/alias.png" in (tmp_path / "prepared" / "manifest.csv").read_text()
+    manifest_before = (tmp_path / "prepared" / "manifest.csv").read_bytes()
+
+    escape = tree / "train" / "coat" / "escape.png"
+    escape.symlink_to(outside_file)
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 2 and "train/coat/escape.png" in text and "outside the data directory" in text, text
+    assert (tmp_path / "prepared" / "manifest.csv").read_bytes() == manifest_before, "no manifest lists it"
+
+    # a manifest written before the link was planted: validation and training still refuse it
+    shutil.copyfile(outside_file, tmp_path / "stand-in.png")
+    escape.unlink()
+    shutil.copyfile(tmp_path / "stand-in.png", escape)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    escape.unlink()
+    escape.symlink_to(outside_file)
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 2 and "file_inside_root" in text and "train/coat/escape.png" in text, text
+
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    for data in (DataParams(root=tree, manifest=manifest, image_size=32), DataParams(root=tree, image_size=32)):
+        with pytest.raises(DataError, match="escape.png.*private"):
+            build_datasets(data, (0.5,) * 3, (0.5,) * 3, seed=0)
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
+    assert code == 2 and "escape.png" in text and not (tmp_path / "run" / "checkpoint.pt").exists(), text
+
+
+# ---------------------------------------------------------------------------------------------
+# Label directory names with odd characters
+
+ODD_LABELS = {  # raw folder name -> the Fashion-MNIST class whose images it holds
+    "my class": "bag",
+    "café ☕": "coat",
+    "it's \"quoted\"": "sandal",
+    "$(touch pwned); `id` | x > y": "trouser",
+    "-rf": "dress",
+    "..hidden": "sneaker",
+    "a,b\\c": "shirt",
+}
+
+
+def test_materialise_makes_odd_label_names_safe_or_refuses_them(fashion_root, tmp_path):
+    from spottune.data.sources import materialise
+
+    src = real_tree(fashion_root, tmp_path / "src", ODD_LABELS, train=2, test=1)
+    counts = materialise(str(src), tmp_path / "out", log=lambda _: None)
+    card = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert card["classes"] == sorted(["my_class", "caf", "it_s_quoted", "touch_pwned_id_x_y", "rf", "hidden", "a_b_c"])
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == card["classes"]
+    assert counts == {"train": 14, "test": 7}
+
+    for bad, words in (({"日本語": "bag"}, "日本語"), ({"...": "bag"}, "'...'"),
+                       ({"A b": "bag", "a_B": "coat"}, "would merge")):
+        src = real_tree(fashion_root, tmp_path / f"bad-{uuid.uuid4().hex[:6]}", bad, train=1, test=1)
+        out = tmp_path / f"out-{src.name}"
+        with pytest.raises(DataError, match=words):
+            materialise(str(src), out, log=lambda _: None)
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_odd_label_names_survive_prepare_validate_and_training(capsys, fashion_root, tmp_path, monkeypatch):
+    """A tree used as it is (no `spottune data`): the labels pass through the CSV manifest, GX, the loaders
+    and the model card unchanged, and no label is ever run by a shell."""
+    from spottune.config import RuntimeSettings
+    from spottune.training import fit
+
+    monkeypatch.chdir(tmp_path)
+    root = real_tree(fashion_root, tmp_path / "data", ODD_LABELS, train=4, test=2)
+    params = params_file(tmp_path, root, validate={"classes": list(ODD_LABELS)})
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 0 and "passed" in text, text
+    p = load_params(params, [f"data.manifest={tmp_path / 'prepared' / 'manifest.csv'}"])
+    fit(p, tmp_path / "run", RuntimeSettings(device="cpu", progress=False), log=lambda _: None)
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["classes"] == sorted(ODD_LABELS)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["test"]["per_class_accuracy"]) == len(ODD_LABELS) and metrics["test"]["images"] == 2 * len(ODD_LABELS)
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty datasets
+
+
+def test_an_empty_data_directory_is_refused_and_nothing_is_written(capsys, tmp_path):
+    from spottune.config import DataParams
+    from spottune.data.loaders import build_datasets
+    from spottune.data.sources import materialise
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for label in FASHION:
+            (root / split / label).mkdir(parents=True)
+    (root / "train" / "bag" / "README.txt").write_text("images go here\n")
+    params = params_file(tmp_path, root)
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 2 and "no image files" in text and str(root) in text, text
+    assert not (tmp_path / "prepared").exists()
+    with pytest.raises(DataError, match="no image files"):
+        materialise(str(root), tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    with pytest.raises(DataError, match="train"):
+        build_datasets(DataParams(root=root, image_size=32), (0.5,) * 3, (0.5,) * 3, seed=0)
+
+
+def test_a_split_without_images_fails_validation_and_training_names_it(capsys, tree, tmp_path):
+    for f in (tree / "test").rglob("*.png"):
+        f.unlink()
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 2 and all(f"test/{c}" in text for c in FASHION), text
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
+    assert code == 2 and "no test images" in text and str(manifest) in text, text
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# params.yaml and --set fuzzing: a Params or a ConfigError naming the key, never anything else
+
+SECTIONS = {(f.alias or n): sorted(type(getattr(Params(), n)).model_fields) for n, f in Params.model_fields.items()}
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40),
+                    st.sampled_from(["imagenet", "none", "resnet26", "spottune", "cosine", "-1", "1e400", "s3://b/x",
+                                     "http://u:p@h", "\x00", "a" * 5000, "..", "~", "/", "2001-13-45"]))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.one_of(st.text(max_size=10), st.integers()), inner, max_size=4), max_leaves=12)
+
+
+@st.composite
+def params_docs(draw) -> dict[Any, Any]:
+    """Mostly real section and key names (so values reach the validators), sometimes anything."""
+    doc: dict[Any, Any] = {}
+    for section in draw(st.lists(st.sampled_from(sorted(SECTIONS)) | st.text(max_size=8), max_size=4)):
+        if draw(st.integers(0, 9)) == 0:
+            doc[section] = draw(values)
+            continue
+        keys = draw(st.lists(st.sampled_from(SECTIONS.get(section) or ["x"]) | st.text(max_size=8), max_size=4))
+        doc[section] = {k: draw(values) for k in keys}
+    return doc
+
+
+def printable(key: str) -> str:
+    return key if key.isprintable() else key.encode("unicode_escape").decode()
+
+
+def _dotted_keys(doc: Any, prefix: str = "") -> set[str]:
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
+    out = set()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        out |= {key} | _dotted_keys(v, key + ".")
+    return out
+
+
+def assert_names_a_key(message: str, doc: dict[Any, Any]) -> None:
+    """Every error line names a key of the document (validate_ is accepted for validate)."""
+    lines = message.split("\n")
+    assert lines[0].startswith("invalid parameters in "), message
+    keys = {printable(k) for k in _dotted_keys(doc)} | {"(top level)"}
+    for line in lines[1:]:
+        assert any(line.strip().startswith(f"{k}: ") or line.strip().startswith(f"{k}.") for k in keys), (line, message)
+    assert len(message) < 20_000, "a message a person can read"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(params_docs())
+def test_any_params_structure_gives_params_or_a_config_error_naming_the_key(doc):
+    try:
+        validate_params(doc, "params.yaml")
+    except ConfigError as e:
+        assert_names_a_key(str(e), doc)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.text(max_size=200), params_docs().map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
+                 st.sampled_from(["optim: {epochs: !!int x}", "data: {root: 2001-02-30}", "- a", "a: [", "\x00"])))
+def test_any_params_file_gives_params_or_a_config_error_naming_the_file(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    try:
+        assert isinstance(load_params(path), Params)
+    except ConfigError as e:
+        assert str(path) in str(e), str(e)
+
+
+dotted = st.sampled_from([f"{s}.{k}" for s, ks in SECTIONS.items() for k in ks]) | st.text(max_size=20).filter(lambda k: "=" not in k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(dotted, st.sampled_from(["=", "", "=="]), st.text(max_size=30)
+                          | st.sampled_from(["[1, 2", "{a: ", "!!python/object:os.system ls", "&a [*a]", "'", "1e999",
+                                            "2001-13-45", "!!int x", "!!bool x", "!!float x"])),
+                max_size=4))
+def test_any_set_override_gives_params_or_a_config_error_naming_it(pairs):
+    overrides = [f"{k}{sep}{v}" for k, sep, v in pairs]
+    try:
+        load_params(None, overrides)
+    except ConfigError as e:
+        message = str(e)
+        assert any(printable(k.split(".")[0]) in message or repr(f"{k}{sep}{v}")[:100] in message
+                   for k, sep, v in pairs), message
+
+
+@pytest.mark.parametrize("pair,culprit", [("optim.epochs=[1, 2", "optim.epochs"), ("data.image_size={a: ", "data.image_size"),
+                                          ("optim.lr_net=!!python/object/apply:os.system [ls]", "optim.lr_net"),
+                                          ("model.weights=" + "w" * 5000, "model")])
+def test_cli_set_with_a_broken_value_exits_2_naming_the_key(capsys, tmp_path, pair, culprit):
+    code, text = cli(capsys, "train", "--out", tmp_path / "run", "--set", pair)
+    assert code == 2 and culprit in text and "Traceback" not in text and len(text) < 2_000, text
+    assert not (tmp_path / "run").exists()
+
+
+def test_flow_command_line_set_with_a_broken_value_exits_2_naming_the_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(tmp_path), "--set", "optim.epochs=[1, 2"],
+                       cwd=PROJECT, env=clean_env(PREFECT_HOME=str(tmp_path / "prefect")), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "optim.epochs" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "params.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrong bucket, endpoint or credentials: the artifact store and the DVC remote
+
+PLANTED_KEY = f"AKIAPLANTED{uuid.uuid4().hex[:9].upper()}"
+PLANTED_SECRET = f"planted-secret-{uuid.uuid4().hex}"
+PLANTED_TOKEN = f"planted-token-{uuid.uuid4().hex}"
+PLANTED = (PLANTED_KEY, PLANTED_SECRET, PLANTED_TOKEN)
+
+
+def planted_credentials(tmp_path: Path) -> dict[str, str]:
+    """Distinctive credentials in boto3's standard chain (and nowhere else: no profile, no instance role)."""
+    return {"AWS_ACCESS_KEY_ID": PLANTED_KEY, "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET, "AWS_SESSION_TOKEN": PLANTED_TOKEN,
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def leaks(data: bytes | str) -> list[str]:
+    blob = data.encode(errors="replace") if isinstance(data, str) else data
+    return [s for s in PLANTED if s.encode() in blob]
+
+
+@pytest.fixture(scope="module")
+def moto_servers(tmp_path_factory) -> Iterator[tuple[MotoServer, MotoServer]]:
+    """(open, strict): moto accepting any credentials, and one that checks them (so planted ones are wrong)."""
+    logs = tmp_path_factory.mktemp("moto")
+    servers = [MotoServer(logs / "open.log"), MotoServer(logs / "strict.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})]
+    yield servers[0], servers[1]
+    for s in servers:
+        s.stop()
+
+
+def new_bucket(url: str) -> str:
+    import boto3
+
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                 aws_secret_access_key="x").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def bad_store_cases(moto_servers) -> dict[str, tuple[dict[str, str], list[str]]]:
+    """case -> (SPOTTUNE_* store variables, words the error must hold)."""
+    open_, strict = moto_servers
+    closed = f"http://127.0.0.1:{free_port()}"
+    return {
+        "missing bucket": ({"SPOTTUNE_S3_BUCKET": "no-such-bucket", "SPOTTUNE_S3_ENDPOINT_URL": open_.url},
+                           ["'no-such-bucket' does not exist", open_.url]),
+        "closed endpoint": ({"SPOTTUNE_S3_BUCKET": "models", "SPOTTUNE_S3_ENDPOINT_URL": closed},
+                            [f"endpoint {closed} is unreachable", "'models'"]),
+        "wrong credentials": ({"SPOTTUNE_S3_BUCKET": "models", "SPOTTUNE_S3_ENDPOINT_URL": strict.url},
+                              ["access denied", "'models'", strict.url]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "closed endpoint", "wrong credentials"])
+def test_store_misconfiguration_is_one_clear_line_without_secrets(moto_servers, tmp_path, case):
+    variables, words = bad_store_cases(moto_servers)[case]
+    env = clean_env(**planted_credentials(tmp_path), SPOTTUNE_STORE_BACKEND="s3", SPOTTUNE_S3_MAX_ATTEMPTS="1",
+                    **variables)
+    for command in (["models", "list", "fashion"], ["promote", "fashion", "v1"]):
+        r = subprocess.run([sys.executable, "-m", "spottune.cli", *command], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error: cannot reach bucket"), r.stderr
+        assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr
+        assert not leaks(r.stdout + r.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("variable", ["SPOTTUNE_S3_ENDPOINT_URL", "SPOTTUNE_REMOTE_ENDPOINT_URL"])
+def test_credentials_in_an_endpoint_url_are_refused_without_being_repeated(capsys, monkeypatch, tmp_path, variable):
+    """boto3 never reads user:password@ from an endpoint, and the endpoint is logged and written to
+    .dvc/config.local: such a URL is refused, and the message does not repeat it."""
+    from spottune.store_cli import store_settings
+
+    url = f"http://{PLANTED_KEY}:{PLANTED_SECRET}@127.0.0.1:9"
+    monkeypatch.setenv(variable, url)
+    monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
+    monkeypatch.setenv("SPOTTUNE_S3_BUCKET", "models")
+    with pytest.raises(ConfigError) as err:
+        store_settings() if variable.startswith("SPOTTUNE_S3") else RemoteSettings.resolve(Params().remote)
+    assert "credentials in the URL" in str(err.value) and "endpoint_url" in str(err.value).lower()
+    assert not leaks(str(err.value)), str(err.value)
+    if variable == "SPOTTUNE_REMOTE_ENDPOINT_URL":
+        repo = new_pipeline_repo(tmp_path / "repo")
+        config = (repo / ".dvc" / "config").read_bytes()
+        monkeypatch.chdir(repo)
+        code, text = cli(capsys, "remote", "--params", repo / "params.yaml")
+        assert code == 2 and not leaks(text) and "credentials in the URL" in text, text
+        assert (repo / ".dvc" / "config").read_bytes() == config and not (repo / ".dvc" / "config.local").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing bucket", "closed endpoint", "wrong credentials"])
+def test_dvc_push_to_a_wrong_remote_names_bucket_and_endpoint(moto_servers, tmp_path, case):
+    variables, _ = bad_store_cases(moto_servers)[case]
+    bucket, endpoint = variables["SPOTTUNE_S3_BUCKET"], variables["SPOTTUNE_S3_ENDPOINT_URL"]
+    repo = new_pipeline_repo(tmp_path / "repo")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    env = clean_env(**planted_credentials(tmp_path), SPOTTUNE_REMOTE_URL=f"s3://{bucket}/dvcstore",
+                    SPOTTUNE_REMOTE_ENDPOINT_URL=endpoint)
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "data", "digits", "--out", "data/digits",
+                        "--train-per-class", "2", "--test-per-class", "1", "--push"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"s3://{bucket}/dvcstore at {endpoint}" in r.stderr and "dvc push" in r.stderr, r.stderr
+    assert not leaks(r.stdout + r.stderr)
+    config = (repo / ".dvc" / "config").read_text() + (repo / ".dvc" / "config.local").read_text()
+    assert not leaks(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets: a whole retrain flow with planted credentials, then every place they could have reached
+
+NAME = "fashion-secrets"
+TRAINING = {"optim.max_steps_per_epoch": 1}
+
+
+@pytest.fixture(scope="module")
+def flow_project(tmp_path_factory) -> Path:
+    """A git + DVC repository with this project's pipeline and flows on tiny real data (as in test_flow.py)."""
+    repo = new_pipeline_repo(tmp_path_factory.mktemp("secrets") / "repo", with_flows=True)
+    env = clean_env()
+    for args in (["git", "init", "-q", "-b", "main"],
+                 [sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
+                  "--train-per-class", "8", "--test-per-class", "4", "--track"]):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=600)
+    set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
+               data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
+               optim={"epochs": 1, "max_steps_per_epoch": 2}, gate={"margin": -1.0, "floor": 0.0},
+               publish={"model_name": NAME, "promote": True})
+    for args in (["git", "add", "."], ["git", "commit", "-q", "-m", "tiny pipeline"]):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    with prefect_test_server(home, log_level="INFO") as api:
+        from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+        logging.getLogger("prefect").setLevel(logging.INFO)  # when another module set up Prefect's logging first
+        yield {"api": api, "home": str(home), "db": PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]}
+
+
+@pytest.fixture
+def s3_flow_env(moto_servers, monkeypatch, tmp_path) -> dict[str, str]:
+    """Planted credentials, the store and the DVC remote on the open moto server, for one flow run."""
+    open_ = moto_servers[0]
+    env = {**planted_credentials(tmp_path), "SPOTTUNE_STORE_BACKEND": "s3", "SPOTTUNE_S3_BUCKET": new_bucket(open_.url),
+           "SPOTTUNE_S3_ENDPOINT_URL": open_.url, "SPOTTUNE_STORE_PREFIX": "team", "SPOTTUNE_S3_MAX_ATTEMPTS": "1",
+           "SPOTTUNE_REMOTE_URL": f"s3://{new_bucket(open_.url)}/dvcstore", "SPOTTUNE_REMOTE_ENDPOINT_URL": open_.url,
+           "NO_PROXY": "127.0.0.1"}
+    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def bucket_objects(url: str, bucket: str) -> dict[str, bytes]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def prefect_records(flow_run_id: Any) -> dict[str, str]:
+    """What Prefect's API holds about one flow run: parameters, logs, task runs, artifacts (as JSON text)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, APILogHandler):
+                handler.flush()  # logs are shipped to the API in the background
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        logs, offset = [], 0
+        while batch := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                        offset=offset, limit=200):
+            logs += batch
+            offset += len(batch)
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        tasks = client.read_task_runs(flow_run_filter=runs)
+        artifacts = client.read_artifacts(flow_run_filter=runs)
+    return {"parameters": json.dumps(run.parameters), "flow run": run.model_dump_json(),
+            "logs": "\n".join(f"{l.name}: {l.message}" for l in logs),
+            "task runs": "\n".join(t.model_dump_json() for t in tasks),
+            "artifacts": "\n".join(a.model_dump_json() for a in artifacts)}
+
+
+@pytest.mark.slow
+def test_planted_credentials_reach_no_log_file_parameter_artifact_or_object(
+        flow_project, prefect_server, moto_servers, s3_flow_env, capfd):
+    from flows.retrain import retrain
+
+    state = retrain(overrides=TRAINING, project_dir=str(flow_project), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["promoted"], result["status"]
+    console = capfd.readouterr()
+    for _ in range(30):
+        records = prefect_records(state.state_details.flow_run_id)
+        if "data version" in records["logs"]:
+            break
+        time.sleep(1)
+    assert "data version" in records["logs"] and "[stage validate]" in records["logs"], "the flow's logs were captured"
+    assert "optim.max_steps_per_epoch" in records["parameters"] and "spottune-retrain-report" in records["artifacts"]
+
+    found: dict[str, list[str]] = {}
+
+    def scan(where: str, data: bytes | str) -> None:
+        if hits := leaks(data):
+            found[where] = hits
+
+    scan("flow result", json.dumps(result, default=str))
+    scan("stdout/stderr", console.out + console.err)
+    for what, text in records.items():
+        scan(f"prefect {what}", text)
+    scanned = 0
+    for base in (flow_project, Path(prefect_server["home"])):
+        for f in base.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                scan(str(f), f.read_bytes())
+                scanned += 1
+    for suffix in ("", "-wal", "-shm"):  # Prefect's whole database: runs, logs, events, artifacts
+        if Path(prefect_server["db"] + suffix).is_file():
+            scan(f"prefect database{suffix}", Path(prefect_server["db"] + suffix).read_bytes())
+    url = moto_servers[0].url
+    store_objects = bucket_objects(url, s3_flow_env["SPOTTUNE_S3_BUCKET"])
+    dvc_objects = bucket_objects(url, s3_flow_env["SPOTTUNE_REMOTE_URL"][5:].split("/")[0])
+    for key, data in {**store_objects, **dvc_objects}.items():
+        scan(f"s3 {key}", data)
+
+    assert any(k.endswith("/report.md") for k in store_objects) and any(k.endswith("production.json") for k in store_objects)
+    assert len(dvc_objects) >= 80 and scanned > 100 and Path(prefect_server["db"]).is_file()
+    assert (flow_project / ".dvc" / "config.local").read_text().count(url) == 1
+    assert found == {}, f"planted credentials found in: {found}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing bucket", "wrong credentials"])
+def test_flow_with_a_wrong_store_fails_naming_it_and_promotes_nothing(
+        flow_project, prefect_server, moto_servers, s3_flow_env, monkeypatch, case):
+    import flows.retrain as flows_retrain
+
+    variables, words = bad_store_cases(moto_servers)[case]
+    good = s3_flow_env["SPOTTUNE_S3_BUCKET"]
+    before = bucket_objects(moto_servers[0].url, good)
+    for k, v in variables.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(flows_retrain, "publish", flows_retrain.publish.with_options(retry_delay_seconds=0))
+    with pytest.raises(StoreError) as err:
+        flows_retrain.retrain(overrides=TRAINING, project_dir=str(flow_project))
+    assert all(w in str(err.value) for w in words) and not leaks(str(err.value)), str(err.value)
+    assert bucket_objects(moto_servers[0].url, good) == before, "nothing written to the store"
+    assert "no-such-bucket" not in {b["Name"] for b in _buckets(moto_servers[0].url)}
+
+
+def _buckets(url: str) -> list[dict[str, Any]]:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                        aws_secret_access_key="x").list_buckets()["Buckets"]

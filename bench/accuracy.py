@@ -110,13 +110,13 @@ def full_profile() -> Profile:
         suites={
             "lite0": Suite("efficientnet_lite0", "imagenet",
                            ("mnist-100", "mnist-1000", "fashion-100", "fashion-1000", "digits"), _methods(16), grid),
-            "resnet26": Suite("resnet26", "source", ("mnist-100", "mnist-1000", "digits"), _methods(12), grid),
-            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100", "mnist-1000"), STUDY, (1.0,)),
+            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid),
+            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100",), STUDY, (1.0,)),
         },
         source="fashion-source",
         source_overrides={"optim.lr_net": 0.1, "optim.lr_head": 0.1, "data.batch_size": 128},
         seeds=3,
-        overrides={"data.image_size": 64, "data.batch_size": 64, "data.eval_batch_size": 500, "data.val_fraction": 0.1},
+        overrides={"data.image_size": 64, "data.batch_size": 128, "data.eval_batch_size": 500, "data.val_fraction": 0.1},
     )
 
 
@@ -269,10 +269,10 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
 
 
 def _pin_gpu(slots) -> None:
-    """Process-pool initializer: each worker takes one GPU before torch is imported."""
+    """Process-pool initializer: each worker takes one GPU (of those visible) before torch is imported."""
     gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
 
 
 def load_done(results: Path) -> dict[str, dict]:
@@ -302,11 +302,15 @@ def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus
     for i in range(gpus * jobs_per_gpu):
         slots.put(i % gpus)
     running: dict = {}
-    with ProcessPoolExecutor(gpus * jobs_per_gpu, mp_context=ctx, initializer=_pin_gpu, initargs=(slots,)) as pool:
+    workers = gpus * jobs_per_gpu
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(slots,)) as pool:
         while True:
-            for job in ready_jobs(profile, data_dir, results, done, base_lrs, only):
-                if job.key not in {j.key for j in running.values()}:
-                    running[pool.submit(run_job, job, results, work, device)] = job
+            # No queue beyond the free slots: the next free slot takes the first ready job, so the
+            # suites finish in order (a cut-short run leaves whole suites, not a bit of each).
+            busy = {j.key for j in running.values()}
+            for job in [j for j in ready_jobs(profile, data_dir, results, done, base_lrs, only)
+                        if j.key not in busy][: workers - len(running)]:
+                running[pool.submit(run_job, job, results, work, device)] = job
             if not running:
                 return done
             finished, _ = wait(running, return_when=FIRST_COMPLETED)

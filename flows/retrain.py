@@ -233,7 +233,11 @@ def validate(project: Path) -> None:
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{stage}")
 def train(project: Path, stage: str) -> None:
-    """One training stage (train_finetune or train_spottune); DVC skips it when nothing it reads changed."""
+    """One training stage (train_finetune or train_spottune); DVC skips it when nothing it reads changed.
+
+    A rerun after a crash (a retried or rescheduled flow run) resumes: dvc.yaml keeps the stage's run
+    directory (persist) and its command continues an unfinished checkpoint made with the same params.
+    """
     run_dvc(project, "repro", stage, what=f"stage {stage}")
 
 

@@ -259,6 +259,14 @@ def test_a_retried_training_stage_resumes_from_the_last_checkpoint(pipeline_repo
         fit(params, repo.parent / "straight", runtime, log=lambda _: None)
     same_weights(repo.parent / "straight" / "model.safetensors", run / "model.safetensors")
 
+    # A finished run is never resumed: rerunning the stage (as after a code change) trains from scratch.
+    forced = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train_spottune"],
+                            cwd=repo, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "resuming" not in forced.stdout + forced.stderr
+    assert [h["epoch"] for h in load_checkpoint(run / "checkpoint.pt")["history"]] == [0, 1]
+    same_weights(repo.parent / "straight" / "model.safetensors", run / "model.safetensors")
+
 
 # ---------------------------------------------------------------------------------------------
 # Storage outages: the S3 server process killed mid-upload and mid-promotion

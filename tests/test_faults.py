@@ -389,6 +389,34 @@ def test_s3_killed_mid_upload_retries_then_names_the_endpoint_and_a_rerun_comple
     assert store.promote(NAME, "v1")["version"] == "v1"
 
 
+def test_s3_killed_between_two_parts_of_the_weights_fails_clearly_and_a_rerun_completes(outage, finished_run):
+    """The crash lands inside one object: after the first part of the multipart weights upload arrived."""
+    settings = s3_settings(outage.server.url, outage.bucket, s3_max_attempts=2)
+    store = open_store(settings)
+    weights = store.version_key(NAME, "v1", VERSION_FILES[0])
+    assert (finished_run / VERSION_FILES[0]).stat().st_size > 2 * settings.s3_multipart_chunksize_mb << 20
+    parts: list[int] = []
+
+    def after_part(**_: Any) -> None:
+        parts.append(1)
+        if len(parts) == 1:
+            outage.crash()
+
+    store.backend.client.meta.events.register("after-call.s3.UploadPart", after_part)
+    with pytest.raises(StoreError) as failed:
+        store.publish(finished_run, NAME, "v1", gate=PASS)
+    message = str(failed.value)
+    assert outage.server.url in message and f"s3://{outage.bucket}/{weights}" in message, message
+
+    outage.come_back()
+    store = open_store(settings)
+    assert store.list_versions(NAME) == [], "a half-uploaded object is never visible"
+    again = store.publish(finished_run, NAME, "v1", gate=PASS)
+    assert again.uploaded == list(VERSION_FILES) and not again.already_published
+    assert [(r.version, r.complete) for r in store.list_versions(NAME)] == [("v1", True)]
+    assert store.promote(NAME, "v1")["manifest_sha256"] == again.manifest_sha256
+
+
 @pytest.mark.parametrize("crash_at", ["verify", "audit"])
 def test_s3_killed_mid_promotion_never_leaves_an_unverified_or_unaudited_production(outage, finished_run, crash_at):
     """verify: the server dies while promote hashes the version's files (before the pointer moves).

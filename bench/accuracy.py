@@ -271,6 +271,8 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
 def _pin_gpu(slots) -> None:
     """Process-pool initializer: each worker takes one GPU (of those visible) before torch is imported."""
     gpu = slots.get()
+    # Several runs share the machine's cores: one compute thread each, as torchrun does.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
 

@@ -3,7 +3,7 @@ validation, the ResNet-26 pretrained by the pipeline, and tables rebuilt from th
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_accuracy"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    """bench/accuracy.py as a module; importable by name in spawned processes too (they get sys.path)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
+    return importlib.import_module("accuracy")
 
 
 @pytest.mark.slow
@@ -81,3 +80,25 @@ def test_written_tables_keep_the_hand_written_reading(tmp_path):
     doc.write_text(f"# Results\n\nreading before\n\n{bench.BEGIN}\nold\n{bench.END}\n\nreading after\n")
     bench.write_report(doc, "new tables")
     assert doc.read_text() == f"# Results\n\nreading before\n\n{bench.BEGIN}\nnew tables\n{bench.END}\n\nreading after\n"
+
+
+def _start_method_and_threads() -> tuple[str, str | None, str | None]:
+    import multiprocessing
+    import os
+
+    return multiprocessing.get_start_method(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_pool_workers_fork_their_data_loaders_and_take_one_gpu_each():
+    """A spawned worker would otherwise start every DataLoader worker by spawning too: a fresh torch
+    import per worker per epoch, which made GPU runs crawl."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    bench = _bench()
+    ctx = multiprocessing.get_context("spawn")
+    slots = ctx.Queue()
+    slots.put(1)
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=bench._pin_gpu, initargs=(slots,)) as pool:
+        method, gpu, threads = pool.submit(_start_method_and_threads).result(timeout=120)
+    assert (method, gpu, threads) == ("fork", "1", "1")

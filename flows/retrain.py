@@ -47,7 +47,23 @@ CANDIDATE_RUN = Path("runs/spottune")
 REPORT_MD = Path("reports/retrain.md")
 ROUTING_PNG = Path("reports/routing_per_class.png")
 ARTIFACT_KEY = "spottune-retrain-report"
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
+
+
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O that may come back (an endpoint down, a lost connection), not what cannot change by
+    itself: wrong settings, a missing bucket, refused credentials, a refused promotion."""
+    from spottune.errors import ConfigError
+    from spottune.store import PromotionRefused, StoreMisconfigured
+
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a result that cannot be read: keep the retry policy
+        return True
+    return not isinstance(error, (ConfigError, StoreMisconfigured, PromotionRefused))
+
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+              "retry_condition_fn": worth_retrying}
 
 
 class StageFailed(RuntimeError):
@@ -280,6 +296,16 @@ def report(project: Path, comparison: dict[str, Any], comparison_md: str, verdic
     return project / REPORT_MD
 
 
+@task(name="check-store", cache_policy=NO_CACHE, **IO_RETRIES)
+def check_store(store_settings: StoreSettings) -> str:
+    """Reach the artifact store before any training: a wrong bucket or credential fails in seconds, not
+    after the GPU time."""
+    from spottune.store import open_store
+
+    store = open_store(store_settings)  # check=True: head_bucket / the folder exists
+    return store.backend.url(store.prefix)
+
+
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish(project: Path, store_settings: StoreSettings, name: str, verdict: Gate, data_version: str,
             report_path: Path) -> dict[str, Any]:
@@ -330,6 +356,7 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
         logger.warning("restored params.yaml left overridden by an interrupted run")
     params = load_settings(project, overrides)  # fail fast, naming the key, before any work
     store_settings = load_store_settings(project)
+    check_store(store_settings)
     name = params.publish.model_name
 
     data_version = version_data(project, params)

@@ -65,6 +65,11 @@ HISTORY_LIMIT = 100
 CAS_ATTEMPTS = 20
 
 
+class StoreMisconfigured(StoreError):
+    """Settings or permissions are wrong (no credentials, no bucket, access denied, a store folder that
+    cannot be written): retrying cannot help, a person must fix them."""
+
+
 class ObjectMissing(StoreError):
     """The key does not exist."""
 
@@ -140,9 +145,9 @@ class LocalBackend:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create the local store {self.root}: {e.strerror}") from None
+            raise StoreMisconfigured(f"cannot create the local store {self.root}: {e.strerror}") from None
         if not os.access(self.root, os.W_OK):
-            raise StoreError(f"the local store {self.root} is not writable")
+            raise StoreMisconfigured(f"the local store {self.root} is not writable")
 
     def _write_atomic(self, path: Path, write: Callable[[Any], None], *, exclusive: bool = False) -> None:
         """Write to a unique temporary file, fsync, then rename over path (or, exclusive, link it:
@@ -265,7 +270,7 @@ class S3Backend:
 
         where = self.url(key) if key else f"bucket {self.bucket!r}"
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
-            return StoreError(f"cannot {action} {where}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
+            return StoreMisconfigured(f"cannot {action} {where}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role)")
         if isinstance(e, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError)):
             return StoreError(f"cannot {action} {where}: endpoint {self.endpoint} is unreachable ({type(e).__name__})")
@@ -275,11 +280,11 @@ class S3Backend:
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                 return WriteConflict(f"{where} changed since it was read ({code or status})")
             if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and key is None):
-                return StoreError(f"cannot {action} {where}: bucket {self.bucket!r} does not exist at {self.endpoint}")
+                return StoreMisconfigured(f"cannot {action} {where}: bucket {self.bucket!r} does not exist at {self.endpoint}")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectMissing(f"{where} does not exist")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
-                return StoreError(f"cannot {action} {where}: access denied ({code}) at {self.endpoint}; check the "
+                return StoreMisconfigured(f"cannot {action} {where}: access denied ({code}) at {self.endpoint}; check the "
                                   "credentials in boto3's standard chain and the bucket policy")
             return StoreError(f"cannot {action} {where}: {code or status}: {e.response.get('Error', {}).get('Message', '')}")
         if isinstance(e, S3UploadFailedError):

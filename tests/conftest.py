@@ -11,6 +11,19 @@ import pytest
 os.environ.setdefault("SPOTTUNE_PROGRESS", "false")
 
 
+def _hypothesis_profiles() -> None:
+    """CI replays the same generated examples on every run (a red build is reproducible); elsewhere
+    hypothesis explores new ones each time and keeps failures in its local database."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
+
+_hypothesis_profiles()
+
+
 @pytest.fixture(scope="session")
 def fashion_root(tmp_path_factory) -> Path:
     """Real Fashion-MNIST images (Debian's package, read by torchvision), 40 train / 20 test per class."""

@@ -92,6 +92,27 @@ def test_existing_run_is_not_overwritten_silently(fashion_root, tmp_path):
     assert spottune(*args, "--overwrite").returncode == 0
 
 
+def test_resume_unfinished_continues_matching_runs_and_restarts_the_others(fashion_root, tmp_path):
+    """What a retried pipeline stage runs: resume an unfinished run made with the same params, start
+    over when its params differ, and retrain a finished run from scratch."""
+    base = ["train", "--method", "linear", "--out", tmp_path / "run", "--set", f"data.root={fashion_root}",
+            "--set", "data.image_size=32", "--set", "optim.max_steps_per_epoch=2", "--set", "optim.epochs=2"]
+    assert spottune(*base, "--stop-after-epochs", "1").returncode == 0
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    r = spottune(*base, "--resume-unfinished")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stdout + r.stderr
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+
+    r = spottune(*base, "--resume-unfinished")  # finished: retrained from scratch
+    assert r.returncode == 0 and "resuming" not in r.stdout
+    assert spottune(*base, "--stop-after-epochs", "1", "--overwrite").returncode == 0
+    r = spottune(*base, "--resume-unfinished", "--set", "optim.lr_head=0.5")  # other params: start over
+    assert r.returncode == 0 and "cannot resume" in r.stderr and "optim.lr_head" in r.stderr, r.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [h["lr"]["head"] for h in metrics["history"]][0] == 0.5
+
+
 def test_library_imports_no_orchestration_package():
     code = ("import sys, spottune.cli, spottune.training, spottune.evaluate; "
             "bad = {'prefect', 'dvc', 'great_expectations', 'boto3'} & set(sys.modules); print(sorted(bad))")

@@ -707,9 +707,20 @@ class ArtifactStore:
 
         return self._swap_pointer(name, "promote", update, reason, actor)
 
-    def rollback(self, name: str, *, reason: str = "", actor: str | None = None) -> dict[str, Any]:
-        """Make the previous production version (top of the pointer's history) production again, verified."""
+    def rollback(self, name: str, *, reason: str = "", actor: str | None = None,
+                 expect_current: str | None = None) -> dict[str, Any]:
+        """Make the previous production version (top of the pointer's history) production again, verified.
+
+        expect_current makes a retry safe: roll back only from that version. When production already
+        is what rolling back from it gave (an outage hid the answer), nothing moves again; the audit
+        record is written if it is missing. When production is something else, nothing is done.
+        """
         def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
+            if expect_current is not None and current is not None and current["version"] != expect_current:
+                if current.get("action") == "rollback" and current.get("previous_version") == expect_current:
+                    return None  # this rollback already happened
+                raise PromotionRefused(f"{name}: production is {current['version']}, not {expect_current}; "
+                                       "nothing rolled back")
             if current is None or not current.get("history"):
                 raise PromotionRefused(f"{name} has no earlier production version to roll back to")
             previous = current["history"][-1]

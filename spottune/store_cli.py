@@ -2,7 +2,7 @@
 
     spottune publish runs/spottune --name fashion [--version V] [--data-version HASH] [--report FILE] [--candidate-only]
     spottune promote fashion V [--reason "beats finetune by 3 points"]
-    spottune rollback fashion [--reason ...]
+    spottune rollback fashion [--from VERSION] [--reason ...]
     spottune models list fashion [--json]
 
 The backend comes from the environment (StoreSettings: SPOTTUNE_STORE_BACKEND=local|s3,
@@ -70,7 +70,7 @@ def cmd_promote(args: argparse.Namespace, runtime: Any = None) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, runtime: Any = None) -> int:
-    pointer = _store().rollback(args.name, reason=args.reason)
+    pointer = _store().rollback(args.name, reason=args.reason, expect_current=args.expect_current)
     print(f"{args.name}: rolled back, production is now {pointer['version']}")
     return 0
 
@@ -115,6 +115,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("rollback", help="make the previous production version production again")
     p.add_argument("name")
+    p.add_argument("--from", dest="expect_current", default=None, metavar="VERSION",
+                   help="roll back only if VERSION is production (safe to repeat after an error)")
     p.add_argument("--reason", default="")
     p.set_defaults(func=cmd_rollback)
 

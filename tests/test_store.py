@@ -227,6 +227,22 @@ def test_promote_rollback_list_and_load(store, finished_run, other_run, tmp_path
     assert [a["by"] for a in trail[:2]] == ["alice@ci", "bob@ci"] and all(a["at"] for a in trail)
 
 
+def test_a_rollback_from_a_named_version_is_safe_to_repeat(store, finished_run, other_run):
+    """`rollback --from V`: a retry after an error it could not see the end of never rolls back twice."""
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.publish(other_run, NAME, "v2", gate=PASS)
+    store.promote(NAME, "v1")
+    store.promote(NAME, "v2")
+    store.promote(NAME, "v1")  # history v1, v2: rolling back twice would end on v1 again
+    assert store.rollback(NAME, expect_current="v1")["version"] == "v2"
+    again = store.rollback(NAME, expect_current="v1")
+    assert again["version"] == "v2" and store.production(NAME)["version"] == "v2"
+    assert [a["action"] for a in store.audit_trail(NAME)].count("rollback") == 1
+    with pytest.raises(PromotionRefused, match="production is v2, not v9"):
+        store.rollback(NAME, expect_current="v9")
+    assert store.production(NAME)["version"] == "v2"
+
+
 def test_a_version_that_failed_the_gate_never_becomes_production(store, finished_run, other_run):
     store.publish(finished_run, NAME, "v1", gate=PASS)
     store.promote(NAME, "v1")

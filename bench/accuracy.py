@@ -225,6 +225,7 @@ def choose_scale(grid_results: list[dict]) -> float:
 
 def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
     """Train and evaluate one run with the pipeline's code; write its JSON; drop the heavy run folder."""
+    import numpy as np
     import torch
 
     from spottune.config import RuntimeSettings, load_params
@@ -247,9 +248,9 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
         "val_accuracy": history[-1]["val"].get("accuracy") if history[-1]["val"] else None,
         "val_history": [h["val"].get("accuracy") for h in history],
         "train_accuracy": history[-1]["train"]["accuracy"],
-        "test": {k: v for k, v in evaluation["metrics"].items()},
+        "test": evaluation["metrics"],
         "test_labels_sha256": hashlib.sha256(p["labels"].numpy().astype("int64").tobytes()).hexdigest(),
-        "test_correct_bits": base64.b64encode(__import__("numpy").packbits(correct).tobytes()).decode(),
+        "test_correct_bits": base64.b64encode(np.packbits(correct).tobytes()).decode(),
         "classes": evaluation["classes"],
         "train_images_per_s": metrics["train_images_per_s"],
         "wall_seconds": time.perf_counter() - started,

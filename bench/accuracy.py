@@ -14,12 +14,14 @@ in docs/results.md can be rebuilt without a GPU.
 Protocol (the `full` profile):
   suites     lite0: EfficientNet-Lite0 with its ImageNet weights; resnet26: a ResNet-26 the pipeline
              first trains on Fashion-MNIST (not ImageNet), then transfers to the other targets;
-             study: SpotTune variants (temperature, policy learning rate, annealing, global-k weight)
+             study: SpotTune variants (temperature, policy learning rate, annealing, global-k weight,
+             BN statistics of the frozen copy), on the targets where SpotTune lost most
   targets    MNIST and Fashion-MNIST with 100 and 1,000 training images per class, scikit-learn's
              digits (all of its train split); 28x28 or 8x8 grey images upsampled to 64 px, channels repeated
   budget     the same epochs, batch size and schedule for every method of a target
-  lr         each method's learning rates (net, head, policy together) scaled by 0.3, 1 or 3, the
-             scale chosen on seed 0's validation accuracy (10% of the training images), never on test
+  lr         each method's learning rates (net, head, policy together) scaled by 0.3, 1, 3 or 10, the
+             scale chosen on seed 0's validation accuracy (10% of the training images), never on test;
+             a run whose loss diverges is kept as such (no accuracy) and never chosen
   seeds      0, 1, 2 at the chosen scale (a seed changes initialisation, order and the validation carve-out)
 Runs are independent processes spread over the GPUs; finished runs are skipped on a re-run.
 """
@@ -92,6 +94,8 @@ STUDY = {
     "anneal-0.9": {"model.method": "spottune", "policy.temperature_decay": 0.9},
     "policy-lr-x10": {"model.method": "spottune", "optim.lr_policy": 0.1},
     "k-weak": {"model.method": "spottune", "policy.global_k": 8, "policy.k_weight": 0.1},
+    "frozen-bn-target": {"model.method": "spottune", "policy.frozen_bn": "target"},
+    "t1-policy-lr-x10": {"model.method": "spottune", "policy.temperature": 1.0, "optim.lr_policy": 0.1},
 }
 
 
@@ -104,14 +108,16 @@ def full_profile() -> Profile:
         "digits": Target("digits", None, None, 20),
         "fashion-source": Target("fashion-mnist", 2000, 100, 15),
     }
-    grid = (0.3, 1.0, 3.0)
+    grid = (0.3, 1.0, 3.0, 10.0)
     return Profile(
         targets=targets,
         suites={
             "lite0": Suite("efficientnet_lite0", "imagenet",
                            ("mnist-100", "mnist-1000", "fashion-100", "fashion-1000", "digits"), _methods(16), grid),
-            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid),
-            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100",), STUDY, (1.0,)),
+            # Three scales: its source weights (not kept in the repository) made the runs of the first
+            # grid; a fourth scale needs them again, or the whole suite rerun from a new source run.
+            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid[:3]),
+            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100", "digits"), STUDY, grid),
         },
         source="fashion-source",
         source_overrides={"optim.lr_net": 0.1, "optim.lr_head": 0.1, "data.batch_size": 128},
@@ -218,8 +224,8 @@ def ready_jobs(profile: Profile, data_dir: Path, results: Path, done: dict[str, 
 
 
 def choose_scale(grid_results: list[dict]) -> float:
-    """The learning-rate scale with the best validation accuracy (ties: the smaller scale)."""
-    best = max(grid_results, key=lambda r: (r["val_accuracy"], -r["lr_scale"]))
+    """The learning-rate scale with the best validation accuracy (ties: the smaller scale; diverged: never)."""
+    best = max(grid_results, key=lambda r: (-1.0 if r["val_accuracy"] is None else r["val_accuracy"], -r["lr_scale"]))
     return best["lr_scale"]
 
 
@@ -237,14 +243,22 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
                                                 for k, v in job.overrides.items()])
     runtime = RuntimeSettings(device=device, progress=False)
     run_dir = work / job.key.removesuffix(".json")
-    metrics = fit(params, run_dir, runtime, overwrite=True, log=lambda _: None)
+    head = {"key": job.key, "suite": job.suite, "target": job.target, "method": job.method, "seed": job.seed,
+            "lr_scale": job.lr_scale, "overrides": job.overrides, "params": params.model_dump(mode="json")}
+    try:
+        metrics = fit(params, run_dir, runtime, overwrite=True, log=lambda _: None)
+    except FloatingPointError as e:  # a learning rate too large for this method: a result, not a crash
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return _write_result(results, job, {
+            **head, "diverged": str(e), "val_accuracy": None, "test": None,
+            "wall_seconds": time.perf_counter() - started, "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else device})
     evaluation = evaluate_run(run_dir, runtime)
     p = evaluation["predictions"]
     correct = (p["predictions"] == p["labels"]).numpy()
     history = metrics["history"]
     out = {
-        "key": job.key, "suite": job.suite, "target": job.target, "method": job.method, "seed": job.seed,
-        "lr_scale": job.lr_scale, "overrides": job.overrides, "params": params.model_dump(mode="json"),
+        **head,
         "val_accuracy": history[-1]["val"].get("accuracy") if history[-1]["val"] else None,
         "val_history": [h["val"].get("accuracy") for h in history],
         "train_accuracy": history[-1]["train"]["accuracy"],
@@ -260,12 +274,16 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
         info = export_backbone(run_dir, source_weights(results))
         out["exported"] = {"sha256": hashlib.sha256(Path(info["path"]).read_bytes()).hexdigest(),
                            "tensors": info["tensors"]}
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return _write_result(results, job, out)
+
+
+def _write_result(results: Path, job: Job, out: dict) -> dict:
     path = results / job.key
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(path)
-    shutil.rmtree(run_dir, ignore_errors=True)
     return out
 
 
@@ -305,7 +323,7 @@ def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus
         while jobs := ready_jobs(profile, data_dir, results, done, base_lrs, only):
             for job in jobs:
                 done[job.key] = run_job(job, results, work, "cpu")
-                log(f"{job.key}: test {done[job.key]['test']['accuracy']:.4f}")
+                log(f"{job.key}: {_outcome(done[job.key])}")
         return done
     ctx = mp.get_context("spawn")
     slots = ctx.Queue()
@@ -327,8 +345,14 @@ def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus
             for fut in finished:
                 job = running.pop(fut)
                 done[job.key] = fut.result()
-                log(f"[{time.perf_counter() - started:6.0f} s] {job.key}: val {done[job.key]['val_accuracy']}, "
-                    f"test {done[job.key]['test']['accuracy']:.4f} ({done[job.key]['wall_seconds']:.0f} s)")
+                log(f"[{time.perf_counter() - started:6.0f} s] {job.key}: {_outcome(done[job.key])} "
+                    f"({done[job.key]['wall_seconds']:.0f} s)")
+
+
+def _outcome(result: dict) -> str:
+    if result.get("diverged"):
+        return "diverged"
+    return f"val {result['val_accuracy']:.4f}, test {result['test']['accuracy']:.4f}"
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -356,7 +380,7 @@ def _correct(result: dict):
 
 
 def final_runs(done: dict[str, dict], profile: Profile) -> dict[tuple[str, str, str], list[dict]]:
-    """(suite, target, method) -> the runs at the chosen scale, one per seed, in seed order."""
+    """(suite, target, method) -> the runs at the chosen scale, one per seed, in seed order (diverged ones too)."""
     cells: dict[tuple[str, str, str], list[dict]] = {}
     for suite_name, suite in profile.suites.items():
         for target in suite.targets:
@@ -370,6 +394,11 @@ def final_runs(done: dict[str, dict], profile: Profile) -> dict[tuple[str, str, 
                                (suite_name, target, method, scale)), key=lambda r: r["seed"])
                 cells[(suite_name, target, method)] = runs
     return cells
+
+
+def _finished(runs: list[dict] | None) -> list[dict]:
+    """The runs that trained to the end (a diverged run has no test accuracy)."""
+    return [r for r in runs or [] if not r.get("diverged")]
 
 
 def paired_difference(a_runs: list[dict], b_runs: list[dict], samples: int = 2000, seed: int = 0) -> dict[str, float]:
@@ -418,8 +447,13 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
                 if not runs:
                     row.append("–")
                     continue
-                m, s = _mean_std([100 * r["test"]["accuracy"] for r in runs])
-                row.append(f"{m:.2f} ± {s:.2f} (n={len(runs)}) [{runs[0]['lr_scale']:g}]")
+                ok, lost = _finished(runs), sum(bool(r.get("diverged")) for r in runs)
+                note = f", {lost} diverged" if lost else ""
+                if not ok:
+                    row.append(f"diverged (n={len(runs)}) [{runs[0]['lr_scale']:g}]")
+                    continue
+                m, s = _mean_std([100 * r["test"]["accuracy"] for r in ok])
+                row.append(f"{m:.2f} ± {s:.2f} (n={len(ok)}{note}) [{runs[0]['lr_scale']:g}]")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         baseline = "finetune" if "finetune" in suite.methods else next(iter(suite.methods))
         lines += ["", f"Paired difference against `{baseline}` (percentage points): mean over seeds, 95% bootstrap "
@@ -430,7 +464,7 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
                 continue
             row = []
             for t in targets:
-                a, b = cells.get((suite_name, t, baseline)), cells.get((suite_name, t, method))
+                a, b = _finished(cells.get((suite_name, t, baseline))), _finished(cells.get((suite_name, t, method)))
                 if not a or not b:
                     row.append("–")
                     continue
@@ -445,7 +479,7 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
             for method in routed:
                 vals = []
                 for t in targets:
-                    runs = cells.get((suite_name, t, method))
+                    runs = _finished(cells.get((suite_name, t, method)))
                     vals.append(f"{_mean_std([r['test']['tuned_blocks_per_image'] for r in runs])[0]:.1f}" if runs else "–")
                 lines.append(f"| {method} | " + " | ".join(vals) + " |")
             if figure_dir is not None:
@@ -469,15 +503,16 @@ def routing_figure(cells, suite_name: str, targets: list[str], method: str, out_
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [np.mean([r["test"]["tuned_fraction_per_block"] for r in cells[(suite_name, t, method)]], axis=0)
-            for t in targets if (suite_name, t, method) in cells]
+    kept = [t for t in targets if _finished(cells.get((suite_name, t, method)))]
+    rows = [np.mean([r["test"]["tuned_fraction_per_block"] for r in _finished(cells[(suite_name, t, method)])], axis=0)
+            for t in kept]
     if not rows:
         return None
     data = np.array(rows)
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * data.shape[1], 0.8 + 0.45 * len(rows)))
     im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(data.shape[1]), [str(i) for i in range(data.shape[1])])
-    ax.set_yticks(range(len(rows)), [t for t in targets if (suite_name, t, method) in cells])
+    ax.set_yticks(range(len(rows)), kept)
     ax.set_xlabel("block")
     ax.set_title(f"{suite_name}: fraction of test images tuned, {method}")
     fig.colorbar(im, ax=ax, fraction=0.03)

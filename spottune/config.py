@@ -106,7 +106,7 @@ def _is_file(path: str) -> bool:
 
 
 class PolicyParams(_Section):
-    """SpotTune's routing policy and its Gumbel-Softmax relaxation."""
+    """SpotTune's routing policy, its Gumbel-Softmax relaxation, and how the frozen copy normalises."""
 
     width: int = Field(32, ge=4, description="channels of the policy's first stage (ResNet-8: w, 2w, 4w)")
     input_size: int = Field(64, ge=8, le=512, description="policy sees the image resized to this side: its cost "
@@ -118,6 +118,10 @@ class PolicyParams(_Section):
     global_k: int | None = Field(None, ge=0, description="global-k variant: target number of tuned blocks")
     k_weight: float = Field(1.0, ge=0.0)
     entropy_weight: float = Field(0.1, ge=0.0)
+    frozen_bn: Literal["pretrained", "target"] = Field(
+        "pretrained", description="statistics the frozen copy's BatchNorm uses in training: 'pretrained' (its own, "
+        "untouched: a per-image function) or 'target' (the target batch's, running statistics adapted to the target "
+        "as the 2019 code did; training then runs both copies on the whole batch)")
 
 
 class OptimParams(_Section):

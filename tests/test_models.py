@@ -118,6 +118,35 @@ def test_frozen_branch_is_frozen_in_train_mode():
     assert not any(id(p) in names for p in model.frozen_blocks.parameters())
 
 
+
+def test_target_bn_statistics_adapt_the_frozen_copy_but_not_its_weights():
+    """policy.frozen_bn=target (the 2019 behaviour): the frozen copy normalises with the batch and
+    moves its running statistics toward the target data; its weights never change, and its BN is
+    back on the adapted running statistics at evaluation."""
+    model = _spottune("efficientnet_lite0", "imagenet", frozen_bn="target").train()
+    bn = [m for m in model.frozen_blocks.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(m.training for m in bn)
+    weights = {k: v.clone() for k, v in model.frozen_blocks.state_dict().items() if "running" not in k and "num_batches" not in k}
+    stats = bn[0].running_mean.clone()
+    x = torch.randn(8, 3, 32, 32)
+    out = model(x)
+    out.logits.sum().backward()
+    assert not torch.equal(stats, bn[0].running_mean)
+    assert all(torch.equal(v, model.frozen_blocks.state_dict()[k]) for k, v in weights.items())
+    assert all(p.grad is None for p in model.frozen_blocks.parameters())
+    outputs = []
+    for execution in ("auto", "mixed"):  # training runs the mixed formulation (same seed: same drop-connect)
+        twin = copy.deepcopy(model)
+        twin.execution = execution
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outputs.append(twin(x, out.decisions).logits)
+    assert torch.equal(*outputs)
+    model.eval()
+    assert not any(m.training for m in bn)
+    assert not any(m.training for m in _spottune("efficientnet_lite0", "imagenet").train().frozen_blocks.modules())
+
+
 def _optim():
     from spottune.config import OptimParams
 

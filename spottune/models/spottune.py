@@ -12,6 +12,10 @@ Three ways to execute it, all computing the same function:
                (their output is needed only for the policy's gradient <g, F~ - F>)
   conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch
 
+With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's
+statistics in training and adapts its running statistics (the 2019 code's behaviour; its weights
+stay frozen): that copy is then no per-image function either, so training runs `mixed`.
+
 Sub-batches are cut from one sort of the decisions per step and padded to a multiple of `bucket`
 images, so there is one host synchronisation per forward and few distinct shapes (cuDNN's autotuner
 sees each once). Unlike the 2019 code, the frozen copy is truly frozen (eval-mode BN, no gradients)
@@ -79,6 +83,16 @@ class SpotTuneNet(TransferModel):
         self.freeze(self.frozen_blocks)
         if not train_stem:
             self.freeze(self.stem)
+        # BN layers of the frozen copy that follow train() although frozen ('target' statistics).
+        self.adapting_norms = [m for m in self.frozen_blocks.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                               ] if policy.frozen_bn == "target" else []
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> SpotTuneNet:
+        super().train(mode)
+        for m in getattr(self, "adapting_norms", []):
+            m.train(mode)
+        return self
 
     @property
     def num_blocks(self) -> int:
@@ -97,7 +111,11 @@ class SpotTuneNet(TransferModel):
         if execution == "auto":
             # Training keeps the tuned copy on the whole batch (its BN uses batch statistics);
             # evaluation has per-image blocks only, so each image can run its chosen branch alone.
-            execution = "split" if self.training else "conditional"
+            # With target statistics in the frozen copy too, training has no per-image branch: mixed.
+            if not self.training:
+                execution = "conditional"
+            else:
+                execution = "mixed" if self.adapting_norms else "split"
         plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
         x = self.stem(images)
         for l, (frozen, tuned) in enumerate(zip(self.frozen_blocks, self.tuned_blocks)):

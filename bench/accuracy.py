@@ -64,6 +64,7 @@ class Suite:
     targets: tuple[str, ...]
     methods: dict[str, dict[str, Any]]
     grid: tuple[float, ...]
+    reference: str | None = None  # a suite whose fine-tuning runs this one is also compared with
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,8 @@ def full_profile() -> Profile:
         suites={
             "lite0": Suite("efficientnet_lite0", "imagenet",
                            ("mnist-100", "mnist-1000", "fashion-100", "fashion-1000", "digits"), _methods(16), grid),
-            # Three scales: its source weights (not kept in the repository) made the runs of the first
-            # grid; a fourth scale needs them again, or the whole suite rerun from a new source run.
-            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid[:3]),
-            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100", "digits"), STUDY, grid),
+            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid),
+            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100", "digits"), STUDY, grid, reference="lite0"),
         },
         source="fashion-source",
         source_overrides={"optim.lr_net": 0.1, "optim.lr_head": 0.1, "data.batch_size": 128},
@@ -458,20 +457,11 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
         baseline = "finetune" if "finetune" in suite.methods else next(iter(suite.methods))
         lines += ["", f"Paired difference against `{baseline}` (percentage points): mean over seeds, 95% bootstrap "
                   "CI over test images, seeds won / lost.", ""]
-        lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
-        for method in suite.methods:
-            if method == baseline:
-                continue
-            row = []
-            for t in targets:
-                a, b = _finished(cells.get((suite_name, t, baseline))), _finished(cells.get((suite_name, t, method)))
-                if not a or not b:
-                    row.append("–")
-                    continue
-                d = paired_difference(a, b)
-                row.append(f"{100 * d['difference']:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
-                           f"{d['wins']}/{d['losses']}")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines += _difference_table(cells, suite_name, [m for m in suite.methods if m != baseline], targets,
+                                   (suite_name, baseline))
+        if suite.reference:
+            lines += ["", f"Paired difference against `finetune` of suite `{suite.reference}` (the same test images).", ""]
+            lines += _difference_table(cells, suite_name, list(suite.methods), targets, (suite.reference, "finetune"))
         routed = [m for m in suite.methods if suite.methods[m].get("model.method") == "spottune"]
         if routed:
             lines += ["", "Tuned blocks per test image (of the backbone's blocks), mean over seeds.", ""]
@@ -493,6 +483,25 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
     lines += [f"{len(runs)} runs on {', '.join(devices)}; {gpu_seconds / 3600:.2f} process-hours in all "
               f"(runs share GPUs, so wall time is less: see the command log below).", ""]
     return "\n".join(lines)
+
+
+def _difference_table(cells, suite_name: str, methods: list[str], targets: list[str],
+                      baseline: tuple[str, str]) -> list[str]:
+    """Rows of `paired_difference` per method and target against the (suite, method) `baseline`."""
+    lines = ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for method in methods:
+        row = []
+        for t in targets:
+            a = _finished(cells.get((baseline[0], t, baseline[1])))
+            b = _finished(cells.get((suite_name, t, method)))
+            if not a or not b:
+                row.append("–")
+                continue
+            d = paired_difference(a, b)
+            row.append(f"{100 * d['difference']:+.2f} [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}] "
+                       f"{d['wins']}/{d['losses']}")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines
 
 
 def routing_figure(cells, suite_name: str, targets: list[str], method: str, out_dir: Path) -> str | None:

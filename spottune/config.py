@@ -121,7 +121,7 @@ class PolicyParams(_Section):
     frozen_bn: Literal["pretrained", "target"] = Field(
         "pretrained", description="statistics the frozen copy's BatchNorm uses in training: 'pretrained' (its own, "
         "untouched: a per-image function) or 'target' (the target batch's, running statistics adapted to the target "
-        "as the 2019 code did; training then runs both copies on the whole batch)")
+        "as in the 2019 code, affine weights still frozen; training then runs both copies on the whole batch)")
 
 
 class OptimParams(_Section):

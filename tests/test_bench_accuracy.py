@@ -102,3 +102,19 @@ def test_pool_workers_fork_their_data_loaders_and_take_one_gpu_each():
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=bench._pin_gpu, initargs=(slots,)) as pool:
         method, gpu, threads = pool.submit(_start_method_and_threads).result(timeout=120)
     assert (method, gpu, threads) == ("fork", "1", "1")
+
+
+def test_a_diverging_learning_rate_is_recorded_and_never_chosen(tmp_path):
+    """A scale too large for a method is a result of the grid (kept, never chosen), not a crash of the benchmark."""
+    bench = _bench()
+    profile = bench.smoke_profile()
+    bench.prepare(profile, tmp_path / "data")
+    base = {"lr_net": 0.01, "lr_head": 0.1, "lr_policy": 0.01}
+    job = bench.target_job(profile, tmp_path / "data", tmp_path / "results", base, "lite0", "digits", "finetune", 0, 1e30)
+    result = bench.run_job(job, tmp_path / "results", tmp_path / "runs", "cpu")
+    assert "not finite" in result["diverged"] and result["val_accuracy"] is None and result["test"] is None
+    assert bench.load_done(tmp_path / "results")[job.key] == result
+    assert not (tmp_path / "runs" / job.key.removesuffix(".json")).exists()
+    finished = {**result, "lr_scale": 3.0, "val_accuracy": 0.1, "diverged": None}
+    assert bench.choose_scale([result, finished]) == 3.0
+    assert bench._finished([result, finished]) == [finished]

@@ -120,7 +120,7 @@ def test_frozen_branch_is_frozen_in_train_mode():
 
 
 def test_target_bn_statistics_adapt_the_frozen_copy_but_not_its_weights():
-    """policy.frozen_bn=target (the 2019 behaviour): the frozen copy normalises with the batch and
+    """policy.frozen_bn=target (the 2019 code's BN statistics): the frozen copy normalises with the batch and
     moves its running statistics toward the target data; its weights never change, and its BN is
     back on the adapted running statistics at evaluation."""
     model = _spottune("efficientnet_lite0", "imagenet", frozen_bn="target").train()

@@ -12,14 +12,15 @@ Three ways to execute it, all computing the same function:
                (their output is needed only for the policy's gradient <g, F~ - F>)
   conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch
 
-With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's
-statistics in training and adapts its running statistics (the 2019 code's behaviour; its weights
-stay frozen): that copy is then no per-image function either, so training runs `mixed`.
-
 Sub-batches are cut from one sort of the decisions per step and padded to a multiple of `bucket`
 images, so there is one host synchronisation per forward and few distinct shapes (cuDNN's autotuner
 sees each once). Unlike the 2019 code, the frozen copy is truly frozen (eval-mode BN, no gradients)
 and evaluation decisions are deterministic argmax by default.
+
+With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's
+statistics in training and adapts its running statistics, as the 2019 code's "frozen" copy did
+(which also trained its BN affine weights; here every weight stays frozen). That copy is then no
+per-image function either, so training runs `mixed`.
 """
 
 from __future__ import annotations

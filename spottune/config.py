@@ -263,7 +263,10 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def printable(key: str) -> str:
-    """A key as it appears in a message: control characters escaped, so one key is always one line."""
+    """A key as it appears in a message: control characters escaped, so one key is always one line;
+    a key that is blank or starts or ends with a space quoted, so it can be seen."""
+    if key != key.strip() or not key:
+        return repr(key)
     return key if key.isprintable() else key.encode("unicode_escape").decode()
 
 

@@ -1,8 +1,9 @@
-"""Benchmark: images/s that the pipeline's own data path delivers (PNG/JPEG decode, resize, normalise).
+"""Benchmark: images/s that the pipeline's own data path delivers (PNG/JPEG decode and resize in the
+loader's workers; uint8 batches moved to the device and normalised there).
 
-Uses `spottune.data.loaders` exactly as training does (same transforms, same DataLoader settings),
-on an ImageFolder tree; optionally moves each batch to the GPU (pinned memory, channels_last) to
-include the copy. Compare its images/s with the training images/s it must feed
+Uses `spottune.data.loaders` and `DeviceSetup.images` exactly as training does (same transforms, same
+DataLoader settings), on an ImageFolder tree; on a GPU machine each batch goes to the GPU (pinned
+memory, channels_last), so the copy is included. Compare its images/s with the training images/s it must feed
 (bench/train_step.py): the loader should not be the bottleneck.
 
     python bench/data_loader.py --root data/fashion-mnist --size 224 --batch 128 --workers 4 8 16
@@ -21,20 +22,23 @@ import torch
 
 from spottune.config import validate_params
 from spottune.data.loaders import build_datasets, make_loader
+from spottune.engine import DeviceSetup
 from spottune.models.backbones import input_normalization
 
 
 def measure(root: Path, size: int, batch: int, workers: int, batches: int, to_gpu: bool, augment: bool) -> dict:
     params = validate_params({"data": {"root": str(root), "image_size": size, "batch_size": batch,
                                        "num_workers": workers, "augment": augment}})
-    splits = build_datasets(params.data, *input_normalization("resnet50"), seed=0)
+    splits = build_datasets(params.data, seed=0)
+    # The images as the model gets them: on the device, normalised, channels_last (as in training).
+    setup = DeviceSetup(torch.device("cuda" if to_gpu else "cpu"), channels_last=to_gpu,
+                        mean=input_normalization("resnet50")[0], std=input_normalization("resnet50")[1])
     loader = make_loader(splits.train, batch, shuffle=True, num_workers=workers,
                          generator=torch.Generator().manual_seed(0), pin_memory=to_gpu, drop_last=True)
     images, started, first = 0, None, None
     while images < batches * batch:
         for x, _ in loader:
-            if to_gpu:
-                x = x.to("cuda", non_blocking=True, memory_format=torch.channels_last)
+            x = setup.images(x)
             if started is None:  # the first batch pays for worker start-up: not counted
                 started, first = time.perf_counter(), x.shape
                 continue

@@ -182,9 +182,10 @@ def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.training import load_model
 
     model, params, classes = load_model(args.run)
-    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
+    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last,
+                                input_normalization(params.model.backbone))
     model = model.to(setup.device)
-    tf = build_transform(params.data.image_size, *input_normalization(params.model.backbone), train=False, augment=False)
+    tf = build_transform(params.data.image_size, train=False, augment=False)
     batch = torch.stack([tf(load_rgb(str(p))) for p in args.images])
     with torch.inference_mode(), setup.autocast():
         out = model(setup.images(batch))

@@ -21,12 +21,12 @@ def evaluate_run(run_dir: Path, runtime: RuntimeSettings, *, data_root: Path | N
     model, params, classes = load_model(run_dir)
     if data_root is not None:  # another ImageFolder tree: the run's manifest does not describe it
         params = params.model_copy(update={"data": params.data.model_copy(update={"root": Path(data_root), "manifest": None})})
-    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last)
+    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last,
+                                input_normalization(params.model.backbone))
     model = model.to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    mean, std = input_normalization(params.model.backbone)
-    splits = build_datasets(params.data, mean, std, params.optim.seed)
+    splits = build_datasets(params.data, params.optim.seed)
     if splits.classes != classes:
         raise DataError(f"{params.data.root}: classes {splits.classes} differ from the model's {classes}")
     loader = make_loader(getattr(splits, split), params.data.eval_batch_size, shuffle=False,

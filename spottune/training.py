@@ -91,11 +91,11 @@ def fit(
                 p.unlink(missing_ok=True)
 
     seed_everything(params.optim.seed)
-    setup = DeviceSetup.resolve(dist.device_name(runtime.device), params.optim.amp, params.optim.channels_last)
+    setup = DeviceSetup.resolve(dist.device_name(runtime.device), params.optim.amp, params.optim.channels_last,
+                                input_normalization(params.model.backbone))
     dist.start(setup.device)
     log = log if dist.is_main else (lambda _: None)
-    mean, std = input_normalization(params.model.backbone)
-    splits = build_datasets(params.data, mean, std, params.optim.seed)
+    splits = build_datasets(params.data, params.optim.seed)
     num_classes = len(splits.classes)
     loader_gen = torch.Generator().manual_seed(params.optim.seed)
     pin = setup.device.type == "cuda"

@@ -15,8 +15,10 @@ def _photo(array, size: int, name: str) -> torch.Tensor:
     from spottune.data.loaders import build_transform
     from PIL import Image
 
-    tf = build_transform(size, *input_normalization(name), train=False, augment=False)
-    return tf(Image.fromarray(array)).unsqueeze(0)
+    from spottune.engine import DeviceSetup
+
+    setup = DeviceSetup.resolve("cpu", amp=False, channels_last=False, normalization=input_normalization(name))
+    return setup.images(build_transform(size, train=False, augment=False)(Image.fromarray(array)).unsqueeze(0))
 
 
 def test_efficientnet_lite0_imagenet_head_sees_the_cat_offline():

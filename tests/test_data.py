@@ -76,10 +76,34 @@ def test_validation_split_is_stratified_and_seeded():
 
 def test_datasets_from_an_image_folder(fashion_root, tiny_params):
     params = tiny_params(fashion_root)
-    splits = build_datasets(params.data, (0.5,) * 3, (0.5,) * 3, seed=0)
+    splits = build_datasets(params.data, seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (360, 40, 200)
     x, y = splits.train[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and 0 <= y < 10
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_images_normalised_on_the_device_equal_torchvisions_cpu_transform(fashion_root, tiny_params, size):
+    """The loaders hand over uint8 and DeviceSetup normalises: bit for bit what ToTensor + Normalize
+    in the workers gave, for every backbone's normalisation."""
+    from torchvision import transforms as T
+
+    from spottune.data.loaders import build_transform
+    from spottune.engine import DeviceSetup
+    from spottune.models.backbones import input_normalization
+
+    files = sorted((fashion_root / "train").rglob("*.png"))[:8]
+    images = [load_rgb(str(f)) for f in files]
+    batch = torch.stack([build_transform(size, train=False, augment=False)(im) for im in images])
+    assert batch.dtype == torch.uint8
+    for backbone in ("efficientnet_lite0", "resnet50"):
+        mean, std = input_normalization(backbone)
+        old = T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(mean, std)])
+        expected = torch.stack([old(im) for im in images])
+        setup = DeviceSetup.resolve("cpu", amp=False, channels_last=False, normalization=(mean, std))
+        assert torch.equal(setup.images(batch), expected)
+    with pytest.raises(ValueError, match="normalisation"):
+        DeviceSetup.resolve("cpu", amp=False, channels_last=False).images(batch)
 
 
 @pytest.fixture
@@ -92,7 +116,7 @@ def broken_root(fashion_root, tmp_path):
 def test_unreadable_image_is_named(broken_root, tiny_params):
     bad = next((broken_root / "train" / "bag").glob("*.png"))
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    splits = build_datasets(tiny_params(broken_root).data, (0.5,) * 3, (0.5,) * 3, seed=0)
+    splits = build_datasets(tiny_params(broken_root).data, seed=0)
     with pytest.raises(DataError, match=bad.name):
         for i in range(len(splits.train.dataset)):
             splits.train.dataset[i]
@@ -100,17 +124,17 @@ def test_unreadable_image_is_named(broken_root, tiny_params):
 
 def test_missing_directories_are_named(broken_root, tiny_params, tmp_path):
     with pytest.raises(DataError, match="nowhere"):
-        build_datasets(tiny_params(tmp_path / "nowhere").data, (0.5,) * 3, (0.5,) * 3, seed=0)
+        build_datasets(tiny_params(tmp_path / "nowhere").data, seed=0)
     shutil.rmtree(broken_root / "test")
     with pytest.raises(DataError, match="test"):
-        build_datasets(tiny_params(broken_root).data, (0.5,) * 3, (0.5,) * 3, seed=0)
+        build_datasets(tiny_params(broken_root).data, seed=0)
 
 
 def test_empty_class_and_mismatched_classes_are_named(broken_root, tiny_params):
     for f in (broken_root / "train" / "coat").iterdir():
         f.unlink()
     with pytest.raises(DataError, match="coat"):
-        build_datasets(tiny_params(broken_root).data, (0.5,) * 3, (0.5,) * 3, seed=0)
+        build_datasets(tiny_params(broken_root).data, seed=0)
     shutil.rmtree(broken_root / "train" / "coat")
     with pytest.raises(DataError, match="coat"):  # test/ still has it
-        build_datasets(tiny_params(broken_root).data, (0.5,) * 3, (0.5,) * 3, seed=0)
+        build_datasets(tiny_params(broken_root).data, seed=0)

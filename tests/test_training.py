@@ -11,11 +11,17 @@ from spottune.engine import DeviceSetup, train_one_epoch
 from spottune.models import build_model
 
 
-def _loader(root, params):
-    from spottune.data.loaders import build_datasets, make_loader
+def _cpu(params) -> DeviceSetup:
     from spottune.models.backbones import input_normalization
 
-    splits = build_datasets(params.data, *input_normalization(params.model.backbone), seed=0)
+    return DeviceSetup.resolve("cpu", amp=False, channels_last=False,
+                               normalization=input_normalization(params.model.backbone))
+
+
+def _loader(root, params):
+    from spottune.data.loaders import build_datasets, make_loader
+
+    splits = build_datasets(params.data, seed=0)
     return make_loader(splits.train, params.data.batch_size, shuffle=True, num_workers=0,
                        generator=torch.Generator().manual_seed(0)), len(splits.classes)
 
@@ -29,7 +35,7 @@ def test_training_changes_tuned_head_policy_and_never_the_frozen_branch(fashion_
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=0.01, momentum=0.9)
     policy_grads = []
     model.policy.fc.weight.register_hook(lambda g: policy_grads.append(g.abs().sum().item()))
-    train_one_epoch(model, optimizer, loader, DeviceSetup(torch.device("cpu")), epoch=0, max_steps=4, progress=False)
+    train_one_epoch(model, optimizer, loader, _cpu(params), epoch=0, max_steps=4, progress=False)
     after = model.state_dict()
 
     frozen = [k for k in before if k.startswith("frozen_blocks.")]
@@ -53,7 +59,7 @@ def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
     torch.manual_seed(0)
     model = build_model(params, n)
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=0.01, momentum=0.9)
-    setup = DeviceSetup(torch.device("cpu"))
+    setup = _cpu(params)
     first = train_one_epoch(model, optimizer, loader, setup, epoch=0, max_steps=1, progress=False)
     history = [train_one_epoch(model, optimizer, loader, setup, epoch=e, max_steps=8, progress=False)
                for e in range(1, 8)]
@@ -66,7 +72,7 @@ def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
     model.policy_params = model.policy_params.model_copy(update={"eval_decisions": "sample"})
     images, _ = next(iter(loader))
     with torch.no_grad():
-        per_image = model(images).decisions.sum(1).float().mean().item()
+        per_image = model(setup.images(images)).decisions.sum(1).float().mean().item()
     assert abs(per_image - k) < 1.0, per_image
 
 

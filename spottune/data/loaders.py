@@ -40,7 +40,9 @@ def load_rgb(path: str):
         raise DataError(f"cannot decode image {path}: {e}") from None
 
 
-def build_transform(image_size: int, mean, std, *, train: bool, augment: bool):
+def build_transform(image_size: int, *, train: bool, augment: bool):
+    """PIL image -> uint8 CHW tensor at `image_size`; the float conversion and the backbone's
+    normalisation happen on the device (`DeviceSetup.images`), where they cost almost nothing."""
     from torchvision import transforms as T
 
     resize = (
@@ -48,7 +50,7 @@ def build_transform(image_size: int, mean, std, *, train: bool, augment: bool):
         if train and augment
         else T.Resize((image_size, image_size), antialias=True)
     )
-    return T.Compose([resize, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([resize, T.PILToTensor()])
 
 
 @dataclass
@@ -134,17 +136,16 @@ def _manifest_datasets(data: DataParams, train_tf, eval_tf) -> DataSplits:
     )
 
 
-def build_datasets(data: DataParams, mean, std, seed: int) -> DataSplits:
-    """Train/val/test datasets from the manifest when `data.manifest` is set, else from the ImageFolder tree."""
+def build_datasets(data: DataParams, seed: int) -> DataSplits:
+    """Train/val/test datasets of uint8 images from the manifest when `data.manifest` is set, else from
+    the ImageFolder tree."""
     root = Path(data.root)
+    train_tf = build_transform(data.image_size, train=True, augment=data.augment)
+    eval_tf = build_transform(data.image_size, train=False, augment=False)
     if data.manifest is not None:
-        train_tf = build_transform(data.image_size, mean, std, train=True, augment=data.augment)
-        eval_tf = build_transform(data.image_size, mean, std, train=False, augment=False)
         return _manifest_datasets(data, train_tf, eval_tf)
     if not root.is_dir():
         raise DataError(f"data.root: directory not found: {root} (materialise one with `spottune data`)")
-    train_tf = build_transform(data.image_size, mean, std, train=True, augment=data.augment)
-    eval_tf = build_transform(data.image_size, mean, std, train=False, augment=False)
     train = _image_folder(root / "train", train_tf, root)
     test = _image_folder(root / "test", eval_tf, root)
     if (root / "val").is_dir():

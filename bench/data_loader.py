@@ -31,8 +31,8 @@ def measure(root: Path, size: int, batch: int, workers: int, batches: int, to_gp
                                        "num_workers": workers, "augment": augment}})
     splits = build_datasets(params.data, seed=0)
     # The images as the model gets them: on the device, normalised, channels_last (as in training).
-    setup = DeviceSetup(torch.device("cuda" if to_gpu else "cpu"), channels_last=to_gpu,
-                        mean=input_normalization("resnet50")[0], std=input_normalization("resnet50")[1])
+    setup = DeviceSetup.resolve("cuda" if to_gpu else "cpu", amp=False, channels_last=True,
+                                normalization=input_normalization("resnet50"))
     loader = make_loader(splits.train, batch, shuffle=True, num_workers=workers,
                          generator=torch.Generator().manual_seed(0), pin_memory=to_gpu, drop_last=True)
     images, started, first = 0, None, None

@@ -51,8 +51,8 @@ class DeviceSetup:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
     @cached_property
-    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_uint8 * scale + shift == (x / 255 - mean) / std, as device tensors made once (no copy per step)."""
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, C, 1, 1) device tensors, made once: no host-to-device copy per step."""
         if self.mean is None or self.std is None:
             raise ValueError("uint8 images need the backbone's normalisation: DeviceSetup(..., mean=..., std=...)")
         mean = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -70,7 +70,7 @@ class DeviceSetup:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         x = x.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
-            mean, std = self._scale_shift
+            mean, std = self._mean_std
             x = x.float().div_(255).sub_(mean).div_(std)
         return x.contiguous(memory_format=fmt)
 

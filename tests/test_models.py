@@ -118,7 +118,6 @@ def test_frozen_branch_is_frozen_in_train_mode():
     assert not any(id(p) in names for p in model.frozen_blocks.parameters())
 
 
-
 def test_target_bn_statistics_adapt_the_frozen_copy_but_not_its_weights():
     """policy.frozen_bn=target (the 2019 code's BN statistics): the frozen copy normalises with the batch and
     moves its running statistics toward the target data; its weights never change, and its BN is

@@ -84,14 +84,16 @@ class SpotTuneNet(TransferModel):
         self.freeze(self.frozen_blocks)
         if not train_stem:
             self.freeze(self.stem)
-        # BN layers of the frozen copy that follow train() although frozen ('target' statistics).
-        self.adapting_norms = [m for m in self.frozen_blocks.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                               ] if policy.frozen_bn == "target" else []
-        self.train(self.training)
+        # BN layers of the frozen copy that follow train()/eval() although frozen ('target' statistics).
+        self.adapting_norms: list[nn.Module] = []
+        if policy.frozen_bn == "target":
+            self.adapting_norms = [m for m in self.frozen_blocks.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for m in self.adapting_norms:
+                m.train(self.training)
 
     def train(self, mode: bool = True) -> SpotTuneNet:
         super().train(mode)
-        for m in getattr(self, "adapting_norms", []):
+        for m in self.adapting_norms:
             m.train(mode)
         return self
 

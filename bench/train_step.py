@@ -1,13 +1,16 @@
 """Benchmark: SpotTune's training step and inference against plain fine-tuning, on one GPU.
 
-Same engine and settings for every row (bf16 autocast, channels_last, SGD with momentum); the batch
+Same engine step (`spottune.engine.train_step`) and settings for every row (bf16 autocast,
+channels_last, SGD with momentum); the batch
 lives on the GPU so only the model is timed (the data path has its own benchmark). Rows:
   hand-written   the plainest torchvision fine-tuning loop (our engine should be as fast)
   finetune       our FineTuneNet
-  spottune       per execution (mixed = the 2019 design, split/conditional = ours) and routing mix:
-                 p=0.5/0.1/0.9 draw each image's decision per block with that probability;
-                 'trained' replays the per-block routing a policy learnt on real data
-                 (bench/results/routing-*.json)
+  spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training,
+                 conditional inference, folded frozen BN, CUDA-graphed policy at inference;
+                 'ours-recompute' adds policy.recompute_frozen; 'ours-nofold' and 'ours-nograph'
+                 leave one part out) and routing mix: p=0.5/0.1/0.9 draw
+                 each image's decision per block with that probability; 'trained' replays the
+                 per-block routing a policy learnt on real data (bench/results/routing-*.json)
 
     python bench/train_step.py --out bench/results/train_step.json
 
@@ -45,6 +48,26 @@ def cuda_time(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def print_profile(fn, title: str, steps: int = 5) -> None:
+    """Where a step's GPU time goes: the ops with the most CUDA time over `steps` steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events) / steps / 1e3
+    print(f"\n== {title}: {total:.1f} ms of GPU time per step")
+    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:22]:
+        ms = e.self_device_time_total / steps / 1e3
+        if ms > 0.05:
+            print(f"  {ms:7.2f} ms {100 * ms / total:5.1f}%  {e.count // steps:5d}x  {e.key[:90]}")
+
+
 def set_routing(model, mix: str, trained: list[float]) -> None:
     """Policy whose decisions follow `mix`: per-image random draws at rate p, or a trained per-block pattern."""
     probs = trained if mix == "trained" else [float(mix)] * model.num_blocks
@@ -67,8 +90,19 @@ def _batch(batch: int, size: int):
     return x, torch.randint(0, 100, (batch,), device="cuda", generator=g)
 
 
+EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, graph the policy, recompute_frozen)
+    "mixed": ("mixed", False, False, False),  # the 2019 design
+    "ours": ("auto", True, True, False),
+    "ours-recompute": ("auto", True, True, True),  # policy.recompute_frozen: memory for time
+    "ours-nofold": ("auto", False, True, False),
+    "ours-nograph": ("auto", True, False, False),
+}
+
+
 def measure(backbone: str, method: str, execution: str | None, mix: str | None, trained: list[float],
-            batch: int, size: int, steps: int, warmup: int, policy: dict) -> dict:
+            batch: int, size: int, steps: int, warmup: int, policy: dict, profile: bool = False) -> dict:
+    from spottune.engine import DeviceSetup, train_step
+
     params = validate_params({"model": {"backbone": backbone, "weights": "none", "method": method},
                               "data": {"image_size": size},
                               "policy": {k: v for k, v in policy.items() if k != "compile"}})
@@ -76,52 +110,60 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
         set_routing(model, mix, trained)
+        mode, model.fold_frozen_bn, model.graph_policy, recompute = EXECUTIONS[execution]
+        model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute})
         if policy.get("compile"):
             model.policy = torch.compile(model.policy)
+            model.graph_policy = False
+    setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True)
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=1e-3, momentum=0.9)
     x, y = _batch(batch, size)
 
-    def train_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x)
-            loss = F.cross_entropy(out.logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def step():  # the engine's own training step
+        train_step(model, model, optimizer, x, y, setup)
 
     row = {"backbone": backbone, "method": method, "execution": execution, "mix": mix, "batch": batch, "size": size}
     model.train()
     if execution is not None:
-        model.execution = {"mixed": "mixed", "ours": "auto"}[execution]
+        model.execution = mode
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
-    row["train_ms"] = cuda_time(train_step, steps, warmup)
+    row["train_ms"] = cuda_time(step, steps, warmup)
     row["peak_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**30 + base_mem / 2**30
     row["train_img_s"] = batch / row["train_ms"] * 1e3
+    if profile:
+        print_profile(step, f"{backbone} {method} {execution or ''} {mix or ''}")
 
     model.eval()
     if execution is not None:
-        model.execution = {"mixed": "mixed", "ours": "auto"}[execution]
+        model.execution = "mixed" if mode == "mixed" else "auto"
 
     @torch.inference_mode()
     def infer():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with setup.autocast():
             return model(x)
 
     row["infer_ms"] = cuda_time(infer, steps, warmup)
     row["infer_img_s"] = batch / row["infer_ms"] * 1e3
+    if profile:
+        print_profile(infer, f"{backbone} {method} {execution or ''} {mix or ''} inference")
     if mix is not None:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.inference_mode(), setup.autocast():
             torch.manual_seed(1)
             decisions = model.decide(x)
             model.execution = "mixed"
-            ref = model(x, decisions).logits.float()
+            ref = model(x, decisions).logits.float()  # the mixed formulation of the same function
+            fold = model.fold_frozen_bn
+            model.fold_frozen_bn = False
+            ref_2019 = model(x, decisions).logits.float()  # and of the unfolded network
+            model.fold_frozen_bn = fold
             model.execution = "conditional"
             got = model(x, decisions).logits.float()
         row["tuned_fraction"] = float(decisions.float().mean())
         row["infer_rel_err_vs_mixed"] = float((got - ref).norm() / ref.norm())
         row["infer_same_top1"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
+        row["infer_same_top1_vs_unfolded"] = float((got.argmax(1) == ref_2019.argmax(1)).float().mean())
     return row
 
 
@@ -186,7 +228,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101", "efficientnet_lite0"])
     ap.add_argument("--mixes", nargs="+", default=["0.5", "0.1", "0.9", "trained"])
-    ap.add_argument("--executions", nargs="+", default=["mixed", "ours"])
+    ap.add_argument("--executions", nargs="+", default=["mixed", "ours"], choices=list(EXECUTIONS))
     ap.add_argument("--trained-routing", type=Path, default=Path(__file__).parent / "results" / "routing-fashion-mnist-lite0.json")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
@@ -196,6 +238,8 @@ def main() -> None:
     ap.add_argument("--policy-input", type=int, default=64)
     ap.add_argument("--compile-policy", action="store_true", help="torch.compile the routing policy")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for every row")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the table: torch.profiler's CUDA time per op for each row's training step")
     ap.add_argument("--out", type=Path, default=Path("bench/results/train_step.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -210,11 +254,11 @@ def main() -> None:
         if backbone.startswith("resnet") and backbone != "resnet26":
             rows.append(hand_written_loop(backbone, args.batch, args.size, args.steps, args.warmup))
         rows.append(measure(backbone, "finetune", None, None, trained, args.batch, args.size, args.steps, args.warmup,
-                            policy))
+                            policy, args.profile))
         for execution in args.executions:
             for mix in args.mixes:
                 rows.append(measure(backbone, "spottune", execution, mix, trained, args.batch, args.size,
-                                    args.steps, args.warmup, policy))
+                                    args.steps, args.warmup, policy, args.profile))
                 torch.cuda.empty_cache()
     policy_row = policy_cost(policy, 16, args.batch, args.size, args.steps, args.warmup)
     gpu = torch.cuda.get_device_name()

@@ -122,6 +122,9 @@ class PolicyParams(_Section):
         "pretrained", description="statistics the frozen copy's BatchNorm uses in training: 'pretrained' (its own, "
         "untouched: a per-image function) or 'target' (the target batch's, running statistics adapted to the target "
         "as in the 2019 code, affine weights still frozen; training then runs both copies on the whole batch)")
+    recompute_frozen: bool = Field(
+        False, description="memory for time: where a block's images take both branches, keep none of the frozen "
+        "copy's activations and run its forward again in the backward pass (same gradients)")
 
 
 class OptimParams(_Section):

@@ -58,7 +58,8 @@ class Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids,
+                                       find_unused_parameters=getattr(model, "unused_parameters", False))
 
     def barrier(self) -> None:
         if self.enabled:

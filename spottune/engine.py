@@ -48,7 +48,9 @@ class DeviceSetup:
         return cls(device, amp=amp and on_cuda, channels_last=channels_last and on_cuda, mean=mean, std=std)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+        # No weight-cast cache: each weight is used once per forward, and a CUDA graph captured
+        # under it (SpotTune's policy at inference) would read cast copies freed at its exit.
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.amp else nullcontext()
 
     @cached_property
     def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +148,7 @@ def train_one_epoch(
         if max_steps is not None and step >= max_steps:
             break
         images, labels = setup.images(images), labels.to(setup.device, non_blocking=True)
-        with setup.autocast():
-            out = forward(images)
-            loss = F.cross_entropy(out.logits.float(), labels)
-            extra = model.regularization(out)
-            total_loss = loss if extra is None else loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        optimizer.step()
+        loss, out = train_step(model, forward, optimizer, images, labels, setup)
         stats.add(loss, out.logits, labels, out.decisions)
         if progress and step % 10 == 0 and hasattr(bar, "set_postfix"):
             s = stats.summary()
@@ -161,6 +156,35 @@ def train_one_epoch(
     if not torch.isfinite(stats.loss_sum):
         raise FloatingPointError(f"training loss is not finite in epoch {epoch}: lower the learning rates")
     return stats.summary()
+
+
+def fill_missing_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimised parameter that the backward pass left without a gradient a zero one.
+
+    Why: a SpotTune step may leave a tuned block out of autograd's graph (no image chose it); its
+    gradient in the mixed formulation is exactly zero, and SGD must still apply momentum and weight
+    decay to it, which it skips for a gradient of None. Only the few skipped tensors are allocated.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
+def train_step(model: TransferModel, forward: Callable[[torch.Tensor], Any], optimizer: torch.optim.Optimizer,
+               images: torch.Tensor, labels: torch.Tensor, setup: DeviceSetup) -> tuple[torch.Tensor, Any]:
+    """One optimisation step on a batch already on the device; returns (classification loss, model output)."""
+    with setup.autocast():
+        out = forward(images)
+        loss = F.cross_entropy(out.logits.float(), labels)
+        extra = model.regularization(out)
+        total_loss = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    total_loss.backward()
+    if model.unused_parameters:
+        fill_missing_gradients(optimizer)
+    optimizer.step()
+    return loss, out
 
 
 @torch.inference_mode()

@@ -54,3 +54,29 @@ def test_conditional_equals_mixed_on_gpu(backbone, weights):
         model.execution = "conditional"
         cond16 = model(x, d).logits.float()
     assert (cond16 - mixed16).norm() / mixed16.norm() < 2e-2
+
+
+def test_graphed_policy_at_inference_gives_the_eager_policys_decisions():
+    """The inference graph replays the policy's own kernels on its current weights; training runs it eagerly."""
+    model, _ = _model("resnet50", "none", 64)
+    policy, graphed = model.policy, model._graphed_policy
+    x = torch.randn(32, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True)
+    model.eval()
+    for _ in range(2):  # the second round after a weight change: the graph reads the parameters in place
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        with torch.inference_mode(), setup.autocast():
+            eager, replayed = policy(x).float(), graphed(x).float()
+            model.graph_policy = False
+            eager_out = model(x)
+            model.graph_policy = True
+            graphed_out = model(x)
+        torch.testing.assert_close(replayed, eager, rtol=1e-2, atol=1e-2)
+        assert torch.equal(graphed_out.decisions, eager_out.decisions)
+        assert torch.equal(graphed_out.logits, eager_out.logits)
+    assert len(graphed._graphs) == 1  # one shape, one graph, reused
+    model.train()
+    with setup.autocast():
+        assert graphed(x).requires_grad  # training: the eager policy, with its autograd graph

@@ -27,9 +27,16 @@ def _through(stem, blocks, neck, head, x):
 
 @pytest.mark.parametrize("name,weights", [("efficientnet_lite0", "imagenet"), ("resnet26", "none"), ("resnet18", "none")])
 @pytest.mark.parametrize("execution", ["mixed", "conditional"])
-def test_forced_frozen_equals_pretrained_backbone(name, weights, execution):
+@pytest.mark.parametrize("fold", [False, True])
+def test_forced_frozen_equals_pretrained_backbone(name, weights, execution, fold):
+    """Bit for bit as the pretrained network; with BN folded into the convolutions (training), to float32 rounding."""
     model = _spottune(name, weights).eval()
     model.execution = execution
+    model.fold_frozen_bn = fold
+    if fold:  # folding applies in training: train mode, with stem and neck kept on their running statistics
+        model.train()
+        model.stem.eval()
+        model.neck.eval()
     torch.manual_seed(0)  # the same initial weights where there are no pretrained ones
     reference = build_backbone(name, weights, 32)  # an untouched copy of the pretrained network
     for m in (reference.stem, reference.blocks, reference.neck):
@@ -38,7 +45,35 @@ def test_forced_frozen_equals_pretrained_backbone(name, weights, execution):
     with torch.no_grad():
         out = model(x, decisions=torch.zeros(6, model.num_blocks))
         expected = _through(reference.stem, reference.blocks, reference.neck, model.head, x)
-    torch.testing.assert_close(out.logits, expected, rtol=0, atol=0)
+    tolerance = {} if fold else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(out.logits, expected, **tolerance)
+
+
+@pytest.mark.parametrize("name,weights,folds", [("efficientnet_lite0", "imagenet", True), ("resnet50", "none", True),
+                                                ("resnet26", "none", False)])
+def test_folded_frozen_blocks_compute_the_blocks_function_without_batchnorm(name, weights, folds):
+    """float64, with BN statistics and affine weights far from identity, so a wrong fold shows."""
+    from spottune.models.fold import fold_batchnorm
+
+    blocks = build_backbone(name, weights, 32).blocks.double().eval()
+    g = torch.Generator().manual_seed(0)
+    for m in blocks.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.3, 3), (m.weight.data, 0.5, 2), (m.bias.data, -1, 1)):
+                t.uniform_(lo, hi, generator=g)
+    folded = [fold_batchnorm(b) for b in blocks]
+    remaining = [n for f in folded if isinstance(f, torch.fx.GraphModule) for n in f.graph.nodes
+                 if n.op == "call_module" and isinstance(f.get_submodule(n.target), torch.nn.BatchNorm2d)]
+    assert (not remaining and all(isinstance(f, torch.fx.GraphModule) for f in folded)) == folds
+    lite = name == "efficientnet_lite0"  # the first block's input for a 32 px image: (32, 16, 16) or (C, 8, 8)
+    x = torch.randn(3, 32 if lite else blocks[0].conv1.in_channels, *((16, 16) if lite else (8, 8)),
+                    generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = x, x
+        for block, twin in zip(blocks, folded):
+            a, b = block(a), twin(b)
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    assert not any(p.requires_grad for f in folded for p in f.parameters())
 
 
 @pytest.mark.parametrize("name,weights", [("efficientnet_lite0", "imagenet"), ("resnet26", "none")])
@@ -184,27 +219,57 @@ def test_split_training_gives_the_mixed_formulations_gradients(name, weights, p_
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(12, 3, 16, 16, generator=g, dtype=torch.float64)
     d0 = (torch.rand(12, 12 if name == "resnet26" else 8, generator=g) < p_tuned).double()
-    for execution in ("mixed", "split"):
-        model = _spottune(name, weights).double().train()
+    for execution in ("mixed", "split", "recompute"):
+        model = _spottune(name, weights, recompute_frozen=execution == "recompute").double().train()
         for b in model.tuned_blocks.modules():  # no drop-connect noise: compare deterministic functions
             if hasattr(b, "drop_connect_rate"):
                 b.drop_connect_rate = 0.0
-        model.execution = execution
-        model.bucket = 8  # pads sub-batches: padding must not leak into results
+        model.execution = "split" if execution == "recompute" else execution
         x = x0.clone().requires_grad_(True)
         d = d0.clone().requires_grad_(True)
         out = model(x, d)
         out.logits.pow(2).sum().backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and not n.startswith("policy.")}
         stats = {n: b for n, b in model.named_buffers() if "running" in n}
         results[execution] = (out.logits.detach(), x.grad, d.grad, grads, stats)
-    (lm, xm, dm, gm, sm), (ls, xs, ds, gs, ss) = results["mixed"], results["split"]
+    lm, xm, dm, gm, sm = results["mixed"]
+    for ls, xs, ds, gs, ss in (results["split"], results["recompute"]):
+        _assert_same_training_step(lm, xm, dm, gm, sm, ls, xs, ds, gs, ss, d0)
+
+
+def _assert_same_training_step(lm, xm, dm, gm, sm, ls, xs, ds, gs, ss, d0):
     torch.testing.assert_close(ls, lm, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(xs, xm, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ds, dm, rtol=1e-9, atol=1e-9)
     assert gs.keys() == gm.keys() and any(k.startswith("tuned_blocks.") for k in gm)
     assert not any(k.startswith("frozen_blocks.") for k in gm)
+    assert all(gm[k] is not None for k in gm)
+    # A tuned copy no image chose runs without autograd under split: its mixed-form gradient is exactly 0.
+    skipped = {k for k in gs if gs[k] is None}
+    assert all(k.startswith("tuned_blocks.") for k in skipped)
+    assert {int(k.split(".")[1]) for k in skipped} == {l for l in range(d0.shape[1]) if not d0[:, l].any()}
     for k in gm:
-        torch.testing.assert_close(gs[k], gm[k], rtol=1e-9, atol=1e-9, msg=k)
+        if k in skipped:
+            assert torch.count_nonzero(gm[k]) == 0, k
+        else:
+            torch.testing.assert_close(gs[k], gm[k], rtol=1e-9, atol=1e-9, msg=k)
     for k in sm:
         torch.testing.assert_close(ss[k], sm[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_gumbel_decisions_are_exactly_0_or_1_with_torchs_straight_through_gradient():
+    import torch.nn.functional as F
+
+    from spottune.models.policy import sample_decisions
+
+    logits = torch.randn(256, 6, 2, requires_grad=True)
+    torch.manual_seed(3)
+    ours = sample_decisions(logits, 2.0, "gumbel")
+    torch.manual_seed(3)
+    reference = F.gumbel_softmax(logits, tau=2.0, hard=True)[..., 1]
+    assert set(ours.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(ours, reference.round())
+    g = torch.randn(256, 6)
+    (ours_grad,) = torch.autograd.grad(ours, logits, g)
+    (reference_grad,) = torch.autograd.grad(reference, logits, g)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=0, atol=0)

@@ -23,6 +23,9 @@ class TransferModel(nn.Module):
     """
 
     frozen_modules: list[nn.Module]
+    # True when a training step may leave trainable parameters out of its graph (their gradient is
+    # then zero): DistributedDataParallel must look for them in every step.
+    unused_parameters: bool = False
 
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)

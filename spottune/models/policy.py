@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,17 +65,79 @@ class RoutingPolicy(nn.Module):
         return self.fc(x).view(-1, self.num_blocks, 2)
 
 
+class GraphedPolicy:
+    """Runs a RoutingPolicy at inference as a replayed CUDA graph, one per input shape.
+
+    Why: the policy is a few dozen small kernels whose cost is their launches, not their arithmetic
+    (measured on an H200 at batch 128: 2.5 ms per inference batch, unchanged at half its width),
+    and SpotTune's blocks wait for its decisions. A replayed graph launches them all at once.
+    Training runs it eagerly: there its launches overlap the blocks' work, and a graphed backward
+    would have to be kept apart from DistributedDataParallel's gradient hooks. So do CPU tensors,
+    gradients, and autocast with its weight cache (a graph would read cast copies freed at its
+    exit). Graphs read the parameters in place, so load_state_dict is seen; moving the model needs
+    `reset()`.
+    """
+
+    def __init__(self, policy: RoutingPolicy) -> None:
+        self.policy = policy
+        self._graphs: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def reset(self) -> None:
+        self._graphs.clear()
+        self._streams.clear()
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """A stream of `device` kept for running the policy beside other work."""
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled("cuda")
+        if (not images.is_cuda or self.policy.training or torch.is_grad_enabled()
+                or (autocast and torch.is_autocast_cache_enabled())):
+            return self.policy(images)
+        key = (tuple(images.shape), images.dtype, images.stride(), images.device, autocast,
+               torch.get_autocast_dtype("cuda") if autocast else None)
+        run = self._graphs.get(key)
+        if run is None:
+            run = self._graphs[key] = self._capture(images)
+        return run(images)
+
+    def _capture(self, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        static_in = images.detach().clone()
+        side = torch.cuda.Stream(images.device)
+        side.wait_stream(torch.cuda.current_stream(images.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN picks its algorithms here
+            for _ in range(2):
+                self.policy(static_in)
+        torch.cuda.current_stream(images.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.policy(static_in)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()  # the next replay overwrites static_out
+
+        return run
+
+
 def sample_decisions(logits: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:
     """Turn (B, L, 2) logits into (B, L) decisions in {0, 1}.
 
-    'gumbel': straight-through Gumbel-Softmax (hard one-hot forward, soft gradient backward);
+    'gumbel': straight-through Gumbel-Softmax (hard one-hot forward, soft gradient backward), with
+             forward values exactly 0 and 1 (torch's `hard=True` returns 1 - s + s, which can be
+             1 - 2**-24): a block can then return the chosen branch's output itself;
     'argmax': deterministic, no gradient (evaluation); 'sample': stochastic hard sample, no gradient.
     Noise comes from torch's generator on the logits' device, so seeding reproduces it on CPU and GPU.
     """
-    if mode == "gumbel":
-        return F.gumbel_softmax(logits.float(), tau=temperature, hard=True)[..., 1]
+    if mode in ("gumbel", "sample"):
+        soft = F.gumbel_softmax(logits.float(), tau=temperature, hard=False)
+        hard = (soft[..., 1] > soft[..., 0]).to(soft.dtype)  # torch's argmax: a tie takes index 0
+        return hard + (soft[..., 1] - soft[..., 1].detach()) if mode == "gumbel" else hard
     if mode == "argmax":
         return (logits[..., 1] > logits[..., 0]).to(logits.dtype)
-    if mode == "sample":
-        return F.gumbel_softmax(logits.float(), tau=temperature, hard=True)[..., 1].detach()
     raise ValueError(f"unknown decision mode {mode!r}; allowed: gumbel, argmax, sample")

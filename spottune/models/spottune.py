@@ -6,57 +6,88 @@ Three ways to execute it, all computing the same function:
 
   mixed        both branches on the whole batch with autograd, then mixed (the 2019 design; the
                reference the others are tested against)
-  split        training: the tuned copy runs on the whole batch (its BN statistics are the batch's,
-               as in the mixed form); the frozen copy, a per-image function (eval-mode BN), keeps an
-               autograd graph only for the images routed to it and runs the others without one
-               (their output is needed only for the policy's gradient <g, F~ - F>)
-  conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch
+  split        training: a block whose decisions all agree runs the branch no image chose without
+               autograd (its output only feeds the decisions' gradient <g, F~ - F>); a block with
+               mixed decisions runs both with autograd. The routed output is the chosen branch's
+               own output (decisions are exactly 0 or 1), and its backward is the mixed form's.
+  conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch,
+               in sub-batches cut from one sort of the decisions and padded to a multiple of
+               `bucket` images (few distinct shapes for cuDNN)
 
-Sub-batches are cut from one sort of the decisions per step and padded to a multiple of `bucket`
-images, so there is one host synchronisation per forward and few distinct shapes (cuDNN's autotuner
-sees each once). Unlike the 2019 code, the frozen copy is truly frozen (eval-mode BN, no gradients)
-and evaluation decisions are deterministic argmax by default.
+Each forward reads the per-block counts of tuned images on the host once (one synchronisation,
+taken after the stem is queued, so the GPU works while the host waits). Unlike the 2019 code, the
+frozen copy is truly frozen (eval-mode BN, no gradients), and evaluation decisions are
+deterministic argmax by default. Its BatchNorm layers are folded into the convolutions before
+them in training (`fold_frozen_bn`, spottune/models/fold.py), and at inference on CUDA the
+policy runs as a replayed CUDA graph (`graph_policy`) on a side stream, beside the stem: the same
+function, computed faster.
+
+A tuned copy that no image of the batch chose gets no gradient from autograd; its gradient in
+the mixed form is exactly zero, so the engine keeps gradients as zero tensors rather than None
+(SGD's momentum and weight decay still apply), and DistributedDataParallel is told to look for
+unused parameters (`unused_parameters`).
 
 With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's
 statistics in training and adapts its running statistics, as the 2019 code's "frozen" copy did
 (which also trained its BN affine weights; here every weight stays frozen). That copy is then no
-per-image function either, so training runs `mixed`.
+per-image function either, so training runs `mixed` and nothing is folded.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from functools import cached_property
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from spottune.config import OptimParams, PolicyParams
 from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, trainable
-from spottune.models.policy import RoutingPolicy, sample_decisions
+from spottune.models.fold import fold_batchnorm
+from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
 
 Execution = Literal["auto", "mixed", "split", "conditional"]
 
 
 class RoutingPlan:
-    """Per block: how many images take each branch (host ints, one sync) and the order that groups them."""
+    """Per block: how many images take the tuned copy (host ints, the one sync) and the order that groups them."""
 
     def __init__(self, decisions: torch.Tensor, bucket: int) -> None:
-        chosen = decisions.detach() > 0.5  # (B, L)
-        self.batch = chosen.shape[0]
+        self.chosen = decisions.detach() > 0.5  # (B, L)
+        self.batch = self.chosen.shape[0]
         self.bucket = bucket
-        self.tuned_counts: list[int] = chosen.sum(0).tolist()  # the one host sync
-        # Stable sort per block: frozen-routed images first, then tuned-routed, each in batch order.
-        self.order = torch.argsort(chosen.T.to(torch.uint8), dim=1, stable=True)  # (L, B)
-        self.inverse = torch.argsort(self.order, dim=1)
+        counts = self.chosen.sum(0)
+        self._ready: torch.cuda.Event | None = None
+        if counts.is_cuda:  # start the copy now; work queued after it (the stem) runs while the host waits
+            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self._host.copy_(counts, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(counts.device))
+        else:
+            self._host = counts
+
+    @cached_property
+    def tuned_counts(self) -> list[int]:
+        """Tuned images per block, on the host: the one synchronisation, which waits for the copy alone."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+    @cached_property
+    def order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stable sort per block, frozen-routed images first, then tuned-routed, each in batch order; and its inverse."""
+        order = torch.argsort(self.chosen.T.to(torch.uint8), dim=1, stable=True)  # (L, B)
+        return order, torch.argsort(order, dim=1)
 
     def groups(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """(frozen indices, tuned indices, n_frozen, n_tuned); index tensors padded to a bucket multiple."""
         n_t = self.tuned_counts[block]
         n_f = self.batch - n_t
-        order = self.order[block]
+        order = self.order[0][block]
         return self._pad(order[:n_f]), self._pad(order[n_f:]), n_f, n_t
 
     def _pad(self, idx: torch.Tensor) -> torch.Tensor:
@@ -66,6 +97,8 @@ class RoutingPlan:
 
 
 class SpotTuneNet(TransferModel):
+    unused_parameters = True  # a block's tuned copy sits out of a step that routes no image to it
+
     def __init__(
         self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True, dropout: float = 0.0
     ) -> None:
@@ -80,6 +113,10 @@ class SpotTuneNet(TransferModel):
         self.temperature = policy.temperature
         self.execution: Execution = "auto"
         self.bucket = 32
+        self.fold_frozen_bn = policy.frozen_bn == "pretrained"
+        self.graph_policy = True
+        self._folded: list[nn.Module] | None = None  # derived from frozen_blocks; not a submodule, not saved
+        self._graphed_policy = GraphedPolicy(self.policy)
         self.frozen_modules = []
         self.freeze(self.frozen_blocks)
         if not train_stem:
@@ -97,36 +134,85 @@ class SpotTuneNet(TransferModel):
             m.train(mode)
         return self
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .double(), memory formats: rebuild derived copies
+        super()._apply(fn, recurse)
+        self._reset_derived()
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._reset_derived()
+        return result
+
+    def __deepcopy__(self, memo: dict) -> SpotTuneNet:
+        """A copy with its own policy graphs and folded blocks (CUDA graphs cannot be copied)."""
+        twin = self.__class__.__new__(self.__class__)
+        memo[id(self)] = twin
+        for k, v in self.__dict__.items():
+            if k not in ("_folded", "_graphed_policy"):
+                twin.__dict__[k] = copy.deepcopy(v, memo)
+        twin._folded = None
+        twin._graphed_policy = GraphedPolicy(twin.policy)
+        return twin
+
+    def _reset_derived(self) -> None:
+        self._folded = None
+        self._graphed_policy.reset()
+
+    def runtime_frozen_blocks(self) -> nn.ModuleList | list[nn.Module]:
+        """The frozen copy as executed: in training, BN folded into the convolutions (unless it adapts to the target).
+
+        Inference keeps BN: there a folded convolution's bias costs a cast and an add, measured
+        slower than inference-mode BN; in training folding removes BN's backward (docs/performance.md).
+        """
+        if not self.fold_frozen_bn or self.adapting_norms or not self.training:
+            return self.frozen_blocks
+        if self._folded is None:
+            self._folded = [fold_batchnorm(b) for b in self.frozen_blocks]
+        return self._folded
+
     @property
     def num_blocks(self) -> int:
         return len(self.frozen_blocks)
 
     def decide(self, images: torch.Tensor) -> torch.Tensor:
         """(B, L) decisions: Gumbel straight-through in training, `eval_decisions` otherwise."""
-        logits = self.policy(images)
+        logits = self._graphed_policy(images) if self.graph_policy else self.policy(images)
         mode = "gumbel" if self.training else self.policy_params.eval_decisions
         return sample_decisions(logits, self.temperature, mode)
 
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
-        if decisions is None:
-            decisions = self.decide(images)
         execution = self.execution
         if execution == "auto":
-            # Training keeps the tuned copy on the whole batch (its BN uses batch statistics);
-            # evaluation has per-image blocks only, so each image can run its chosen branch alone.
-            # With target statistics in the frozen copy too, training has no per-image branch: mixed.
+            # Training: both branches see the whole batch (the tuned copy's BN uses its statistics),
+            # autograd only where an image chose the branch. Evaluation: per-image blocks only, so
+            # each image runs its chosen branch alone. With target statistics in the frozen copy,
+            # training has no per-image branch: mixed.
             if not self.training:
                 execution = "conditional"
             else:
                 execution = "mixed" if self.adapting_norms else "split"
-        plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
-        x = self.stem(images)
-        for l, (frozen, tuned) in enumerate(zip(self.frozen_blocks, self.tuned_blocks)):
-            d = decisions[:, l]
-            if execution == "mixed":
-                x = _mixed(frozen, tuned, x, d)
+        if decisions is None and images.is_cuda and not torch.is_grad_enabled():
+            # Inference: the policy's small kernels run on a side stream beside the stem's large ones.
+            main, side = torch.cuda.current_stream(images.device), self._graphed_policy.side_stream(images.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                decisions = self.decide(images)
+                plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
+            x = self.stem(images)
+            main.wait_stream(side)
+            for t in (decisions, *((plan.chosen,) if plan else ())):
+                t.record_stream(main)  # made on the side stream, used on the main one
+        else:
+            if decisions is None:
+                decisions = self.decide(images)
+            plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
+            x = self.stem(images)
+        for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
+            if plan is None:
+                x = _mixed(frozen, tuned, x, decisions[:, l])
             elif execution == "split":
-                x = _split(frozen, tuned, x, d, plan, l)
+                x = _split(frozen, tuned, x, decisions[:, l], plan.tuned_counts[l], self.policy_params.recompute_frozen)
             else:
                 x = _conditional(frozen, tuned, x, plan, l)
         return ModelOutput(self.head(self.neck(x)), decisions)
@@ -162,44 +248,59 @@ def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
     return torch.lerp(f, t, d.to(f.dtype).view(-1, *([1] * (f.dim() - 1))))
 
 
-def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:
-    """Training step at the cost floor for a batch-statistics tuned copy: see the module docstring."""
-    t = tuned(x)
-    idx_f, idx_t, n_f, n_t = plan.groups(l)
-    if n_t == 0:
-        f = frozen(x)
-    elif n_f == 0:
+def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, n_tuned: int,
+           recompute: bool = False) -> torch.Tensor:
+    """Training: autograd through a branch only where some image chose it; see the module docstring.
+
+    recompute: in a block with mixed decisions, keep none of the frozen branch's activations and run
+    it again in the backward pass (it has no state and no randomness, so the gradients are the same).
+    """
+    if n_tuned == x.shape[0]:
+        t = tuned(x)
         with torch.no_grad():
             f = frozen(x)
+    elif n_tuned == 0:
+        f = frozen(x)
+        with torch.no_grad():  # still in train mode: its BN statistics move as in the mixed form
+            t = tuned(x)
+    elif recompute:
+        f, t = checkpoint(frozen, x, use_reentrant=False), tuned(x)
     else:
-        f_f = frozen(x.index_select(0, idx_f))[:n_f]
-        with torch.no_grad():
-            f_t = frozen(x.index_select(0, idx_t))[:n_t]
-        f = torch.cat([f_f, f_t.to(f_f.dtype)]).index_select(0, plan.inverse[l])
-    return _Mix.apply(f.to(t.dtype), t, d)
+        f, t = frozen(x), tuned(x)
+    return _Route.apply(f.to(t.dtype), t, d, n_tuned == x.shape[0], n_tuned == 0)
 
 
-class _Mix(torch.autograd.Function):
-    """F + d * (F~ - F) per image, keeping only F~ - F for backward (torch.lerp keeps F and F~)."""
+class _Route(torch.autograd.Function):
+    """F + d * (F~ - F) per image for decisions d in {0, 1}, with the mixed formulation's backward.
+
+    The output is the chosen branch's own tensor where all images agree (no kernel), else one lerp
+    (exact for 0/1 weights). Backward: g to the chosen branch, <g, F~ - F> to each decision; only
+    F~ - F is kept, and only when the decisions need a gradient.
+    """
 
     @staticmethod
-    def forward(ctx, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        w = d.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
-        diff = t - f
-        ctx.save_for_backward(diff, w)
-        ctx.d_dtype = d.dtype
-        return f + w * diff
+    def forward(ctx, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor, all_tuned: bool, all_frozen: bool):
+        w = d.detach().to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+        ctx.all_tuned, ctx.all_frozen, ctx.d_dtype = all_tuned, all_frozen, d.dtype
+        ctx.save_for_backward(t - f if ctx.needs_input_grad[2] else None, w)
+        if all_tuned:
+            return t
+        if all_frozen:
+            return f
+        return torch.lerp(f, t, w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         diff, w = ctx.saved_tensors
-        grad_f = g * (1 - w) if ctx.needs_input_grad[0] else None
-        grad_t = g * w if ctx.needs_input_grad[1] else None
-        grad_d = None
+        grad_f = grad_t = grad_d = None
+        if ctx.needs_input_grad[0]:
+            grad_f = g if ctx.all_frozen else g * (1 - w)
+        if ctx.needs_input_grad[1]:
+            grad_t = g if ctx.all_tuned else g * w
         if ctx.needs_input_grad[2]:  # a reduction over the whole block output: accumulate in float32 at least
             acc = torch.promote_types(g.dtype, torch.float32)
-            grad_d = (g * diff).flatten(1).sum(1, dtype=acc).to(ctx.d_dtype)
-        return grad_f, grad_t, grad_d
+            grad_d = (g * diff).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(ctx.d_dtype)
+        return grad_f, grad_t, grad_d, None, None
 
 
 def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:
@@ -211,4 +312,4 @@ def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: Rou
         return tuned(x)
     y_f = frozen(x.index_select(0, idx_f))[:n_f]
     y_t = tuned(x.index_select(0, idx_t))[:n_t]
-    return torch.cat([y_f, y_t.to(y_f.dtype)]).index_select(0, plan.inverse[l])
+    return torch.cat([y_f, y_t.to(y_f.dtype)]).index_select(0, plan.order[1][l])

@@ -114,7 +114,9 @@ class GraphedPolicy:
                 self.policy(static_in)
         torch.cuda.current_stream(images.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads may call CUDA during the capture (the DataLoader's pin-memory
+        # thread, NCCL's watchdog under torchrun); the default 'global' mode then invalidates it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.policy(static_in)
 
         def run(x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,16 @@
 """Benchmark: SpotTune's training step and inference against plain fine-tuning, on one GPU.
 
 Same engine step (`spottune.engine.train_step`) and settings for every row (bf16 autocast,
-channels_last, SGD with momentum); the batch
-lives on the GPU so only the model is timed (the data path has its own benchmark). Rows:
+channels_last, SGD with momentum); the batch lives on the GPU so only the model is timed (the data
+path has its own benchmark). Rows:
   hand-written   the plainest torchvision fine-tuning loop (our engine should be as fast)
   finetune       our FineTuneNet
   spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training,
                  conditional inference, folded frozen BN, CUDA-graphed policy at inference;
                  'ours-recompute' adds policy.recompute_frozen; 'ours-nofold' and 'ours-nograph'
-                 leave one part out) and routing mix: p=0.5/0.1/0.9 draw
-                 each image's decision per block with that probability; 'trained' replays the
-                 per-block routing a policy learnt on real data (bench/results/routing-*.json)
+                 leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
+                 per block with that probability; 'trained' replays the per-block routing a
+                 policy learnt on real data (bench/results/routing-*.json)
 
     python bench/train_step.py --out bench/results/train_step.json
 
@@ -160,17 +160,12 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
             torch.manual_seed(1)
             decisions = model.decide(x)
             model.execution = "mixed"
-            ref = model(x, decisions).logits.float()  # the mixed formulation of the same function
-            fold = model.fold_frozen_bn
-            model.fold_frozen_bn = False
-            ref_2019 = model(x, decisions).logits.float()  # and of the unfolded network
-            model.fold_frozen_bn = fold
+            ref = model(x, decisions).logits.float()
             model.execution = "conditional"
             got = model(x, decisions).logits.float()
         row["tuned_fraction"] = float(decisions.float().mean())
         row["infer_rel_err_vs_mixed"] = float((got - ref).norm() / ref.norm())
         row["infer_same_top1"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
-        row["infer_same_top1_vs_unfolded"] = float((got.argmax(1) == ref_2019.argmax(1)).float().mean())
     return row
 
 

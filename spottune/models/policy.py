@@ -72,10 +72,10 @@ class GraphedPolicy:
     (measured on an H200 at batch 128: 2.5 ms per inference batch, unchanged at half its width),
     and SpotTune's blocks wait for its decisions. A replayed graph launches them all at once.
     Training runs it eagerly: there its launches overlap the blocks' work, and a graphed backward
-    would have to be kept apart from DistributedDataParallel's gradient hooks. So do CPU tensors,
-    gradients, and autocast with its weight cache (a graph would read cast copies freed at its
-    exit). Graphs read the parameters in place, so load_state_dict is seen; moving the model needs
-    `reset()`.
+    would have to be kept apart from DistributedDataParallel's gradient hooks. CPU tensors,
+    gradients and autocast with its weight cache (a graph would read cast copies freed at its exit)
+    also run eagerly. Graphs read the parameters in place, so load_state_dict is seen; moving the
+    model needs `reset()`.
     """
 
     def __init__(self, policy: RoutingPolicy) -> None:

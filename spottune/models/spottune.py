@@ -23,8 +23,8 @@ policy runs as a replayed CUDA graph (`graph_policy`) on a side stream, beside t
 function, computed faster.
 
 A tuned copy that no image of the batch chose gets no gradient from autograd; its gradient in
-the mixed form is exactly zero, so the engine keeps gradients as zero tensors rather than None
-(SGD's momentum and weight decay still apply), and DistributedDataParallel is told to look for
+the mixed form is exactly zero, so the engine gives it a zero gradient after the backward pass
+(SGD's momentum and weight decay then still apply), and DistributedDataParallel is told to look for
 unused parameters (`unused_parameters`).
 
 With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's

@@ -123,8 +123,8 @@ class PolicyParams(_Section):
         "untouched: a per-image function) or 'target' (the target batch's, running statistics adapted to the target "
         "as in the 2019 code, affine weights still frozen; training then runs both copies on the whole batch)")
     recompute_frozen: bool = Field(
-        False, description="memory for time: where a block's images take both branches, keep none of the frozen "
-        "copy's activations and run its forward again in the backward pass (same gradients)")
+        False, description="memory for time: in blocks where some image takes the tuned copy, keep nothing of the "
+        "frozen copy for the backward pass (its activations, F~ - F) and run its forward again there (same gradients)")
 
 
 class OptimParams(_Section):

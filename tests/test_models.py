@@ -273,3 +273,45 @@ def test_gumbel_decisions_are_exactly_0_or_1_with_torchs_straight_through_gradie
     (ours_grad,) = torch.autograd.grad(ours, logits, g)
     (reference_grad,) = torch.autograd.grad(reference, logits, g)
     torch.testing.assert_close(ours_grad, reference_grad, rtol=0, atol=0)
+
+
+def _saved_activation_bytes(model, run) -> int:
+    """Bytes of the tensors autograd keeps for the backward while `run()` executes, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(storages.values()), out
+
+
+def test_recompute_frozen_keeps_nothing_of_the_frozen_branch_for_the_backward():
+    """Counted on what autograd keeps: with recompute_frozen a step keeps what the tuned path alone would,
+    plus the mixed output of blocks where images disagree (the frozen copy's activations and F~ - F are
+    gone); without it, at least one block output more per block where some image took the tuned copy."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    d = (torch.rand(4, 16, generator=g) < 0.5).float()
+    d[:, :4] = 1.0  # blocks where every image tuned: the frozen output only feeds the decision gradient
+    saved = {}
+    for recompute in (False, True):
+        model = _spottune("resnet50", "none", recompute_frozen=recompute).train()
+        block_outputs = []
+        hooks = [b.register_forward_hook(lambda m, i, o: block_outputs.append(o.numel() * o.element_size()))
+                 for b in model.tuned_blocks]
+        saved[recompute], out = _saved_activation_bytes(model, lambda: model(x, d.clone().requires_grad_(True)))
+        out.logits.sum().backward()  # the recomputing backward runs
+        for h in hooks:
+            h.remove()
+        tuned_only, _ = _saved_activation_bytes(model, lambda: _through(model.stem, model.tuned_blocks, model.neck,
+                                                                        model.head, x))
+    routed = sum(n for n, column in zip(block_outputs, d.T) if column.any())
+    mixed = sum(n for n, column in zip(block_outputs, d.T) if 0 < column.sum() < len(column))
+    # Where images disagree the block's output is a new tensor (the next block keeps it), not F~ itself.
+    assert tuned_only <= saved[True] <= tuned_only + mixed + 1024  # + the decisions themselves
+    assert saved[False] - saved[True] >= routed

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 from functools import cached_property
 from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from spottune.config import OptimParams, PolicyParams
 from spottune.models.backbones import Backbone
@@ -252,22 +252,24 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
            recompute: bool = False) -> torch.Tensor:
     """Training: autograd through a branch only where some image chose it; see the module docstring.
 
-    recompute: in a block with mixed decisions, keep none of the frozen branch's activations and run
-    it again in the backward pass (it has no state and no randomness, so the gradients are the same).
+    recompute: where some image chose the tuned copy, keep nothing of the frozen branch (neither its
+    activations nor F~ - F) and run it again in the backward pass: it has no state and no randomness,
+    so the gradients are the same.
     """
-    if n_tuned == x.shape[0]:
-        t = tuned(x)
-        with torch.no_grad():
-            f = frozen(x)
-    elif n_tuned == 0:
+    if n_tuned == 0:
         f = frozen(x)
         with torch.no_grad():  # still in train mode: its BN statistics move as in the mixed form
             t = tuned(x)
-    elif recompute:
-        f, t = checkpoint(frozen, x, use_reentrant=False), tuned(x)
+        return _Route.apply(f.to(t.dtype), t, d, False, True)
+    t = tuned(x)
+    if recompute:
+        return _RecomputedRoute.apply(x, t, d, frozen, n_tuned == x.shape[0])
+    if n_tuned == x.shape[0]:
+        with torch.no_grad():
+            f = frozen(x)
     else:
-        f, t = frozen(x), tuned(x)
-    return _Route.apply(f.to(t.dtype), t, d, n_tuned == x.shape[0], n_tuned == 0)
+        f = frozen(x)
+    return _Route.apply(f.to(t.dtype), t, d, n_tuned == x.shape[0], False)
 
 
 class _Route(torch.autograd.Function):
@@ -301,6 +303,42 @@ class _Route(torch.autograd.Function):
             acc = torch.promote_types(g.dtype, torch.float32)
             grad_d = (g * diff).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(ctx.d_dtype)
         return grad_f, grad_t, grad_d, None, None
+
+
+class _RecomputedRoute(torch.autograd.Function):
+    """_Route with the frozen branch F run inside: F's output is not kept, and the backward runs F again.
+
+    Saves the block input and F~, which autograd keeps anyway (the tuned copy's first convolution
+    and, in a ResNet block, its last ReLU), so the frozen branch costs no memory for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, frozen: nn.Module, all_tuned: bool):
+        with torch.no_grad():
+            f = frozen(x).to(t.dtype)
+        w = d.detach().to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+        ctx.frozen, ctx.all_tuned, ctx.d_dtype = frozen, all_tuned, d.dtype
+        ctx.autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
+        ctx.save_for_backward(x, t, w)
+        return t if all_tuned else torch.lerp(f, t, w)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, t, w = ctx.saved_tensors
+        grad_x = grad_t = grad_d = None
+        through_frozen = ctx.needs_input_grad[0] and not ctx.all_tuned
+        autocast = torch.autocast("cuda", ctx.autocast, cache_enabled=False) if ctx.autocast else nullcontext()
+        with torch.enable_grad(), autocast:  # the forward's precision, so F is the forward's F
+            xx = x.detach().requires_grad_(through_frozen)
+            f = ctx.frozen(xx).to(t.dtype)
+        if through_frozen:
+            (grad_x,) = torch.autograd.grad(f, xx, g * (1 - w))
+        if ctx.needs_input_grad[1]:
+            grad_t = g if ctx.all_tuned else g * w
+        if ctx.needs_input_grad[2]:
+            acc = torch.promote_types(g.dtype, torch.float32)
+            grad_d = (g * (t - f.detach())).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(ctx.d_dtype)
+        return grad_x, grad_t, grad_d, None, None
 
 
 def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:

@@ -78,16 +78,19 @@ class RoutingPlan:
         return self._host.tolist()
 
     @cached_property
-    def order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stable sort per block, frozen-routed images first, then tuned-routed, each in batch order; and its inverse."""
-        order = torch.argsort(self.chosen.T.to(torch.uint8), dim=1, stable=True)  # (L, B)
-        return order, torch.argsort(order, dim=1)
+    def order(self) -> torch.Tensor:
+        """(L, B) stable sort per block: frozen-routed images first, then tuned-routed, each in batch order."""
+        return torch.argsort(self.chosen.T.to(torch.uint8), dim=1, stable=True)
+
+    @cached_property
+    def inverse(self) -> torch.Tensor:
+        return torch.argsort(self.order, dim=1)
 
     def groups(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """(frozen indices, tuned indices, n_frozen, n_tuned); index tensors padded to a bucket multiple."""
         n_t = self.tuned_counts[block]
         n_f = self.batch - n_t
-        order = self.order[0][block]
+        order = self.order[block]
         return self._pad(order[:n_f]), self._pad(order[n_f:]), n_f, n_t
 
     def _pad(self, idx: torch.Tensor) -> torch.Tensor:
@@ -350,4 +353,4 @@ def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: Rou
         return tuned(x)
     y_f = frozen(x.index_select(0, idx_f))[:n_f]
     y_t = tuned(x.index_select(0, idx_t))[:n_t]
-    return torch.cat([y_f, y_t.to(y_f.dtype)]).index_select(0, plan.order[1][l])
+    return torch.cat([y_f, y_t.to(y_f.dtype)]).index_select(0, plan.inverse[l])

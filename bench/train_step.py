@@ -241,7 +241,8 @@ def main() -> None:
     ap.add_argument("--compile-policy", action="store_true", help="torch.compile the routing policy")
     ap.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for every row")
     ap.add_argument("--profile", action="store_true",
-                    help="instead of the table: torch.profiler's CUDA time per op for each row's training step")
+                    help="also print, per row, GPU kernel time against wall time and the ops with the most GPU time "
+                         "(training step and inference; timings measured before profiling)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/train_step.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -248,7 +248,18 @@ class SpotTuneNet(TransferModel):
 def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Both branches on the whole batch, mixed per image: F + d * (F~ - F)."""
     f, t = frozen(x), tuned(x)
-    return torch.lerp(f, t, d.to(f.dtype).view(-1, *([1] * (f.dim() - 1))))
+    return torch.lerp(f, t, _per_image(d.to(f.dtype), f))
+
+
+def _per_image(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) decisions shaped to broadcast over a (B, C, H, W) block output."""
+    return d.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _decision_grad(g: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """<g, F~ - F> per image: a reduction over the whole block output, accumulated in float32 at least."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    return (g * diff).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(dtype)
 
 
 def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, n_tuned: int,
@@ -264,15 +275,13 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
         with torch.no_grad():  # still in train mode: its BN statistics move as in the mixed form
             t = tuned(x)
         return _Route.apply(f.to(t.dtype), t, d, False, True)
+    all_tuned = n_tuned == x.shape[0]
     t = tuned(x)
     if recompute:
-        return _RecomputedRoute.apply(x, t, d, frozen, n_tuned == x.shape[0])
-    if n_tuned == x.shape[0]:
-        with torch.no_grad():
-            f = frozen(x)
-    else:
+        return _RecomputedRoute.apply(x, t, d, frozen, all_tuned)
+    with torch.no_grad() if all_tuned else nullcontext():  # all tuned: F only feeds the decision gradient
         f = frozen(x)
-    return _Route.apply(f.to(t.dtype), t, d, n_tuned == x.shape[0], False)
+    return _Route.apply(f.to(t.dtype), t, d, all_tuned, False)
 
 
 class _Route(torch.autograd.Function):
@@ -285,7 +294,7 @@ class _Route(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor, all_tuned: bool, all_frozen: bool):
-        w = d.detach().to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+        w = _per_image(d.detach().to(t.dtype), t)
         ctx.all_tuned, ctx.all_frozen, ctx.d_dtype = all_tuned, all_frozen, d.dtype
         ctx.save_for_backward(t - f if ctx.needs_input_grad[2] else None, w)
         if all_tuned:
@@ -302,9 +311,8 @@ class _Route(torch.autograd.Function):
             grad_f = g if ctx.all_frozen else g * (1 - w)
         if ctx.needs_input_grad[1]:
             grad_t = g if ctx.all_tuned else g * w
-        if ctx.needs_input_grad[2]:  # a reduction over the whole block output: accumulate in float32 at least
-            acc = torch.promote_types(g.dtype, torch.float32)
-            grad_d = (g * diff).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(ctx.d_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_d = _decision_grad(g, diff, ctx.d_dtype)
         return grad_f, grad_t, grad_d, None, None
 
 
@@ -319,7 +327,7 @@ class _RecomputedRoute(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, frozen: nn.Module, all_tuned: bool):
         with torch.no_grad():
             f = frozen(x).to(t.dtype)
-        w = d.detach().to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
+        w = _per_image(d.detach().to(t.dtype), t)
         ctx.frozen, ctx.all_tuned, ctx.d_dtype = frozen, all_tuned, d.dtype
         ctx.autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
         ctx.save_for_backward(x, t, w)
@@ -339,8 +347,7 @@ class _RecomputedRoute(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_t = g if ctx.all_tuned else g * w
         if ctx.needs_input_grad[2]:
-            acc = torch.promote_types(g.dtype, torch.float32)
-            grad_d = (g * (t - f.detach())).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(ctx.d_dtype)
+            grad_d = _decision_grad(g, t - f.detach(), ctx.d_dtype)
         return grad_x, grad_t, grad_d, None, None
 
 

@@ -11,7 +11,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -189,16 +189,28 @@ def train_step(model: TransferModel, forward: Callable[[torch.Tensor], Any], opt
 
 @torch.inference_mode()
 def predict(model: TransferModel, loader: Iterable, setup: DeviceSetup, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Labels, predictions, logits and routing decisions for every image in `loader`, in order."""
+    """Labels, predictions, logits and routing decisions for every image in `loader`, in order.
+
+    The batches go through `model.infer_batches` as one stream and the outputs come back to the host
+    without waiting for each batch (non-blocking copies, one synchronisation at the end), so the GPU
+    is never idle between batches while the host reads results.
+    """
     model.eval()
-    labels, logits, decisions = [], [], []
-    for images, y in _progress(loader, "evaluate", progress):
-        with setup.autocast():
-            out = model(setup.images(images))
-        labels.append(y)
-        logits.append(out.logits.float().cpu())
-        if out.decisions is not None:
-            decisions.append(out.decisions.float().cpu())
+    labels: list[torch.Tensor] = []
+
+    def device_batches() -> Iterator[torch.Tensor]:
+        for images, y in _progress(loader, "evaluate", progress):
+            labels.append(y)
+            yield setup.images(images)
+
+    logits, decisions = [], []
+    with setup.autocast():
+        for out in model.infer_batches(device_batches()):
+            logits.append(out.logits.float().to("cpu", non_blocking=True))
+            if out.decisions is not None:
+                decisions.append(out.decisions.float().to("cpu", non_blocking=True))
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)  # the non-blocking copies have landed
     result = {"labels": torch.cat(labels), "logits": torch.cat(logits)}
     result["predictions"] = result["logits"].argmax(1)
     if decisions:

@@ -80,3 +80,26 @@ def test_graphed_policy_at_inference_gives_the_eager_policys_decisions():
     model.train()
     with setup.autocast():
         assert graphed(x).requires_grad  # training: the eager policy, with its autograd graph
+
+
+def test_inference_over_a_stream_of_batches_equals_each_batch_alone():
+    """infer_batches queues each batch's policy one batch ahead; outputs must be those of one call per batch."""
+    from spottune.engine import predict
+
+    model, _ = _model("resnet50", "none", 64)
+    setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True, normalization=((0.5,) * 3, (0.25,) * 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g), torch.zeros(n, dtype=torch.long))
+               for n in (48, 48, 48, 17)]  # a smaller last batch: a second policy graph
+    model.eval()
+    with torch.no_grad(), setup.autocast():  # logits that split the images about in half in every block
+        model.policy.fc.weight.normal_(0, 1.0)
+        logits = model.policy(setup.images(batches[0][0])).float()
+        model.policy.fc.bias.view(-1, 2)[:, 1] -= (logits[..., 1] - logits[..., 0]).median(0).values
+    with torch.inference_mode(), setup.autocast():
+        alone = [model(setup.images(x)) for x, _ in batches]
+    streamed = predict(model, batches, setup)
+    decisions = torch.cat([o.decisions.float().cpu() for o in alone])
+    assert 0.2 < decisions.mean() < 0.8 and (decisions.std(0) > 0).sum() >= model.num_blocks // 2
+    assert torch.equal(streamed["logits"], torch.cat([o.logits.float().cpu() for o in alone]))
+    assert torch.equal(streamed["decisions"], decisions)

@@ -111,6 +111,25 @@ def test_conditional_inference_equals_mixed_formulation(name, weights):
     torch.testing.assert_close(conditional, mixed, rtol=1e-5, atol=1e-5)
 
 
+def test_conditional_inference_keeps_the_channels_last_layout_through_mixed_blocks():
+    """Sub-batches cut and put back in channels_last: a block fed NCHW runs its convolutions in the slow layout."""
+    model = _spottune("resnet26", "none").eval().to(memory_format=torch.channels_last)
+    model.execution = "conditional"
+    layouts = []
+    hooks = [b.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+             for b in [*model.frozen_blocks, *model.tuned_blocks]]
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    decisions = (torch.arange(8)[:, None] % 2).float().expand(8, model.num_blocks)  # every block mixed
+    with torch.no_grad():
+        out = model(x, decisions).logits
+    for h in hooks:
+        h.remove()
+    assert len(layouts) == 2 * model.num_blocks and all(layouts)
+    model.execution = "mixed"
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, decisions).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_eval_decisions_are_deterministic_and_training_decisions_carry_gradient():
     model = _spottune("resnet26", "none")
     with torch.no_grad():

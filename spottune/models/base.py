@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,11 @@ class TransferModel(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch (temperature annealing)."""
+
+    def infer_batches(self, batches: Iterable[torch.Tensor]) -> Iterator[ModelOutput]:
+        """Outputs for a stream of batches, in order; a model may queue work for the next batch early."""
+        for images in batches:
+            yield self(images)
 
 
 def trainable(params) -> list[nn.Parameter]:

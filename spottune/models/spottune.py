@@ -19,8 +19,9 @@ taken after the stem is queued, so the GPU works while the host waits). Unlike t
 frozen copy is truly frozen (eval-mode BN, no gradients), and evaluation decisions are
 deterministic argmax by default. Its BatchNorm layers are folded into the convolutions before
 them in training (`fold_frozen_bn`, spottune/models/fold.py), and at inference on CUDA the
-policy runs as a replayed CUDA graph (`graph_policy`) on a side stream, beside the stem: the same
-function, computed faster.
+policy runs as a replayed CUDA graph (`graph_policy`) on a side stream, beside the stem, or, over
+a stream of batches (`infer_batches`, what evaluation uses), one batch ahead beside the previous
+batch's blocks: the same function, computed faster.
 
 A tuned copy that no image of the batch chose gets no gradient from autograd; its gradient in
 the mixed form is exactly zero, so the engine gives it a zero gradient after the backward pass
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from functools import cached_property
 from typing import Literal
@@ -51,6 +53,8 @@ from spottune.models.fold import fold_batchnorm
 from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
 
 Execution = Literal["auto", "mixed", "split", "conditional"]
+# (decisions, their plan (None for mixed execution), the event after which both are ready (None: current stream))
+_Routing = tuple[torch.Tensor, "RoutingPlan | None", "torch.cuda.Event | None"]
 
 
 class RoutingPlan:
@@ -185,32 +189,68 @@ class SpotTuneNet(TransferModel):
         return sample_decisions(logits, self.temperature, mode)
 
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
-        execution = self.execution
-        if execution == "auto":
-            # Training: both branches see the whole batch (the tuned copy's BN uses its statistics),
-            # autograd only where an image chose the branch. Evaluation: per-image blocks only, so
-            # each image runs its chosen branch alone. With target statistics in the frozen copy,
-            # training has no per-image branch: mixed.
-            if not self.training:
-                execution = "conditional"
-            else:
-                execution = "mixed" if self.adapting_norms else "split"
-        if decisions is None and images.is_cuda and not torch.is_grad_enabled():
-            # Inference: the policy's small kernels run on a side stream beside the stem's large ones.
-            main, side = torch.cuda.current_stream(images.device), self._graphed_policy.side_stream(images.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                decisions = self.decide(images)
-                plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
-            x = self.stem(images)
-            main.wait_stream(side)
-            for t in (decisions, *((plan.chosen,) if plan else ())):
-                t.record_stream(main)  # made on the side stream, used on the main one
-        else:
-            if decisions is None:
-                decisions = self.decide(images)
+        execution = self._execution()
+        if decisions is None and self._routes_beside(images):
+            return self._run(images, self._route_beside(images, execution), execution)
+        if decisions is None:
+            decisions = self.decide(images)
+        plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
+        return self._run(images, (decisions, plan, None), execution)
+
+    def infer_batches(self, batches: Iterable[torch.Tensor]) -> Iterator[ModelOutput]:
+        """Inference over a stream of batches, each batch's policy queued before the previous batch's blocks.
+
+        Why: a batch's blocks wait for its decisions, and the host reads their per-block counts once
+        (to pick each block's branch). Queued one batch ahead on a side stream, the policy runs beside
+        the previous batch's blocks and its counts reach the host before those finish: the GPU waits
+        for neither. Same outputs as calling the model on each batch.
+        """
+        execution, pending = self._execution(), None
+        for images in batches:
+            if not self._routes_beside(images):
+                yield self(images)
+                continue
+            ahead = (images, self._route_beside(images, execution))
+            if pending is not None:
+                yield self._run(*pending, execution)
+            pending = ahead
+        if pending is not None:
+            yield self._run(*pending, execution)
+
+    def _execution(self) -> Execution:
+        if self.execution != "auto":
+            return self.execution
+        # Training: both branches see the whole batch (the tuned copy's BN uses its statistics),
+        # autograd only where an image chose the branch. Evaluation: per-image blocks only, so each
+        # image runs its chosen branch alone. With target statistics in the frozen copy, training
+        # has no per-image branch: mixed.
+        if not self.training:
+            return "conditional"
+        return "mixed" if self.adapting_norms else "split"
+
+    @staticmethod
+    def _routes_beside(images: torch.Tensor) -> bool:
+        """Inference on CUDA: the policy's small kernels run on a side stream, beside larger work."""
+        return images.is_cuda and not torch.is_grad_enabled()
+
+    def _route_beside(self, images: torch.Tensor, execution: Execution) -> _Routing:
+        """Queue the policy and the copy of its counts to the host on the side stream; returns at once."""
+        main, side = torch.cuda.current_stream(images.device), self._graphed_policy.side_stream(images.device)
+        side.wait_stream(main)  # the images are ready
+        with torch.cuda.stream(side):
+            decisions = self.decide(images)
             plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
-            x = self.stem(images)
+            done = torch.cuda.Event()
+            done.record(side)
+        for t in (decisions, *((plan.chosen,) if plan else ())):
+            t.record_stream(main)  # made on the side stream, used on the main one
+        return decisions, plan, done
+
+    def _run(self, images: torch.Tensor, routing: _Routing, execution: Execution) -> ModelOutput:
+        decisions, plan, done = routing
+        x = self.stem(images)
+        if done is not None:
+            torch.cuda.current_stream(images.device).wait_event(done)
         for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
             if plan is None:
                 x = _mixed(frozen, tuned, x, decisions[:, l])
@@ -358,6 +398,8 @@ def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: Rou
         return frozen(x)
     if n_f == 0:
         return tuned(x)
-    y_f = frozen(x.index_select(0, idx_f))[:n_f]
-    y_t = tuned(x.index_select(0, idx_t))[:n_t]
-    return torch.cat([y_f, y_t.to(y_f.dtype)]).index_select(0, plan.inverse[l])
+    # Indexing, not index_select: index_select returns NCHW for a channels_last batch, and every
+    # block after the first mixed one would then run its convolutions in the slow layout.
+    y_f = frozen(x[idx_f])[:n_f]
+    y_t = tuned(x[idx_t])[:n_t]
+    return torch.cat([y_f, y_t.to(y_f.dtype)])[plan.inverse[l]]

@@ -11,6 +11,8 @@ path has its own benchmark). Rows:
                  leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
                  per block with that probability; 'trained' replays the per-block routing a
                  policy learnt on real data (bench/results/routing-*.json)
+Inference images/s is a stream of batches through `infer_batches`, as evaluation runs it (SpotTune
+queues each batch's policy one batch ahead); '1 batch' is the ratio for one call alone (latency).
 
     python bench/train_step.py --out bench/results/train_step.json
 
@@ -48,6 +50,21 @@ def cuda_time(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def stream_time(model, x: torch.Tensor, setup, batches: int, repeats: int = 5) -> float:
+    """Median milliseconds per batch of `repeats` streams of `batches` batches through `model.infer_batches`.
+
+    This is how evaluation runs a model (spottune.engine.predict): one stream, no host sync per batch,
+    so a model may queue work for the next batch early (SpotTune queues its policy one batch ahead).
+    """
+    def run() -> None:
+        with torch.inference_mode(), setup.autocast():
+            for _ in model.infer_batches(x for _ in range(batches)):
+                pass
+
+    run()  # warm-up: policy graphs, cuDNN's algorithm choices
+    return cuda_time(run, repeats, 1) / batches
+
+
 def print_profile(fn, title: str, steps: int = 5) -> None:
     """Where a step's time goes: GPU kernel time against wall time per step, and the ops with the most GPU time."""
     from torch.autograd import DeviceType
@@ -75,9 +92,13 @@ def print_profile(fn, title: str, steps: int = 5) -> None:
             print(f"  {ms:7.2f} ms  {e.count // steps:5d}x  {e.key[:90]}")
 
 
-def set_routing(model, mix: str, trained: list[float]) -> None:
-    """Policy whose decisions follow `mix`: per-image random draws at rate p, or a trained per-block pattern."""
-    probs = trained if mix == "trained" else [float(mix)] * model.num_blocks
+def set_routing(model, mix: str, trained: list[float]) -> float:
+    """Policy whose decisions follow `mix`: per-image random draws at rate p, or a trained per-block pattern.
+
+    A trained pattern longer than the backbone's blocks is cut; blocks beyond it stay frozen. Returns
+    the fraction of tuned decisions expected.
+    """
+    probs = trained[:model.num_blocks] if mix == "trained" else [float(mix)] * model.num_blocks
     with torch.no_grad():
         model.policy.fc.weight.zero_()
         bias = model.policy.fc.bias.view(-1, 2)
@@ -89,6 +110,20 @@ def set_routing(model, mix: str, trained: list[float]) -> None:
     eval_mode = "argmax" if mix == "trained" else "sample"
     model.policy_params = model.policy_params.model_copy(update={"eval_decisions": eval_mode, "temperature": 1.0})
     model.temperature = 1.0
+    return sum(round(p) if mix == "trained" else p for p in probs) / model.num_blocks
+
+
+def hold_weights(optimizer: torch.optim.Optimizer) -> None:
+    """Time training steps without changing the model: every learning rate 0, all the arithmetic kept.
+
+    Why: on one repeated batch of noise, training moves what a row is meant to time. The decisions'
+    gradient drives a free policy to all-or-nothing routing within a few steps (a "0.1" row ended
+    at 88-100% tuned), and with the policy held the network itself diverged in some rows, after
+    which NaN logits route every image to the frozen copy. SGD still computes every gradient,
+    momentum and weight-decay term at a learning rate of 0.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
 
 
 def _batch(batch: int, size: int):
@@ -116,7 +151,7 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     torch.manual_seed(0)
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
-        set_routing(model, mix, trained)
+        expected_fraction = set_routing(model, mix, trained)
         mode, model.fold_frozen_bn, model.graph_policy, recompute = EXECUTIONS[execution]
         model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute})
         if policy.get("compile"):
@@ -124,6 +159,7 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
             model.graph_policy = False
     setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True)
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=1e-3, momentum=0.9)
+    hold_weights(optimizer)
     x, y = _batch(batch, size)
 
     def step():  # the engine's own training step
@@ -151,8 +187,9 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
         with setup.autocast():
             return model(x)
 
-    row["infer_ms"] = cuda_time(infer, steps, warmup)
+    row["infer_ms"] = stream_time(model, x, setup, steps)  # throughput: a stream of batches, as evaluation runs
     row["infer_img_s"] = batch / row["infer_ms"] * 1e3
+    row["infer_one_batch_ms"] = cuda_time(infer, steps, warmup)  # latency: one call, nothing queued ahead
     if profile:
         print_profile(infer, f"{backbone} {method} {execution or ''} {mix or ''} inference")
     if mix is not None:
@@ -164,6 +201,8 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
             model.execution = "conditional"
             got = model(x, decisions).logits.float()
         row["tuned_fraction"] = float(decisions.float().mean())
+        row["tuned_fraction_expected"] = expected_fraction
+        row["routing_held"] = abs(row["tuned_fraction"] - expected_fraction) < 0.05  # '!' in the table if not
         row["infer_rel_err_vs_mixed"] = float((got - ref).norm() / ref.norm())
         row["infer_same_top1"] = float((got.argmax(1) == ref.argmax(1)).float().mean())
     return row
@@ -216,13 +255,15 @@ def print_table(rows: list[dict], header: str) -> None:
     base = {r["backbone"]: r for r in rows if r["method"] == "finetune"}
     print(header)
     print(f"{'backbone':18} {'method':12} {'exec':6} {'mix':>7} {'train ms':>9} {'x ft':>5} {'GiB':>6} {'x ft':>5} "
-          f"{'infer img/s':>11} {'x ft':>5} {'rel err':>8}")
+          f"{'infer img/s':>11} {'x ft':>5} {'1 batch':>7} {'rel err':>8}")
     for r in rows:
         b = base[r["backbone"]]
         mem = f"{r['peak_gib']:6.2f} {r['peak_gib'] / b['peak_gib']:5.2f}" if "peak_gib" in r else " " * 12
-        inf = f"{r['infer_img_s']:11.0f} {r['infer_img_s'] / b['infer_img_s']:5.2f}" if "infer_img_s" in r else " " * 17
+        inf = (f"{r['infer_img_s']:11.0f} {r['infer_img_s'] / b['infer_img_s']:5.2f} "
+               f"{b['infer_one_batch_ms'] / r['infer_one_batch_ms']:7.2f}") if "infer_img_s" in r else " " * 25
         err = f"{r['infer_rel_err_vs_mixed']:8.1e}" if "infer_rel_err_vs_mixed" in r else ""
-        print(f"{r['backbone']:18} {r['method']:12} {r['execution'] or '':6} {r['mix'] or '':>7} {r['train_ms']:9.1f} "
+        mix = (r["mix"] or "") + ("" if r.get("routing_held", True) else "!")
+        print(f"{r['backbone']:18} {r['method']:12} {r['execution'] or '':6} {mix:>7} {r['train_ms']:9.1f} "
               f"{r['train_ms'] / b['train_ms']:5.2f} {mem} {inf} {err}")
 
 

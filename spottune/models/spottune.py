@@ -207,7 +207,10 @@ class SpotTuneNet(TransferModel):
         """
         execution, pending = self._execution(), None
         for images in batches:
-            if not self._routes_beside(images):
+            if not self._routes_beside(images):  # CPU or autograd: one call, after any batch still pending
+                if pending is not None:
+                    yield self._run(*pending, execution)
+                    pending = None
                 yield self(images)
                 continue
             ahead = (images, self._route_beside(images, execution))

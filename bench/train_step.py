@@ -1,8 +1,9 @@
 """Benchmark: SpotTune's training step and inference against plain fine-tuning, on one GPU.
 
 Same engine step (`spottune.engine.train_step`) and settings for every row (bf16 autocast,
-channels_last, SGD with momentum); the batch lives on the GPU so only the model is timed (the data
-path has its own benchmark). Rows:
+channels_last, SGD with momentum, every learning rate 0 so the routing and weights hold while timed:
+`hold_weights`); the batch lives on the GPU so only the model is timed (the data path has its own
+benchmark). Rows:
   hand-written   the plainest torchvision fine-tuning loop (our engine should be as fast)
   finetune       our FineTuneNet
   spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training,

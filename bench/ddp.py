@@ -1,17 +1,17 @@
 """Benchmark: what a second GPU costs each training process, with the data loader out of the picture.
 
 Run under torchrun with 2 processes (one per GPU). For each method it times the engine's training
-step (`spottune.engine.train_step`, bf16, channels_last, batches already on the GPU) three ways:
+step (`spottune.engine.train_step`, bf16, channels_last, batches already on the GPU, weights held as
+in bench/train_step.py) these ways:
 
-  alone     rank 0 trains, rank 1 waits: one GPU, as `spottune train` runs without torchrun
-  parallel  both ranks train their own model at once, no gradient exchange: what sharing the host costs
-  ddp       both ranks train one DistributedDataParallel model (`spottune.distributed`): the real thing
+  alone      rank 0 trains, rank 1 waits: one GPU, as `spottune train` runs without torchrun
+  parallel   both ranks train their own model at once, no gradient exchange: what sharing the host costs
+  ddp        both ranks train one DistributedDataParallel model (`spottune.distributed`): the real thing
+  ddp bf16   the same with gradients sent in bfloat16 (`bf16_compress_hook`, buckets as gradient views)
+  no search  SpotTune at p=0.5 only (every copy used): DDP without its search for unused parameters
 
 so a loss of scaling splits into the host's share (alone -> parallel) and DDP's own (parallel -> ddp).
-For SpotTune at p=0.5 (every block copy used) it also times DDP without its search for unused
-parameters, which SpotTune needs in general (`unused_parameters`).
-Scaling = 2 x alone ms / ddp ms (the slower rank). It also times DDP with gradients sent in bfloat16
-(`bf16_compress_hook`, DDP's buckets as the gradients' storage). Prints a table and writes JSON (rank 0).
+Scaling = 2 x alone ms / ddp ms (the slower rank). Prints a table and writes JSON (rank 0).
 
     torchrun --nproc_per_node 2 bench/ddp.py --out bench/results/ddp-step.json
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import _batch, cuda_time, hold_weights, set_routing
@@ -74,8 +75,6 @@ def measure(method: str, mix: str | None, trained: list[float], rank_env: Distri
     model = fresh()
     row["ddp_ms"] = time_step(model, rank_env.wrap(model, device), params, setup, *timing)
     dist.barrier()
-    from torch.nn.parallel import DistributedDataParallel
-
     model = fresh()  # gradients in bfloat16 on the wire, and DDP's buckets as the gradients' storage
     ddp = DistributedDataParallel(model, device_ids=[device.index], gradient_as_bucket_view=True,
                                   find_unused_parameters=model.unused_parameters)

@@ -32,7 +32,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compr
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import _batch, cuda_time, hold_weights, set_routing
+from train_step import cuda_time, gpu_batch, hold_weights, set_routing
 
 from spottune.config import validate_params
 from spottune.distributed import Distributed
@@ -44,7 +44,7 @@ def time_step(model, wrapped, params, setup, batch: int, size: int, steps: int, 
 
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=1e-3, momentum=0.9)
     hold_weights(optimizer)  # each row keeps its routing mix while timed
-    x, y = _batch(batch, size)
+    x, y = gpu_batch(batch, size)
     model.train()
     return cuda_time(lambda: train_step(model, wrapped, optimizer, x, y, setup), steps, warmup)
 

@@ -127,7 +127,8 @@ def hold_weights(optimizer: torch.optim.Optimizer) -> None:
         group["lr"] = 0.0
 
 
-def _batch(batch: int, size: int):
+def gpu_batch(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded batch of noise images on the GPU (channels_last) with labels of 100 classes."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(batch, 3, size, size, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
     return x, torch.randint(0, 100, (batch,), device="cuda", generator=g)
@@ -161,7 +162,7 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True)
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=1e-3, momentum=0.9)
     hold_weights(optimizer)
-    x, y = _batch(batch, size)
+    x, y = gpu_batch(batch, size)
 
     def step():  # the engine's own training step
         train_step(model, model, optimizer, x, y, setup)
@@ -216,7 +217,7 @@ def policy_cost(policy: dict, num_blocks: int, batch: int, size: int, steps: int
     net = RoutingPolicy(num_blocks, policy["width"], policy["input_size"]).cuda().to(memory_format=torch.channels_last)
     if policy.get("compile"):
         net = torch.compile(net)
-    x, _ = _batch(batch, size)
+    x, _ = gpu_batch(batch, size)
 
     def train():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -237,7 +238,7 @@ def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: 
     torch.manual_seed(0)
     net = torchvision.models.get_model(backbone, weights=None, num_classes=100).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    x, y = _batch(batch, size)
+    x, y = gpu_batch(batch, size)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

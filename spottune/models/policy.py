@@ -81,17 +81,9 @@ class GraphedPolicy:
     def __init__(self, policy: RoutingPolicy) -> None:
         self.policy = policy
         self._graphs: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def reset(self) -> None:
         self._graphs.clear()
-        self._streams.clear()
-
-    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """A stream of `device` kept for running the policy beside other work."""
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled("cuda")

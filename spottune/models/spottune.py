@@ -124,6 +124,7 @@ class SpotTuneNet(TransferModel):
         self.graph_policy = True
         self._folded: list[nn.Module] | None = None  # derived from frozen_blocks; not a submodule, not saved
         self._graphed_policy = GraphedPolicy(self.policy)
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}  # per device, for the policy at inference
         self.frozen_modules = []
         self.freeze(self.frozen_blocks)
         if not train_stem:
@@ -152,14 +153,15 @@ class SpotTuneNet(TransferModel):
         return result
 
     def __deepcopy__(self, memo: dict) -> SpotTuneNet:
-        """A copy with its own policy graphs and folded blocks (CUDA graphs cannot be copied)."""
+        """A copy with its own policy graphs, folded blocks and side streams (CUDA graphs and streams cannot be copied)."""
         twin = self.__class__.__new__(self.__class__)
         memo[id(self)] = twin
         for k, v in self.__dict__.items():
-            if k not in ("_folded", "_graphed_policy"):
+            if k not in ("_folded", "_graphed_policy", "_side_streams"):
                 twin.__dict__[k] = copy.deepcopy(v, memo)
         twin._folded = None
         twin._graphed_policy = GraphedPolicy(twin.policy)
+        twin._side_streams = {}
         return twin
 
     def _reset_derived(self) -> None:
@@ -238,7 +240,9 @@ class SpotTuneNet(TransferModel):
 
     def _route_beside(self, images: torch.Tensor, execution: Execution) -> _Routing:
         """Queue the policy and the copy of its counts to the host on the side stream; returns at once."""
-        main, side = torch.cuda.current_stream(images.device), self._graphed_policy.side_stream(images.device)
+        if images.device not in self._side_streams:
+            self._side_streams[images.device] = torch.cuda.Stream(images.device)
+        main, side = torch.cuda.current_stream(images.device), self._side_streams[images.device]
         side.wait_stream(main)  # the images are ready
         with torch.cuda.stream(side):
             decisions = self.decide(images)

@@ -237,7 +237,7 @@ def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: 
 
     torch.manual_seed(0)
     net = torchvision.models.get_model(backbone, weights=None, num_classes=100).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)  # held, as every other row (hold_weights)
     x, y = gpu_batch(batch, size)
 
     def step():

@@ -103,3 +103,135 @@ def test_inference_over_a_stream_of_batches_equals_each_batch_alone():
     assert 0.2 < decisions.mean() < 0.8 and (decisions.std(0) > 0).sum() >= model.num_blocks // 2
     assert torch.equal(streamed["logits"], torch.cat([o.logits.float().cpu() for o in alone]))
     assert torch.equal(streamed["decisions"], decisions)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_route_kernels_compute_the_torch_arithmetic(dtype, layout):
+    """The fused kernels against the same arithmetic in torch: masked gradients bit for bit, <g, F~ - F> exact."""
+    from spottune.models import route_kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (9, 24, 13, 11)  # an odd image size: the last program of each image is partial
+
+    def rand():
+        return torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=layout)
+
+    grad, f, t = rand(), rand(), rand()
+    w = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1], device="cuda", dtype=dtype)
+    assert route_kernels._fusable(grad, f, t)
+    out = route_kernels.route_forward(f, t, w)
+    assert out.stride() == t.stride()
+    assert torch.equal(out, torch.where(w.view(-1, 1, 1, 1) != 0, t, f))
+    for has_f in (True, False):
+        gf, gt, gd = route_kernels.route_backward(grad, t if has_f else t - f, f if has_f else None, w, True, True, True)
+        assert torch.equal(gf, torch.where(w.view(-1, 1, 1, 1) != 0, 0, grad))
+        assert torch.equal(gt, torch.where(w.view(-1, 1, 1, 1) != 0, grad, 0))
+        diff = t.double() - f.double() if has_f else (t - f).double()
+        exact = (grad.double() * diff).sum((1, 2, 3))
+        tol = 1e-12 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(gd.double(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+    none_f, none_t, only_d = route_kernels.route_backward(grad, t, f, w, False, False, True)
+    assert none_f is None and none_t is None
+    assert torch.equal(only_d, route_kernels.route_backward(grad, t, f, w, True, True, True)[2])
+
+
+def test_split_training_on_the_gpu_gives_the_mixed_formulations_gradients():
+    """float64 on CUDA: the fused route kernels inside split training, against the mixed formulation."""
+    params = validate_params({"model": {"backbone": "resnet50", "weights": "none"}, "data": {"image_size": 32}})
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(12, 3, 32, 32, generator=g, dtype=torch.float64).cuda()
+    d0 = (torch.rand(12, 16, generator=g) < 0.5).double().cuda()
+    d0[:, 3] = 1  # blocks where every image agrees: the chosen branch's own output
+    d0[:, 5] = 0
+    results = {}
+    for execution in ("mixed", "split"):
+        torch.manual_seed(0)
+        model = build_model(params, 10).double().cuda().train()
+        model.execution = execution
+        x, d = x0.clone().requires_grad_(True), d0.clone().requires_grad_(True)
+        out = model(x, d)
+        out.logits.pow(2).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[execution] = (out.logits.detach(), x.grad, d.grad, grads)
+    (lm, xm, dm, gm), (ls, xs, ds, gs) = results["mixed"], results["split"]
+    torch.testing.assert_close(ls, lm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs, xm, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ds, dm, rtol=1e-9, atol=1e-9)
+    for k, v in gs.items():
+        torch.testing.assert_close(v, gm[k], rtol=1e-9, atol=1e-9, msg=k)
+    unused = {l for l in range(16) if not d0[:, l].any()}  # split leaves those tuned copies out of autograd
+    assert 5 in unused and {k for k in gm if k not in gs} == {k for k in gm if k.startswith("tuned_blocks.")
+                                                              and int(k.split(".")[1]) in unused}
+
+
+def test_the_policy_on_a_side_stream_in_training_gives_the_same_step(monkeypatch):
+    """Training runs the policy (and so its backward) on a side stream: the same loss and gradients, bit for bit."""
+    from spottune.models.spottune import SpotTuneNet
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model, _ = _model("resnet50", "none", 64)
+    model.train()
+    x = torch.randn(16, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    setup = DeviceSetup.resolve("cuda", amp=True, channels_last=True)
+    runs = {}
+    for beside in (True, False):
+        if not beside:
+            monkeypatch.setattr(SpotTuneNet, "_routes_beside", staticmethod(lambda images: False))
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        with setup.autocast():
+            out = model(x)
+            loss = out.logits.float().logsumexp(1).mean()
+        loss.backward()
+        runs[beside] = (loss.detach(), out.decisions.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (l1, d1, g1), (l2, d2, g2) = runs[True], runs[False]
+    assert torch.equal(d1, d2) and torch.equal(l1, l2)
+    assert g1.keys() == g2.keys() and any(k.startswith("policy.") for k in g1)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
+    """FrozenConvReLU's cuDNN kernel and its input-gradient backward against conv + bias (+ z) + ReLU in torch."""
+    from spottune.models.fold import FrozenConvReLU
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1).cuda().requires_grad_(False)
+    unit = FrozenConvReLU(conv)
+    x = torch.randn(8, 32, 20, 20, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(8, 64, 10, 10, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 64, 10, 10, device="cuda", generator=g).to(dtype)
+    results = []
+    for fused in (True, False):
+        unit._fusable = fused  # False: the torch layers
+        unit._cast.clear()
+        xx, zz = x.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = unit(xx, zz if residual else None)
+        y.backward(grad)
+        assert unit._fusable == fused and bool(unit._cast) == fused  # the fused kernel ran, not the fallback
+        results.append((y.float(), xx.grad.float(), zz.grad.float() if residual else None))
+    (yf, xf, zf), (yt, xt, zt) = results
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # TF32 / bf16 rounding, in different places
+    assert yf.shape == yt.shape and (yf - yt).norm() / yt.norm() < tol
+    assert (xf - xt).norm() / xt.norm() < tol
+    if residual:
+        assert (zf - zt).norm() / zt.norm() < tol
+
+
+def test_fused_frozen_units_replace_the_resnet_blocks_layers():
+    """A ResNet-50 frozen block as executed: three fused units on CUDA, and the fused kernels really run."""
+    from spottune.models.fold import FrozenConvReLU
+
+    model, _ = _model("resnet50", "none", 64)
+    units = [m for b in model.runtime_frozen_blocks() for m in b.modules() if isinstance(m, FrozenConvReLU)]
+    assert len(units) == 3 * model.num_blocks
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, torch.zeros(4, model.num_blocks, device="cuda"))
+    assert all(u._fusable for u in units) and all(u._cast for u in units)

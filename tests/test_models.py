@@ -52,7 +52,7 @@ def test_forced_frozen_equals_pretrained_backbone(name, weights, execution, fold
 @pytest.mark.parametrize("name,weights,folds", [("efficientnet_lite0", "imagenet", True), ("resnet50", "none", True),
                                                 ("resnet26", "none", False)])
 def test_folded_frozen_blocks_compute_the_blocks_function_without_batchnorm(name, weights, folds):
-    """float64, with BN statistics and affine weights far from identity, so a wrong fold shows."""
+    """float64, with BN statistics and affine weights far from identity, so a wrong fold or fusion shows."""
     from spottune.models.fold import fold_batchnorm
 
     blocks = build_backbone(name, weights, 32).blocks.double().eval()
@@ -65,6 +65,11 @@ def test_folded_frozen_blocks_compute_the_blocks_function_without_batchnorm(name
     remaining = [n for f in folded if isinstance(f, torch.fx.GraphModule) for n in f.graph.nodes
                  if n.op == "call_module" and isinstance(f.get_submodule(n.target), torch.nn.BatchNorm2d)]
     assert (not remaining and all(isinstance(f, torch.fx.GraphModule) for f in folded)) == folds
+    if name == "resnet50":  # each bottleneck's conv -> ReLU and conv -> add -> ReLU chains: three fused units
+        from spottune.models.fold import FrozenConvReLU
+
+        assert all(sum(isinstance(m, FrozenConvReLU) for m in f.modules()) == 3 for f in folded)
+        assert all(getattr(f.downsample, "0").bias is None for f in folded if hasattr(f, "downsample"))  # moved into a unit
     lite = name == "efficientnet_lite0"  # the first block's input for a 32 px image: (32, 16, 16) or (C, 8, 8)
     x = torch.randn(3, 32 if lite else blocks[0].conv1.in_channels, *((16, 16) if lite else (8, 8)),
                     generator=g, dtype=torch.float64)
@@ -117,7 +122,7 @@ def test_conditional_inference_keeps_the_channels_last_layout_through_mixed_bloc
     model.execution = "conditional"
     layouts = []
     hooks = [b.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-             for b in [*model.frozen_blocks, *model.tuned_blocks]]
+             for b in [*model.runtime_frozen_blocks(), *model.tuned_blocks]]
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     decisions = (torch.arange(8)[:, None] % 2).float().expand(8, model.num_blocks)  # every block mixed
     with torch.no_grad():

@@ -5,13 +5,22 @@ convolution with rescaled weights and a bias. The folded block computes the same
 one elementwise pass less per convolution in the forward and none in the backward: BatchNorm's
 inference-mode backward is a broadcast elementwise kernel per layer, which made the frozen
 branch's input gradients cost as much as its convolutions (docs/performance.md).
+
+Then each conv -> ReLU and conv -> add -> ReLU of the folded block becomes one `FrozenConvReLU`:
+on CUDA one cuDNN kernel (convolution, bias, residual and ReLU fused), where eager torch runs a
+convolution, a broadcast bias add (slow in channels_last), the residual add and the ReLU: 2.5x
+less GPU time for those layers in bf16 (measured per layer, docs/performance.md). The weights are
+frozen, so their cast to the compute dtype is made once, and the backward computes input
+gradients only.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -49,6 +58,121 @@ def fold_batchnorm(block: nn.Module) -> nn.Module:
         setattr(folded.get_submodule(parent), name, fuse_conv_bn_eval(conv, norm))
         node.replace_all_uses_with(src)
         folded.graph.erase_node(node)
+    _fuse_relu(folded)
     folded.graph.lint()
     folded.recompile()
     return folded.requires_grad_(False)
+
+
+def _fuse_relu(folded: torch.fx.GraphModule) -> None:
+    """Rewrite conv -> ReLU and conv -> add(z) -> ReLU chains (each link its only user) as FrozenConvReLU calls."""
+    modules = dict(folded.named_modules())
+
+    def relu(n: torch.fx.Node) -> bool:
+        if n.op == "call_module":
+            return type(modules.get(n.target)) is nn.ReLU
+        return n.op == "call_function" and n.target in (F.relu, torch.relu, torch.relu_) and len(n.args) == 1
+
+    def add(n: torch.fx.Node) -> bool:
+        return n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add) and not n.kwargs
+
+    for node in list(folded.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or conv.bias is None or conv.padding_mode != "zeros" or len(node.users) != 1:
+            continue
+        chain, z = [next(iter(node.users))], None
+        if add(chain[0]) and len(chain[0].users) == 1 and len(chain[0].args) == 2:
+            z = chain[0].args[1] if chain[0].args[0] is node else chain[0].args[0]
+            chain.append(next(iter(chain[0].users)))
+            if not isinstance(z, torch.fx.Node) or z is node:
+                continue
+        if not relu(chain[-1]):
+            continue
+        # A residual that is itself a folded convolution (the downsampling shortcut): its bias joins the
+        # fused unit's, so that convolution runs without a bias add of its own.
+        z_conv = modules.get(z.target) if z is not None and z.op == "call_module" else None
+        extra_bias = None
+        if type(z_conv) is nn.Conv2d and z_conv.bias is not None and len(z.users) == 1:
+            extra_bias = z_conv.bias.detach()
+            unbiased = copy.deepcopy(z_conv)
+            unbiased.bias = None
+            parent, _, attr = z.target.rpartition(".")
+            setattr(folded.get_submodule(parent) if parent else folded, attr, unbiased)
+        name = f"{node.target.replace('.', '_')}_relu"
+        folded.add_submodule(name, FrozenConvReLU(conv, extra_bias))
+        with folded.graph.inserting_after(chain[-1]):
+            fused = folded.graph.call_module(name, (node.args[0],) if z is None else (node.args[0], z))
+        chain[-1].replace_all_uses_with(fused)
+        for n in reversed([node, *chain]):
+            folded.graph.erase_node(n)
+    folded.delete_all_unused_submodules()
+
+
+class FrozenConvReLU(nn.Module):
+    """relu(conv(x) + bias [+ z]) with frozen weights: one cuDNN kernel on CUDA, torch ops elsewhere.
+
+    `bias` is the convolution's, plus the residual convolution's where that one's was moved here.
+
+    Autograd keeps the input and the output (the ReLU's mask), tensors the block keeps anyway, and
+    the backward computes the gradients of x and z only.
+    """
+
+    def __init__(self, conv: nn.Conv2d, extra_bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.conv = conv
+        bias = conv.bias.detach() if extra_bias is None else conv.bias.detach() + extra_bias
+        self.register_buffer("bias", bias)
+        self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fusable = True  # until cuDNN turns a configuration down
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cast.clear()
+        return super()._apply(fn, recurse)
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias in `dtype`, cast once (they are frozen), the weight in the input's memory layout."""
+        key = (dtype, self.conv.weight.device)
+        if key not in self._cast:
+            w = self.conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last)
+            self._cast[key] = (w, self.bias.to(dtype))
+        return self._cast[key]
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fusable and x.is_cuda and x.dim() == 4 and torch.backends.cudnn.enabled:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            if dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous(memory_format=torch.channels_last):
+                try:
+                    return _FusedConvReLU.apply(x.to(dtype), None if z is None else z.to(dtype), self, dtype)
+                except RuntimeError:  # no fused cuDNN engine for this configuration: torch ops from now on
+                    self._fusable = False
+        c = self.conv
+        y = F.conv2d(x, c.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
+        return F.relu(y if z is None else y + z)
+
+
+class _FusedConvReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor | None, unit: FrozenConvReLU, dtype: torch.dtype):
+        c = unit.conv
+        w, b = unit.weights(dtype)
+        geometry = (c.stride, c.padding, c.dilation, c.groups)
+        if z is None:
+            y = torch.cudnn_convolution_relu(x, w, b, *geometry)
+        else:
+            y = torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=torch.channels_last), 1.0, b,
+                                                 *geometry)
+        ctx.unit, ctx.dtype, ctx.geometry = unit, dtype, geometry
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, y = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(g.to(y.dtype), y, 0)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            stride, padding, dilation, groups = ctx.geometry
+            w, _ = ctx.unit.weights(ctx.dtype)
+            dx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                                     [True, False, False])[0]
+        return dx, g if ctx.needs_input_grad[1] else None, None, None

@@ -9,7 +9,8 @@ Three ways to execute it, all computing the same function:
   split        training: a block whose decisions all agree runs the branch no image chose without
                autograd (its output only feeds the decisions' gradient <g, F~ - F>); a block with
                mixed decisions runs both with autograd. The routed output is the chosen branch's
-               own output (decisions are exactly 0 or 1), and its backward is the mixed form's.
+               own output (decisions are exactly 0 or 1), and its backward is the mixed form's,
+               each in one pass over the block output on CUDA (spottune/models/route_kernels.py).
   conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch,
                in sub-batches cut from one sort of the decisions and padded to a multiple of
                `bucket` images (few distinct shapes for cuDNN)
@@ -18,10 +19,11 @@ Each forward reads the per-block counts of tuned images on the host once (one sy
 taken after the stem is queued, so the GPU works while the host waits). Unlike the 2019 code, the
 frozen copy is truly frozen (eval-mode BN, no gradients), and evaluation decisions are
 deterministic argmax by default. Its BatchNorm layers are folded into the convolutions before
-them in training (`fold_frozen_bn`, spottune/models/fold.py), and at inference on CUDA the
-policy runs as a replayed CUDA graph (`graph_policy`) on a side stream, beside the stem, or, over
-a stream of batches (`infer_batches`, what evaluation uses), one batch ahead beside the previous
-batch's blocks: the same function, computed faster.
+them and each conv -> (add ->) ReLU chain runs as one fused cuDNN kernel (`fold_frozen_bn`,
+spottune/models/fold.py). On CUDA the policy runs on a side stream, beside the stem (in training
+its backward then runs beside the stem's); at inference as a replayed CUDA graph (`graph_policy`)
+and, over a stream of batches (`infer_batches`, what evaluation uses), one batch ahead beside the
+previous batch's blocks: the same function, computed faster.
 
 A tuned copy that no image of the batch chose gets no gradient from autograd; its gradient in
 the mixed form is exactly zero, so the engine gives it a zero gradient after the backward pass
@@ -51,6 +53,7 @@ from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, trainable
 from spottune.models.fold import fold_batchnorm
 from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
+from spottune.models.route_kernels import per_image, route_backward, route_forward
 
 Execution = Literal["auto", "mixed", "split", "conditional"]
 # (decisions, their plan (None for mixed execution), the event after which both are ready (None: current stream))
@@ -116,6 +119,13 @@ class SpotTuneNet(TransferModel):
         self.neck = backbone.neck
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
         self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_size)
+        # Registered first: DistributedDataParallel fills its gradient buckets in reverse registration
+        # order and all-reduces them in that order, and the policy's gradients are the last of a
+        # backward pass (every block's decision gradient flows into it). Registered last, they held
+        # back the first bucket and so every all-reduce until the backward had finished.
+        modules = {"policy": self._modules.pop("policy"), **self._modules}
+        self._modules.clear()
+        self._modules.update(modules)
         self.policy_params = policy
         self.temperature = policy.temperature
         self.execution: Execution = "auto"
@@ -169,12 +179,12 @@ class SpotTuneNet(TransferModel):
         self._graphed_policy.reset()
 
     def runtime_frozen_blocks(self) -> nn.ModuleList | list[nn.Module]:
-        """The frozen copy as executed: in training, BN folded into the convolutions (unless it adapts to the target).
+        """The frozen copy as executed: BN folded into the convolutions, conv -> ReLU chains fused (fold.py).
 
-        Inference keeps BN: there a folded convolution's bias costs a cast and an add, measured
-        slower than inference-mode BN; in training folding removes BN's backward (docs/performance.md).
+        In training and at inference alike: the frozen blocks are per-image functions either way. Not
+        where the frozen copy's BN adapts to the target (its statistics are then the batch's).
         """
-        if not self.fold_frozen_bn or self.adapting_norms or not self.training:
+        if not self.fold_frozen_bn or self.adapting_norms:
             return self.frozen_blocks
         if self._folded is None:
             self._folded = [fold_batchnorm(b) for b in self.frozen_blocks]
@@ -209,7 +219,8 @@ class SpotTuneNet(TransferModel):
         """
         execution, pending = self._execution(), None
         for images in batches:
-            if not self._routes_beside(images):  # CPU or autograd: one call, after any batch still pending
+            if not self._routes_beside(images) or torch.is_grad_enabled():  # CPU or autograd: one call, after
+                # any batch still pending
                 if pending is not None:
                     yield self._run(*pending, execution)
                     pending = None
@@ -235,8 +246,12 @@ class SpotTuneNet(TransferModel):
 
     @staticmethod
     def _routes_beside(images: torch.Tensor) -> bool:
-        """Inference on CUDA: the policy's small kernels run on a side stream, beside larger work."""
-        return images.is_cuda and not torch.is_grad_enabled()
+        """On CUDA the policy's small kernels run on a side stream, beside the stem.
+
+        In training autograd runs each backward kernel on its forward's stream: the policy's backward
+        then runs beside the stem's, the last work of a step (docs/performance.md).
+        """
+        return images.is_cuda
 
     def _route_beside(self, images: torch.Tensor, execution: Execution) -> _Routing:
         """Queue the policy and the copy of its counts to the host on the side stream; returns at once."""
@@ -244,6 +259,7 @@ class SpotTuneNet(TransferModel):
             self._side_streams[images.device] = torch.cuda.Stream(images.device)
         main, side = torch.cuda.current_stream(images.device), self._side_streams[images.device]
         side.wait_stream(main)  # the images are ready
+        images.record_stream(side)  # and read on the side stream
         with torch.cuda.stream(side):
             decisions = self.decide(images)
             plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
@@ -295,18 +311,7 @@ class SpotTuneNet(TransferModel):
 def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Both branches on the whole batch, mixed per image: F + d * (F~ - F)."""
     f, t = frozen(x), tuned(x)
-    return torch.lerp(f, t, _per_image(d.to(f.dtype), f))
-
-
-def _per_image(d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) decisions shaped to broadcast over a (B, C, H, W) block output."""
-    return d.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _decision_grad(g: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """<g, F~ - F> per image: a reduction over the whole block output, accumulated in float32 at least."""
-    acc = torch.promote_types(g.dtype, torch.float32)
-    return (g * diff).sum(dim=tuple(range(1, g.dim())), dtype=acc).to(dtype)
+    return torch.lerp(f, t, per_image(d.to(f.dtype), f))
 
 
 def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, n_tuned: int,
@@ -334,33 +339,44 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
 class _Route(torch.autograd.Function):
     """F + d * (F~ - F) per image for decisions d in {0, 1}, with the mixed formulation's backward.
 
-    The output is the chosen branch's own tensor where all images agree (no kernel), else one lerp
-    (exact for 0/1 weights). Backward: g to the chosen branch, <g, F~ - F> to each decision; only
-    F~ - F is kept, and only when the decisions need a gradient.
+    The output is the chosen branch's own tensor where all images agree (no kernel), else a per-image
+    select. Backward: g to the chosen branch, <g, F~ - F> to each decision. For that it keeps F and F~
+    where autograd keeps one of them anyway (a ResNet block's last ReLU keeps its output), else F~ - F:
+    one block output at most. The arithmetic is spottune/models/route_kernels.py's.
     """
 
     @staticmethod
     def forward(ctx, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor, all_tuned: bool, all_frozen: bool):
-        w = _per_image(d.detach().to(t.dtype), t)
+        w = d.detach().to(t.dtype)
         ctx.all_tuned, ctx.all_frozen, ctx.d_dtype = all_tuned, all_frozen, d.dtype
-        ctx.save_for_backward(t - f if ctx.needs_input_grad[2] else None, w)
+        ctx.has_f = ctx.needs_input_grad[2] and (_kept_by_autograd(f) or _kept_by_autograd(t))
+        if ctx.has_f:
+            ctx.save_for_backward(t, f, w)
+        else:
+            ctx.save_for_backward(t - f if ctx.needs_input_grad[2] else None, None, w)
         if all_tuned:
             return t
         if all_frozen:
             return f
-        return torch.lerp(f, t, w)
+        return route_forward(f, t, w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        diff, w = ctx.saved_tensors
-        grad_f = grad_t = grad_d = None
-        if ctx.needs_input_grad[0]:
-            grad_f = g if ctx.all_frozen else g * (1 - w)
-        if ctx.needs_input_grad[1]:
-            grad_t = g if ctx.all_tuned else g * w
-        if ctx.needs_input_grad[2]:
-            grad_d = _decision_grad(g, diff, ctx.d_dtype)
-        return grad_f, grad_t, grad_d, None, None
+        t, f, w = ctx.saved_tensors
+        need_f = ctx.needs_input_grad[0] and not ctx.all_frozen
+        need_t = ctx.needs_input_grad[1] and not ctx.all_tuned
+        grad_f, grad_t, grad_d = route_backward(g, t, f, w, need_f, need_t, ctx.needs_input_grad[2])
+        if ctx.needs_input_grad[0] and ctx.all_frozen:
+            grad_f = g
+        if ctx.needs_input_grad[1] and ctx.all_tuned:
+            grad_t = g
+        return grad_f, grad_t, None if grad_d is None else grad_d.to(ctx.d_dtype), None, None
+
+
+def _kept_by_autograd(x: torch.Tensor) -> bool:
+    """Whether autograd keeps x itself for its own backward (a ReLU keeps its output): keeping it again is free."""
+    saved = getattr(x.grad_fn, "_saved_result", None) if x.grad_fn is not None else None
+    return isinstance(saved, torch.Tensor) and saved.data_ptr() == x.data_ptr()
 
 
 class _RecomputedRoute(torch.autograd.Function):
@@ -374,28 +390,28 @@ class _RecomputedRoute(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, frozen: nn.Module, all_tuned: bool):
         with torch.no_grad():
             f = frozen(x).to(t.dtype)
-        w = _per_image(d.detach().to(t.dtype), t)
+        w = d.detach().to(t.dtype)
         ctx.frozen, ctx.all_tuned, ctx.d_dtype = frozen, all_tuned, d.dtype
         ctx.autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
         ctx.save_for_backward(x, t, w)
-        return t if all_tuned else torch.lerp(f, t, w)
+        return t if all_tuned else route_forward(f, t, w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, t, w = ctx.saved_tensors
-        grad_x = grad_t = grad_d = None
+        grad_x = grad_t = None
         through_frozen = ctx.needs_input_grad[0] and not ctx.all_tuned
         autocast = torch.autocast("cuda", ctx.autocast, cache_enabled=False) if ctx.autocast else nullcontext()
         with torch.enable_grad(), autocast:  # the forward's precision, so F is the forward's F
             xx = x.detach().requires_grad_(through_frozen)
             f = ctx.frozen(xx).to(t.dtype)
+        grad_f, grad_t, grad_d = route_backward(g, t, f.detach(), w, through_frozen,
+                                                ctx.needs_input_grad[1] and not ctx.all_tuned, ctx.needs_input_grad[2])
         if through_frozen:
-            (grad_x,) = torch.autograd.grad(f, xx, g * (1 - w))
-        if ctx.needs_input_grad[1]:
-            grad_t = g if ctx.all_tuned else g * w
-        if ctx.needs_input_grad[2]:
-            grad_d = _decision_grad(g, t - f.detach(), ctx.d_dtype)
-        return grad_x, grad_t, grad_d, None, None
+            (grad_x,) = torch.autograd.grad(f, xx, grad_f)
+        if ctx.needs_input_grad[1] and ctx.all_tuned:
+            grad_t = g
+        return grad_x, grad_t, None if grad_d is None else grad_d.to(ctx.d_dtype), None, None
 
 
 def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:

@@ -7,8 +7,8 @@ in bench/train_step.py) these ways:
   alone      rank 0 trains, rank 1 waits: one GPU, as `spottune train` runs without torchrun
   parallel   both ranks train their own model at once, no gradient exchange: what sharing the host costs
   ddp        both ranks train one DistributedDataParallel model (`spottune.distributed`): the real thing
-  ddp bf16   the same with gradients sent in bfloat16 (`bf16_compress_hook`, buckets as gradient views)
-  no search  SpotTune at p=0.5 only (every copy used): DDP without its search for unused parameters
+  ddp bcast  the same with DDP's default `broadcast_buffers=True` (rank 0's BN statistics sent to every
+             rank before each forward), which `spottune.distributed` turns off
 
 so a loss of scaling splits into the host's share (alone -> parallel) and DDP's own (parallel -> ddp).
 Scaling = 2 x alone ms / ddp ms (the slower rank). Prints a table and writes JSON (rank 0).
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,20 +74,13 @@ def measure(method: str, mix: str | None, trained: list[float], rank_env: Distri
     model = fresh()
     row["ddp_ms"] = time_step(model, rank_env.wrap(model, device), params, setup, *timing)
     dist.barrier()
-    model = fresh()  # gradients in bfloat16 on the wire, and DDP's buckets as the gradients' storage
-    ddp = DistributedDataParallel(model, device_ids=[device.index], gradient_as_bucket_view=True,
-                                  find_unused_parameters=model.unused_parameters)
-    ddp.register_comm_hook(None, bf16_compress_hook)
-    row["ddp_bf16_ms"] = time_step(model, ddp, params, setup, *timing)
+    model = fresh()  # DDP's defaults for buffers: rank 0's BN statistics broadcast before every forward
+    ddp = DistributedDataParallel(model, device_ids=[device.index], find_unused_parameters=model.unused_parameters)
+    row["ddp_bcast_ms"] = time_step(model, ddp, params, setup, *timing)
     dist.barrier()
-    if method == "spottune" and mix == "0.5":  # every copy is used: DDP's search for unused ones can be left out
-        model = fresh()
-        ddp = DistributedDataParallel(model, device_ids=[device.index], find_unused_parameters=False)
-        row["ddp_no_search_ms"] = time_step(model, ddp, params, setup, *timing)
-        dist.barrier()
     gathered = [None] * rank_env.world_size
     dist.all_gather_object(gathered, row)
-    for key in ("parallel_ms", "ddp_ms", "ddp_bf16_ms", "ddp_no_search_ms"):
+    for key in ("parallel_ms", "ddp_ms", "ddp_bcast_ms"):
         if key in row:
             row[f"{key}_per_rank"] = [r[key] for r in gathered]
     row["scaling"] = rank_env.world_size * row.get("alone_ms", 0.0) / max(row["ddp_ms_per_rank"])
@@ -121,11 +113,12 @@ def main() -> None:
         print(f"{rank_env.world_size} x {gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.backbone}, "
               f"batch {args.batch} per GPU, {args.size} px, bf16, median of {args.steps} steps")
         print(f"{'method':10} {'mix':>8} {'alone ms':>9} {'parallel ms':>12} {'ddp ms':>8} {'scaling':>8} "
-              f"{'ddp bf16 ms':>12} {'no search ms':>13}")
+              f"{'ddp bcast ms':>13} {'scaling':>8}")
         for r in rows:
-            extra = f"{max(r['ddp_no_search_ms_per_rank']):13.1f}" if "ddp_no_search_ms_per_rank" in r else ""
+            bcast = max(r["ddp_bcast_ms_per_rank"])
             print(f"{r['method']:10} {r['mix'] or '':>8} {r['alone_ms']:9.1f} {max(r['parallel_ms_per_rank']):12.1f} "
-                  f"{max(r['ddp_ms_per_rank']):8.1f} {r['scaling']:8.2f} {max(r['ddp_bf16_ms_per_rank']):12.1f} {extra}")
+                  f"{max(r['ddp_ms_per_rank']):8.1f} {r['scaling']:8.2f} {bcast:13.1f} "
+                  f"{rank_env.world_size * r['alone_ms'] / bcast:8.2f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "trained_routing")}
         args.out.write_text(json.dumps({"gpus": f"{rank_env.world_size} x {gpu}", "cpu_cores": os.cpu_count(),

@@ -8,8 +8,8 @@ benchmark). Rows:
   finetune       our FineTuneNet
   spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training,
                  conditional inference, folded frozen BN, CUDA-graphed policy at inference;
-                 'ours-recompute' adds policy.recompute_frozen; 'ours-nofold' and 'ours-nograph'
-                 leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
+                 'ours-recompute' adds policy.recompute_frozen; 'ours-nofold', 'ours-nofuse' and
+                 'ours-nograph' leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
                  per block with that probability; 'trained' replays the per-block routing a
                  policy learnt on real data (bench/results/routing-*.json)
 Inference images/s is a stream of batches through `infer_batches`, as evaluation runs it (SpotTune
@@ -134,12 +134,13 @@ def gpu_batch(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 100, (batch,), device="cuda", generator=g)
 
 
-EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, graph the policy, recompute_frozen)
-    "mixed": ("mixed", False, False, False),  # the 2019 design
-    "ours": ("auto", True, True, False),
-    "ours-recompute": ("auto", True, True, True),  # policy.recompute_frozen: memory for time
-    "ours-nofold": ("auto", False, True, False),
-    "ours-nograph": ("auto", True, False, False),
+EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, fuse conv+ReLU, graph the policy, recompute_frozen)
+    "mixed": ("mixed", False, False, False, False),  # the 2019 design
+    "ours": ("auto", True, True, True, False),
+    "ours-recompute": ("auto", True, True, True, True),  # policy.recompute_frozen: memory for time
+    "ours-nofold": ("auto", False, False, True, False),  # the frozen copy with its BN layers
+    "ours-nofuse": ("auto", True, False, True, False),  # folded, but conv, bias, residual and ReLU as torch ops
+    "ours-nograph": ("auto", True, True, False, False),
 }
 
 
@@ -154,8 +155,13 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
         expected_fraction = set_routing(model, mix, trained)
-        mode, model.fold_frozen_bn, model.graph_policy, recompute = EXECUTIONS[execution]
+        mode, model.fold_frozen_bn, fuse, model.graph_policy, recompute = EXECUTIONS[execution]
         model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute})
+        if model.fold_frozen_bn and not fuse:
+            from spottune.models.fold import FrozenConvReLU
+
+            for unit in (m for b in model.runtime_frozen_blocks() for m in b.modules() if isinstance(m, FrozenConvReLU)):
+                unit._fusable = False
         if policy.get("compile"):
             model.policy = torch.compile(model.policy)
             model.graph_policy = False

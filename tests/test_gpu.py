@@ -196,7 +196,7 @@ def test_the_policy_on_a_side_stream_in_training_gives_the_same_step(monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
-    """FrozenConvReLU's cuDNN kernel and its input-gradient backward against conv + bias (+ z) + ReLU in torch."""
+    """FrozenConvReLU's cuDNN kernel (no autograd) against conv + bias (+ z) + ReLU in torch (what autograd gets)."""
     from spottune.models.fold import FrozenConvReLU
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -204,23 +204,17 @@ def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
     unit = FrozenConvReLU(conv)
     x = torch.randn(8, 32, 20, 20, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     z = torch.randn(8, 64, 10, 10, device="cuda", generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(8, 64, 10, 10, device="cuda", generator=g).to(dtype)
-    results = []
-    for fused in (True, False):
-        unit._fusable = fused  # False: the torch layers
-        unit._cast.clear()
-        xx, zz = x.clone().requires_grad_(True), z.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            y = unit(xx, zz if residual else None)
-        y.backward(grad)
-        assert unit._fusable == fused and bool(unit._cast) == fused  # the fused kernel ran, not the fallback
-        results.append((y.float(), xx.grad.float(), zz.grad.float() if residual else None))
-    (yf, xf, zf), (yt, xt, zt) = results
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        fused = unit(x, z if residual else None).float()
+    assert unit._fusable and unit._cast  # the fused kernel ran, not the fallback
+    xx = x.clone().requires_grad_(True)
+    with autocast:
+        layers = unit(xx, z if residual else None)
+    assert layers.grad_fn is not None  # autograd recording: torch's layers
+    layers = layers.float()
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # TF32 / bf16 rounding, in different places
-    assert yf.shape == yt.shape and (yf - yt).norm() / yt.norm() < tol
-    assert (xf - xt).norm() / xt.norm() < tol
-    if residual:
-        assert (zf - zt).norm() / zt.norm() < tol
+    assert fused.shape == layers.shape and (fused - layers).norm() / layers.norm() < tol
 
 
 def test_fused_frozen_units_replace_the_resnet_blocks_layers():

@@ -7,11 +7,11 @@ inference-mode backward is a broadcast elementwise kernel per layer, which made 
 branch's input gradients cost as much as its convolutions (docs/performance.md).
 
 Then each conv -> ReLU and conv -> add -> ReLU of the folded block becomes one `FrozenConvReLU`:
-on CUDA one cuDNN kernel (convolution, bias, residual and ReLU fused), where eager torch runs a
+where autograd records nothing (inference; the frozen branch no image chose in training), on CUDA
+one cuDNN kernel (convolution, bias, residual and ReLU fused), where eager torch runs a
 convolution, a broadcast bias add (slow in channels_last), the residual add and the ReLU: 2.5x
 less GPU time for those layers in bf16 (measured per layer, docs/performance.md). The weights are
-frozen, so their cast to the compute dtype is made once, and the backward computes input
-gradients only.
+frozen, so their cast to the compute dtype is made once.
 """
 
 from __future__ import annotations
@@ -109,12 +109,13 @@ def _fuse_relu(folded: torch.fx.GraphModule) -> None:
 
 
 class FrozenConvReLU(nn.Module):
-    """relu(conv(x) + bias [+ z]) with frozen weights: one cuDNN kernel on CUDA, torch ops elsewhere.
+    """relu(conv(x) + bias [+ z]) with frozen weights: one cuDNN kernel where autograd records nothing.
 
     `bias` is the convolution's, plus the residual convolution's where that one's was moved here.
-
-    Autograd keeps the input and the output (the ReLU's mask), tensors the block keeps anyway, and
-    the backward computes the gradients of x and z only.
+    While autograd records (the frozen branch of a block some image chose, in training) it runs as
+    torch's layers: a fused unit there needs a backward of its own, and one written as an autograd
+    Function in Python measured slower than the kernel saved (ResNet-50, per-image routing: 59 ms a
+    step against 52; docs/performance.md).
     """
 
     def __init__(self, conv: nn.Conv2d, extra_bias: torch.Tensor | None = None) -> None:
@@ -138,41 +139,22 @@ class FrozenConvReLU(nn.Module):
         return self._cast[key]
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        if self._fusable and x.is_cuda and x.dim() == 4 and torch.backends.cudnn.enabled:
+        recording = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
+        if self._fusable and not recording and x.is_cuda and x.dim() == 4 and torch.backends.cudnn.enabled:
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             if dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous(memory_format=torch.channels_last):
                 try:
-                    return _FusedConvReLU.apply(x.to(dtype), None if z is None else z.to(dtype), self, dtype)
+                    return self._fused(x.to(dtype), None if z is None else z.to(dtype), dtype)
                 except RuntimeError:  # no fused cuDNN engine for this configuration: torch ops from now on
                     self._fusable = False
         c = self.conv
         y = F.conv2d(x, c.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
         return F.relu(y if z is None else y + z)
 
-
-class _FusedConvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, z: torch.Tensor | None, unit: FrozenConvReLU, dtype: torch.dtype):
-        c = unit.conv
-        w, b = unit.weights(dtype)
+    def _fused(self, x: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        c = self.conv
+        w, b = self.weights(dtype)
         geometry = (c.stride, c.padding, c.dilation, c.groups)
         if z is None:
-            y = torch.cudnn_convolution_relu(x, w, b, *geometry)
-        else:
-            y = torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=torch.channels_last), 1.0, b,
-                                                 *geometry)
-        ctx.unit, ctx.dtype, ctx.geometry = unit, dtype, geometry
-        ctx.save_for_backward(x, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, y = ctx.saved_tensors
-        g = torch.ops.aten.threshold_backward(g.to(y.dtype), y, 0)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            stride, padding, dilation, groups = ctx.geometry
-            w, _ = ctx.unit.weights(ctx.dtype)
-            dx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
-                                                     [True, False, False])[0]
-        return dx, g if ctx.needs_input_grad[1] else None, None, None
+            return torch.cudnn_convolution_relu(x, w, b, *geometry)
+        return torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=torch.channels_last), 1.0, b, *geometry)

@@ -59,8 +59,8 @@ class Distributed:
 
         ids = [device.index] if device.type == "cuda" else None
         # broadcast_buffers=False: DDP's default sends rank 0's buffers (BN statistics) to every rank
-        # before each forward, a collective that makes every step wait for the slowest rank (2-3 ms a
-        # step on 2 GPUs, docs/performance.md). Rank 0's own statistics are the same either way, and
+        # before each forward, a collective that makes every step wait for the slowest rank (2-6 ms a
+        # fine-tuning step on 2 GPUs, docs/performance.md). Rank 0's own statistics are the same either way, and
         # rank 0 alone evaluates and saves the model.
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
                                        find_unused_parameters=getattr(model, "unused_parameters", False))

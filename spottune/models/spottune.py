@@ -219,8 +219,8 @@ class SpotTuneNet(TransferModel):
         """
         execution, pending = self._execution(), None
         for images in batches:
-            if not self._routes_beside(images) or torch.is_grad_enabled():  # CPU or autograd: one call, after
-                # any batch still pending
+            # CPU or autograd: one call, after any batch still pending
+            if not self._routes_beside(images) or torch.is_grad_enabled():
                 if pending is not None:
                     yield self._run(*pending, execution)
                     pending = None

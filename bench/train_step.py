@@ -6,8 +6,9 @@ channels_last, SGD with momentum, every learning rate 0 so the routing and weigh
 benchmark). Rows:
   hand-written   the plainest torchvision fine-tuning loop (our engine should be as fast)
   finetune       our FineTuneNet
-  spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training,
-                 conditional inference, folded frozen BN, CUDA-graphed policy at inference;
+  spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training
+                 with the route kernels, conditional inference, the frozen copy folded and fused,
+                 CUDA-graphed policy at inference;
                  'ours-recompute' adds policy.recompute_frozen; 'ours-nofold', 'ours-nofuse' and
                  'ours-nograph' leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
                  per block with that probability; 'trained' replays the per-block routing a

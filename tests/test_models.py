@@ -339,3 +339,34 @@ def test_recompute_frozen_keeps_nothing_of_the_frozen_branch_for_the_backward():
     # Where images disagree the block's output is a new tensor (the next block keeps it), not F~ itself.
     assert tuned_only <= saved[True] <= tuned_only + mixed + 1024  # + the decisions themselves
     assert saved[False] - saved[True] >= routed
+
+
+def test_split_training_keeps_no_extra_block_output_where_autograd_keeps_the_branches(monkeypatch):
+    """ResNet blocks end in ReLU, which keeps its output: the route then keeps F and F~ (no new memory), not F~ - F."""
+    import spottune.models.spottune as st
+
+    model = _spottune("resnet18", "none").train()
+    model.execution = "split"
+    x = torch.randn(8, 3, 32, 32)
+    d = (torch.arange(8)[:, None] % 2).float().expand(8, model.num_blocks).clone().requires_grad_(True)  # all mixed
+
+    def kept_bytes() -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, d)
+        return sum(storages.values())
+
+    outputs = []
+    hooks = [b.register_forward_hook(lambda _, __, out: outputs.append(out.numel() * out.element_size()))
+             for b in model.tuned_blocks]
+    with_branches = kept_bytes()
+    for h in hooks:
+        h.remove()
+    monkeypatch.setattr(st, "_kept_by_autograd", lambda _: False)  # as before: keep F~ - F per block
+    with_difference = kept_bytes()
+    assert with_difference - with_branches == sum(outputs)

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 os.environ.setdefault("SPOTTUNE_PROGRESS", "false")
+
+
+class _CurrentStderr:
+    """Whatever sys.stderr is when written to: pytest gives each test its own and closes it after."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_follows_stderr():
+    """Prefect's console handler (on the root logger too) binds the sys.stderr of the test that first
+    imports Prefect; a warning in any later test then went to that closed stream, and Python's logging
+    printed '--- Logging error ---' and a traceback into that test's output. Rebind it to the current one."""
+    yield
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is None:
+        return
+    loggers = [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]
+    for handler in {h for l in loggers for h in l.handlers if isinstance(h, handlers.PrefectConsoleHandler)}:
+        if not isinstance(handler.stream, _CurrentStderr):  # not setStream: it would flush the closed stream
+            handler.stream = handler.console.file = _CurrentStderr()
 
 
 def _hypothesis_profiles() -> None:

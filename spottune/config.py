@@ -284,6 +284,8 @@ def parse_override(pair: str) -> tuple[str, Any]:
     key, sep, raw = pair.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {_shown(pair)} is not KEY=VALUE (for example optim.epochs=2)")
+    if "" in key.split("."):
+        raise ConfigError(f"override {_shown(pair)}: key {printable(key)} has an empty part (for example optim.epochs=2)")
     try:
         return key, safe_yaml(raw)
     except ValueError as e:

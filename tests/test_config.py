@@ -48,6 +48,13 @@ def test_malformed_overrides_are_refused(pair):
         load_params(None, [pair])
 
 
+@pytest.mark.parametrize("pair", [".0=1", ".==", "optim..epochs=2", "optim.=1"])
+def test_an_override_key_with_an_empty_part_is_named(pair):
+    with pytest.raises(ConfigError, match="empty part") as e:
+        load_params(None, [pair])
+    assert repr(pair) in str(e.value)
+
+
 def test_not_yaml_and_not_a_mapping(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed")

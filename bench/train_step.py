@@ -162,7 +162,7 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
             from spottune.models.fold import FrozenConvReLU
 
             for unit in (m for b in model.runtime_frozen_blocks() for m in b.modules() if isinstance(m, FrozenConvReLU)):
-                unit._fusable = False
+                unit.fused = False
         if policy.get("compile"):
             model.policy = torch.compile(model.policy)
             model.graph_policy = False

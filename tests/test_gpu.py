@@ -207,7 +207,7 @@ def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
     autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
         fused = unit(x, z if residual else None).float()
-    assert unit._fusable and unit._cast  # the fused kernel ran, not the fallback
+    assert unit.fused and unit._cast  # the fused kernel ran, not the fallback
     xx = x.clone().requires_grad_(True)
     with autocast:
         layers = unit(xx, z if residual else None)
@@ -228,4 +228,4 @@ def test_fused_frozen_units_replace_the_resnet_blocks_layers():
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(x, torch.zeros(4, model.num_blocks, device="cuda"))
-    assert all(u._fusable for u in units) and all(u._cast for u in units)
+    assert all(u.fused for u in units) and all(u._cast for u in units)

@@ -124,13 +124,13 @@ class FrozenConvReLU(nn.Module):
         bias = conv.bias.detach() if extra_bias is None else conv.bias.detach() + extra_bias
         self.register_buffer("bias", bias)
         self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._fusable = True  # until cuDNN turns a configuration down
+        self.fused = True  # the cuDNN kernel where possible; off for good once cuDNN turns a configuration down
 
     def _apply(self, fn, recurse: bool = True):
         self._cast.clear()
         return super()._apply(fn, recurse)
 
-    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias in `dtype`, cast once (they are frozen), the weight in the input's memory layout."""
         key = (dtype, self.conv.weight.device)
         if key not in self._cast:
@@ -140,20 +140,20 @@ class FrozenConvReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         recording = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
-        if self._fusable and not recording and x.is_cuda and x.dim() == 4 and torch.backends.cudnn.enabled:
+        if self.fused and not recording and x.is_cuda and x.dim() == 4 and torch.backends.cudnn.enabled:
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             if dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous(memory_format=torch.channels_last):
                 try:
                     return self._fused(x.to(dtype), None if z is None else z.to(dtype), dtype)
                 except RuntimeError:  # no fused cuDNN engine for this configuration: torch ops from now on
-                    self._fusable = False
+                    self.fused = False
         c = self.conv
         y = F.conv2d(x, c.weight, self.bias, c.stride, c.padding, c.dilation, c.groups)
         return F.relu(y if z is None else y + z)
 
     def _fused(self, x: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         c = self.conv
-        w, b = self.weights(dtype)
+        w, b = self._weights(dtype)
         geometry = (c.stride, c.padding, c.dilation, c.groups)
         if z is None:
             return torch.cudnn_convolution_relu(x, w, b, *geometry)

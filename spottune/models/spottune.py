@@ -134,7 +134,7 @@ class SpotTuneNet(TransferModel):
         self.graph_policy = True
         self._folded: list[nn.Module] | None = None  # derived from frozen_blocks; not a submodule, not saved
         self._graphed_policy = GraphedPolicy(self.policy)
-        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}  # per device, for the policy at inference
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}  # per device, for the policy
         self.frozen_modules = []
         self.freeze(self.frozen_blocks)
         if not train_stem:

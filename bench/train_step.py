@@ -9,7 +9,8 @@ benchmark). Rows:
   spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training
                  with the route kernels, conditional inference, the frozen copy folded and fused,
                  CUDA-graphed policy at inference;
-                 'ours-recompute' adds policy.recompute_frozen; 'ours-nofold', 'ours-nofuse' and
+                 'ours-remake' adds policy.remake_routed_outputs, 'ours-recompute' policy.recompute_frozen;
+                 'ours-nofold', 'ours-nofuse' and
                  'ours-nograph' leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
                  per block with that probability; 'trained' replays the per-block routing a
                  policy learnt on real data (bench/results/routing-*.json)
@@ -135,13 +136,15 @@ def gpu_batch(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 100, (batch,), device="cuda", generator=g)
 
 
-EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, fuse conv+ReLU, graph the policy, recompute_frozen)
-    "mixed": ("mixed", False, False, False, False),  # the 2019 design
-    "ours": ("auto", True, True, True, False),
-    "ours-recompute": ("auto", True, True, True, True),  # policy.recompute_frozen: memory for time
-    "ours-nofold": ("auto", False, False, True, False),  # the frozen copy with its BN layers
-    "ours-nofuse": ("auto", True, False, True, False),  # folded, but conv, bias, residual and ReLU as torch ops
-    "ours-nograph": ("auto", True, True, False, False),
+EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, fuse conv+ReLU, graph the policy,
+    #                  policy.recompute_frozen, policy.remake_routed_outputs)
+    "mixed": ("mixed", False, False, False, False, False),  # the 2019 design
+    "ours": ("auto", True, True, True, False, False),
+    "ours-remake": ("auto", True, True, True, False, True),  # policy.remake_routed_outputs: memory for a little time
+    "ours-recompute": ("auto", True, True, True, True, False),  # policy.recompute_frozen: memory for time
+    "ours-nofold": ("auto", False, False, True, False, False),  # the frozen copy with its BN layers
+    "ours-nofuse": ("auto", True, False, True, False, False),  # folded, but conv, bias, residual and ReLU as torch ops
+    "ours-nograph": ("auto", True, True, False, False, False),
 }
 
 
@@ -156,8 +159,9 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
         expected_fraction = set_routing(model, mix, trained)
-        mode, model.fold_frozen_bn, fuse, model.graph_policy, recompute = EXECUTIONS[execution]
-        model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute})
+        mode, model.fold_frozen_bn, fuse, model.graph_policy, recompute, remake = EXECUTIONS[execution]
+        model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute,
+                                                                     "remake_routed_outputs": remake})
         if model.fold_frozen_bn and not fuse:
             from spottune.models.fold import FrozenConvReLU
 

@@ -9,13 +9,14 @@ benchmark). Rows:
   spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training
                  with the route kernels, conditional inference, the frozen copy folded and fused,
                  CUDA-graphed policy at inference;
-                 'ours-remake' adds policy.remake_routed_outputs, 'ours-recompute' policy.recompute_frozen;
-                 'ours-nofold', 'ours-nofuse' and
+                 'ours-recompute' adds policy.recompute_frozen; 'ours-nofold', 'ours-nofuse' and
                  'ours-nograph' leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
                  per block with that probability; 'trained' replays the per-block routing a
                  policy learnt on real data (bench/results/routing-*.json)
-Inference images/s is a stream of batches through `infer_batches`, as evaluation runs it (SpotTune
-queues each batch's policy one batch ahead); '1 batch' is the ratio for one call alone (latency).
+Peak memory is that of the timed steps (steady state); the warm-up's, which includes what the first
+step makes once, is in the JSON as warmup_peak_gib. Inference images/s is a stream of batches through
+`infer_batches`, as evaluation runs it (SpotTune queues each batch's policy one batch ahead); '1 batch'
+is the ratio for one call alone (latency).
 
     python bench/train_step.py --out bench/results/train_step.json
 
@@ -136,15 +137,13 @@ def gpu_batch(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 100, (batch,), device="cuda", generator=g)
 
 
-EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, fuse conv+ReLU, graph the policy,
-    #                  policy.recompute_frozen, policy.remake_routed_outputs)
-    "mixed": ("mixed", False, False, False, False, False),  # the 2019 design
-    "ours": ("auto", True, True, True, False, False),
-    "ours-remake": ("auto", True, True, True, False, True),  # policy.remake_routed_outputs: memory for a little time
-    "ours-recompute": ("auto", True, True, True, True, False),  # policy.recompute_frozen: memory for time
-    "ours-nofold": ("auto", False, False, True, False, False),  # the frozen copy with its BN layers
-    "ours-nofuse": ("auto", True, False, True, False, False),  # folded, but conv, bias, residual and ReLU as torch ops
-    "ours-nograph": ("auto", True, True, False, False, False),
+EXECUTIONS = {  # name: (model.execution in training, fold the frozen BN, fuse conv+ReLU, graph the policy, recompute_frozen)
+    "mixed": ("mixed", False, False, False, False),  # the 2019 design
+    "ours": ("auto", True, True, True, False),
+    "ours-recompute": ("auto", True, True, True, True),  # policy.recompute_frozen: memory for time
+    "ours-nofold": ("auto", False, False, True, False),  # the frozen copy with its BN layers
+    "ours-nofuse": ("auto", True, False, True, False),  # folded, but conv, bias, residual and ReLU as torch ops
+    "ours-nograph": ("auto", True, True, False, False),
 }
 
 
@@ -159,9 +158,8 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
         expected_fraction = set_routing(model, mix, trained)
-        mode, model.fold_frozen_bn, fuse, model.graph_policy, recompute, remake = EXECUTIONS[execution]
-        model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute,
-                                                                     "remake_routed_outputs": remake})
+        mode, model.fold_frozen_bn, fuse, model.graph_policy, recompute = EXECUTIONS[execution]
+        model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute})
         if model.fold_frozen_bn and not fuse:
             from spottune.models.fold import FrozenConvReLU
 
@@ -182,11 +180,18 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     model.train()
     if execution is not None:
         model.execution = mode
+    # Peak memory of the steady state (the timed steps), and apart from it that of the warm-up, whose
+    # first step also makes what stays (folded frozen copy, cast weights, momentum buffers) and
+    # whatever cuDNN allocates while it picks its algorithms.
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base_mem = torch.cuda.memory_allocated()
-    row["train_ms"] = cuda_time(step, steps, warmup)
-    row["peak_gib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**30 + base_mem / 2**30
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    row["warmup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    row["train_ms"] = cuda_time(step, steps, 0)
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["train_img_s"] = batch / row["train_ms"] * 1e3
     if profile:
         print_profile(step, f"{backbone} {method} {execution or ''} {mix or ''}")

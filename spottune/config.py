@@ -125,10 +125,6 @@ class PolicyParams(_Section):
     recompute_frozen: bool = Field(
         False, description="memory for time: in blocks where some image takes the tuned copy, keep nothing of the "
         "frozen copy for the backward pass (its activations, F~ - F) and run its forward again there (same gradients)")
-    remake_routed_outputs: bool = Field(
-        False, description="memory for a little time: where images disagree, a block's output is not kept for the "
-        "backward pass but made again there from the two branches' outputs, which it keeps anyway (same gradients; "
-        "no effect in blocks that recompute_frozen runs again)")
 
 
 class OptimParams(_Section):

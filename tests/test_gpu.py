@@ -145,27 +145,24 @@ def test_split_training_on_the_gpu_gives_the_mixed_formulations_gradients():
     d0[:, 3] = 1  # blocks where every image agrees: the chosen branch's own output
     d0[:, 5] = 0
     results = {}
-    for execution in ("mixed", "split", "remake"):  # remake: split with policy.remake_routed_outputs
+    for execution in ("mixed", "split"):
         torch.manual_seed(0)
         model = build_model(params, 10).double().cuda().train()
-        model.execution = "split" if execution == "remake" else execution
-        if execution == "remake":
-            model.policy_params = model.policy_params.model_copy(update={"remake_routed_outputs": True})
+        model.execution = execution
         x, d = x0.clone().requires_grad_(True), d0.clone().requires_grad_(True)
         out = model(x, d)
         out.logits.pow(2).sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         results[execution] = (out.logits.detach(), x.grad, d.grad, grads)
-    lm, xm, dm, gm = results["mixed"]
-    for ls, xs, ds, gs in (results["split"], results["remake"]):
-        torch.testing.assert_close(ls, lm, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(xs, xm, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(ds, dm, rtol=1e-9, atol=1e-9)
-        for k, v in gs.items():
-            torch.testing.assert_close(v, gm[k], rtol=1e-9, atol=1e-9, msg=k)
-        unused = {l for l in range(16) if not d0[:, l].any()}  # split leaves those tuned copies out of autograd
-        assert 5 in unused and {k for k in gm if k not in gs} == {k for k in gm if k.startswith("tuned_blocks.")
-                                                                  and int(k.split(".")[1]) in unused}
+    (lm, xm, dm, gm), (ls, xs, ds, gs) = results["mixed"], results["split"]
+    torch.testing.assert_close(ls, lm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs, xm, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ds, dm, rtol=1e-9, atol=1e-9)
+    for k, v in gs.items():
+        torch.testing.assert_close(v, gm[k], rtol=1e-9, atol=1e-9, msg=k)
+    unused = {l for l in range(16) if not d0[:, l].any()}  # split leaves those tuned copies out of autograd
+    assert 5 in unused and {k for k in gm if k not in gs} == {k for k in gm if k.startswith("tuned_blocks.")
+                                                              and int(k.split(".")[1]) in unused}
 
 
 def test_the_policy_on_a_side_stream_in_training_gives_the_same_step(monkeypatch):

@@ -238,19 +238,17 @@ def test_baselines_train_what_they_say(method, trained_blocks):
 @pytest.mark.parametrize("name,weights,p_tuned", [("resnet26", "none", 0.0), ("resnet26", "none", 0.3),
                                                    ("resnet26", "none", 1.0), ("resnet18", "none", 0.5)])
 def test_split_training_gives_the_mixed_formulations_gradients(name, weights, p_tuned):
-    """float64: outputs, every gradient (input, tuned copy, stem, head, decisions) and BN statistics; split
-    training as it is, with recompute_frozen and with remake_routed_outputs."""
+    """float64: outputs, every gradient (input, tuned copy, stem, head, decisions) and BN statistics."""
     results = {}
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(12, 3, 16, 16, generator=g, dtype=torch.float64)
     d0 = (torch.rand(12, 12 if name == "resnet26" else 8, generator=g) < p_tuned).double()
-    for execution in ("mixed", "split", "recompute", "remake"):
-        model = _spottune(name, weights, recompute_frozen=execution == "recompute",
-                          remake_routed_outputs=execution == "remake").double().train()
+    for execution in ("mixed", "split", "recompute"):
+        model = _spottune(name, weights, recompute_frozen=execution == "recompute").double().train()
         for b in model.tuned_blocks.modules():  # no drop-connect noise: compare deterministic functions
             if hasattr(b, "drop_connect_rate"):
                 b.drop_connect_rate = 0.0
-        model.execution = "split" if execution in ("recompute", "remake") else execution
+        model.execution = "split" if execution == "recompute" else execution
         x = x0.clone().requires_grad_(True)
         d = d0.clone().requires_grad_(True)
         out = model(x, d)
@@ -259,7 +257,7 @@ def test_split_training_gives_the_mixed_formulations_gradients(name, weights, p_
         stats = {n: b for n, b in model.named_buffers() if "running" in n}
         results[execution] = (out.logits.detach(), x.grad, d.grad, grads, stats)
     lm, xm, dm, gm, sm = results["mixed"]
-    for ls, xs, ds, gs, ss in (results["split"], results["recompute"], results["remake"]):
+    for ls, xs, ds, gs, ss in (results["split"], results["recompute"]):
         _assert_same_training_step(lm, xm, dm, gm, sm, ls, xs, ds, gs, ss, d0)
 
 
@@ -372,42 +370,3 @@ def test_split_training_keeps_no_extra_block_output_where_autograd_keeps_the_bra
     monkeypatch.setattr(st, "_kept_by_autograd", lambda _: False)  # as before: keep F~ - F per block
     with_difference = kept_bytes()
     assert with_difference - with_branches == sum(outputs)
-
-
-def test_remade_routed_outputs_are_not_kept_and_give_the_same_gradients(monkeypatch):
-    """policy.remake_routed_outputs: where images disagree, the block's output is made again in the backward
-    from F and F~ (kept anyway): after the forward nothing holds it, and the gradients are bit for bit
-    those of keeping it."""
-    import gc
-    import weakref
-
-    import spottune.models.spottune as st
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 3, 64, 64, generator=g)  # the last block's output pools to a new tensor (at 32 px: a view)
-    model = _spottune("resnet50", "none", remake_routed_outputs=True).train()
-    model.execution = "split"
-    d = (torch.rand(6, model.num_blocks, generator=g) < 0.5).float()
-    d[:3, 1], d[3:, 1] = 0.0, 1.0  # one block surely mixed
-    offer = st._RoutedOutputs.offer
-    grads, offered = {}, []
-    for keep in (False, True):
-        def remembered(self, y, *args, keep=keep):
-            offered.append(weakref.ref(y))
-            if not keep:
-                offer(self, y, *args)
-
-        monkeypatch.setattr(st._RoutedOutputs, "offer", remembered)
-        offered.clear()
-        model.zero_grad(set_to_none=True)
-        dd = d.clone().requires_grad_(True)
-        out = model(x, dd)
-        gc.collect()
-        alive = [ref() is not None for ref in offered]
-        # kept as tensors, each is alive but perhaps the last block's (the pooling keeps nothing of it)
-        assert len(alive) >= 2 and (sum(alive) >= len(alive) - 1 if keep else not any(alive))
-        out.logits.float().square().sum().backward()
-        grads[keep] = {"decisions": dd.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
-    assert grads[False].keys() == grads[True].keys()
-    for n in grads[True]:
-        assert torch.equal(grads[False][n], grads[True][n]), n

@@ -277,19 +277,14 @@ class SpotTuneNet(TransferModel):
         # One autograd node hands each block its column; its backward stacks their decision gradients
         # (a column per block, `decisions[:, l]`, costs a zero-filled (B, L) gradient and an add per block).
         columns = decisions.unbind(1)
-        remake = execution == "split" and torch.is_grad_enabled() and self.policy_params.remake_routed_outputs
-        routed = _RoutedOutputs() if remake else None
-        with routed or nullcontext():
-            for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
-                if plan is None:
-                    x = _mixed(frozen, tuned, x, columns[l])
-                elif execution == "split":
-                    x = _split(frozen, tuned, x, columns[l], plan.tuned_counts[l],
-                               self.policy_params.recompute_frozen, routed)
-                else:
-                    x = _conditional(frozen, tuned, x, plan, l)
-            features = self.neck(x)
-        return ModelOutput(self.head(features), decisions)
+        for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
+            if plan is None:
+                x = _mixed(frozen, tuned, x, columns[l])
+            elif execution == "split":
+                x = _split(frozen, tuned, x, columns[l], plan.tuned_counts[l], self.policy_params.recompute_frozen)
+            else:
+                x = _conditional(frozen, tuned, x, plan, l)
+        return ModelOutput(self.head(self.neck(x)), decisions)
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
         net = trainable([*self.stem.parameters(), *self.tuned_blocks.parameters(), *self.neck.parameters()])
@@ -323,14 +318,12 @@ def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
 
 
 def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, n_tuned: int,
-           recompute: bool = False, routed: _RoutedOutputs | None = None) -> torch.Tensor:
+           recompute: bool = False) -> torch.Tensor:
     """Training: autograd through a branch only where some image chose it; see the module docstring.
 
     recompute: where some image chose the tuned copy, keep nothing of the frozen branch (neither its
     activations nor F~ - F) and run it again in the backward pass: it has no state and no randomness,
     so the gradients are the same.
-    routed: where the routed output is a new tensor made from F and F~ that the backward keeps anyway,
-    the next block keeps this recipe for it instead of the tensor (`_RoutedOutputs`).
     """
     if n_tuned == 0:
         f = frozen(x)
@@ -342,11 +335,8 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
     if recompute:
         return _RecomputedRoute.apply(x, t, d, frozen, all_tuned)
     with torch.no_grad() if all_tuned else nullcontext():  # all tuned: F only feeds the decision gradient
-        f = frozen(x).to(t.dtype)
-    y = _Route.apply(f, t, d, all_tuned, False)
-    if routed is not None and not all_tuned and _kept_by_autograd(f) and _kept_by_autograd(t):
-        routed.offer(y, f, t, d)
-    return y
+        f = frozen(x)
+    return _Route.apply(f.to(t.dtype), t, d, all_tuned, False)
 
 
 class _Route(torch.autograd.Function):
@@ -384,58 +374,6 @@ class _Route(torch.autograd.Function):
         if ctx.needs_input_grad[1] and ctx.all_tuned:
             grad_t = g
         return grad_f, grad_t, None if grad_d is None else grad_d.to(ctx.d_dtype), None, None
-
-
-class _RoutedOutputs(torch.autograd.graph.saved_tensors_hooks):
-    """`policy.remake_routed_outputs`: the next block keeps a recipe for a mixed block's output, not the tensor.
-
-    Why: where images disagree, the routed output y is a new tensor, and the next block's first
-    convolutions keep it for their backward: a third block output per block beside F and F~, which
-    autograd keeps anyway (each branch's last ReLU keeps its output). y is a per-image select of
-    those two, so the backward makes it again from them, once per block (the first unpack makes it,
-    the last one lets it go), bit for bit the forward's. Peak memory at per-image routing drops by
-    one block output per mixed block; the price is a Python call on the host for every tensor
-    autograd keeps or reads back while the blocks run (docs/performance.md). Saved-tensor hooks of
-    the caller's (offloading, say) do not apply inside.
-    """
-
-    def __init__(self) -> None:
-        self._offered: tuple[torch.Tensor, _Remade] | None = None
-        super().__init__(self._pack, self._unpack)
-
-    def offer(self, y: torch.Tensor, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> None:
-        """y = route_forward(f, t, d) may be kept as that recipe (f and t kept by autograd already)."""
-        self._offered = (y, _Remade(f, t, d.detach().to(t.dtype)))
-
-    def _pack(self, t: torch.Tensor):
-        if self._offered is not None and t is self._offered[0]:
-            recipe = self._offered[1]
-            recipe.packed += 1
-            return recipe
-        return t
-
-    @staticmethod
-    def _unpack(saved):
-        return saved.get() if isinstance(saved, _Remade) else saved
-
-    def __exit__(self, *exc) -> None:
-        self._offered = None
-        super().__exit__(*exc)
-
-
-class _Remade:
-    """A routed output made again in the backward from F, F~ and the decisions; made once, dropped after its last use."""
-
-    def __init__(self, f: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> None:
-        self.parts = (f, t, w)
-        self.packed = self.unpacked = 0
-        self._value: torch.Tensor | None = None
-
-    def get(self) -> torch.Tensor:
-        value = self._value if self._value is not None else route_forward(*self.parts)
-        self.unpacked += 1
-        self._value = value if self.unpacked < self.packed else None
-        return value
 
 
 def _kept_by_autograd(x: torch.Tensor) -> bool:

@@ -184,7 +184,10 @@ def train_step(model: TransferModel, forward: Callable[[torch.Tensor], Any], opt
     if model.unused_parameters:
         fill_missing_gradients(optimizer)
     optimizer.step()
-    return loss, out
+    # Values only: nothing of this step's autograd graph outlives it. A CUDA graph captured in the next
+    # step (spottune/models/block_graphs.py) must not meet this step's gradient accumulators.
+    decisions = None if out.decisions is None else out.decisions.detach()
+    return loss.detach(), out._replace(logits=out.logits.detach(), decisions=decisions)
 
 
 @torch.inference_mode()

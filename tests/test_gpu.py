@@ -229,3 +229,59 @@ def test_fused_frozen_units_replace_the_resnet_blocks_layers():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         model(x, torch.zeros(4, model.num_blocks, device="cuda"))
     assert all(u.fused for u in units) and all(u._cast for u in units)
+
+
+@pytest.mark.parametrize("routing", ["per-image", "agreeing"])
+def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypatch, routing):
+    """Blocks replayed as CUDA graphs (block_graphs.py) against eager split training, step by step on new
+    images and decisions of one routing pattern: the same logits, input, decision and weight gradients and
+    BatchNorm statistics (float32; cuDNN may pick other kernels in a graph, so to rounding). 'agreeing' routes
+    every image of some blocks alike: their tuned copies get no gradient from either."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    steps = []
+    for _ in range(4):
+        d = (torch.rand(8, 16, device="cuda", generator=g) < 0.5).float()
+        d[0], d[1] = 0.0, 1.0  # every block mixed: one pattern in every step
+        if routing == "agreeing":
+            d[:, 1::3], d[:, 2::3] = 1.0, 0.0
+        steps.append((torch.randn(8, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last), d))
+    params = validate_params({"model": {"backbone": "resnet50", "weights": "none", "dropout": 0.0},
+                              "data": {"image_size": 64}})  # no dropout: the same function in both runs
+    runs = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = build_model(params, 10).cuda().to(memory_format=torch.channels_last)
+        model.graph_blocks = graphs
+        model.train()
+        results = []
+        for x, d in steps:
+            model.zero_grad(set_to_none=True)
+            xx, dd = x.clone().requires_grad_(True), d.clone().requires_grad_(True)
+            out = model(xx, dd)
+            out.logits.float().square().mean().backward()
+            # clones: a graph's gradients live in its own buffers, which the next replay rewrites
+            results.append((out.logits.detach().clone(), xx.grad.clone(), dd.grad.clone(),
+                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                            {n: b.clone() for n, b in model.named_buffers() if "running" in n}))
+            del out  # no step's autograd graph alive when the next one is captured
+        assert (model._block_graphs._graphed is not None) == graphs  # steps 2 and 3 replayed the graph
+        runs[graphs] = results
+    def close(graphed: torch.Tensor, eager: torch.Tensor, name: str) -> None:
+        # to rounding, relative to the tensor's scale: sums over a batch cancel, so small entries carry
+        # the absolute error of large ones
+        scale = eager.abs().max().item()
+        worst = (graphed - eager).abs().max().item() / max(scale, 1e-30)
+        assert worst < 1e-4, f"{name}: max |graphed - eager| = {worst:.1e} of max |eager|"
+
+    for step, ((le, xe, de, ge, se), (lg, xg, dg, gg, sg)) in enumerate(zip(runs[False], runs[True])):
+        close(lg, le, f"step {step} logits")
+        close(xg, xe, f"step {step} input gradient")
+        close(dg, de, f"step {step} decision gradient")
+        assert gg.keys() == ge.keys()
+        for k in ge:
+            close(gg[k], ge[k], f"step {step} {k}")
+        for k in se:
+            close(sg[k], se[k], f"step {step} {k}")
+    if routing == "agreeing":
+        assert not any(k.startswith("tuned_blocks.2.") for k in runs[True][-1][3])  # no image tuned block 2

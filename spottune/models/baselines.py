@@ -32,7 +32,9 @@ class FineTuneNet(TransferModel):
         super().__init__()
         self.method = method
         self.stem, self.blocks, self.neck = backbone.stem, backbone.blocks, backbone.neck
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
+        # no Dropout(0): on CUDA it still launches a kernel and draws random numbers
+        self.head = nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                                  nn.Linear(backbone.num_features, num_classes))
         self.frozen_modules = []
         n = len(self.blocks)
         if method == "linear":

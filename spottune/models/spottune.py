@@ -51,6 +51,7 @@ from torch import nn
 from spottune.config import OptimParams, PolicyParams
 from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, trainable
+from spottune.models.block_graphs import BlockGraphs
 from spottune.models.fold import fold_batchnorm
 from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
 from spottune.models.route_kernels import per_image, route_backward, route_forward
@@ -117,7 +118,9 @@ class SpotTuneNet(TransferModel):
         self.frozen_blocks = backbone.blocks
         self.tuned_blocks = copy.deepcopy(backbone.blocks)
         self.neck = backbone.neck
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(backbone.num_features, num_classes))
+        # no Dropout(0): on CUDA it still launches a kernel and draws random numbers
+        self.head = nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                                  nn.Linear(backbone.num_features, num_classes))
         self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_size)
         # Registered first: DistributedDataParallel fills its gradient buckets in reverse registration
         # order and all-reduces them in that order, and the policy's gradients are the last of a
@@ -132,8 +135,10 @@ class SpotTuneNet(TransferModel):
         self.bucket = 32
         self.fold_frozen_bn = policy.frozen_bn == "pretrained"
         self.graph_policy = True
+        self.graph_blocks = False  # split training's blocks as CUDA graphs: see block_graphs.py for who turns it on
         self._folded: list[nn.Module] | None = None  # derived from frozen_blocks; not a submodule, not saved
         self._graphed_policy = GraphedPolicy(self.policy)
+        self._block_graphs = BlockGraphs()
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}  # per device, for the policy
         self.frozen_modules = []
         self.freeze(self.frozen_blocks)
@@ -167,16 +172,18 @@ class SpotTuneNet(TransferModel):
         twin = self.__class__.__new__(self.__class__)
         memo[id(self)] = twin
         for k, v in self.__dict__.items():
-            if k not in ("_folded", "_graphed_policy", "_side_streams"):
+            if k not in ("_folded", "_graphed_policy", "_block_graphs", "_side_streams"):
                 twin.__dict__[k] = copy.deepcopy(v, memo)
         twin._folded = None
         twin._graphed_policy = GraphedPolicy(twin.policy)
+        twin._block_graphs = BlockGraphs()
         twin._side_streams = {}
         return twin
 
     def _reset_derived(self) -> None:
         self._folded = None
         self._graphed_policy.reset()
+        self._block_graphs.reset()
 
     def runtime_frozen_blocks(self) -> nn.ModuleList | list[nn.Module]:
         """The frozen copy as executed: BN folded into the convolutions, conv -> ReLU chains fused (fold.py).
@@ -274,17 +281,34 @@ class SpotTuneNet(TransferModel):
         x = self.stem(images)
         if done is not None:
             torch.cuda.current_stream(images.device).wait_event(done)
+        counts = plan.tuned_counts if plan is not None else None
+        if execution == "split" and self._graphable(x):
+            logits = self._block_graphs(x, decisions, counts, self._blocks,
+                                        [*self.runtime_frozen_blocks(), self.tuned_blocks, self.neck, self.head])
+            if logits is not None:
+                return ModelOutput(logits, decisions)
+        return ModelOutput(self._blocks(x, decisions, counts, execution, plan), decisions)
+
+    def _blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int] | None,
+                execution: Execution = "split", plan: RoutingPlan | None = None) -> torch.Tensor:
+        """Blocks, neck and head: logits. Split training needs only the per-block tuned counts (a CUDA graph runs this)."""
         # One autograd node hands each block its column; its backward stacks their decision gradients
         # (a column per block, `decisions[:, l]`, costs a zero-filled (B, L) gradient and an add per block).
         columns = decisions.unbind(1)
         for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
-            if plan is None:
+            if execution == "mixed":
                 x = _mixed(frozen, tuned, x, columns[l])
             elif execution == "split":
-                x = _split(frozen, tuned, x, columns[l], plan.tuned_counts[l], self.policy_params.recompute_frozen)
+                x = _split(frozen, tuned, x, columns[l], counts[l], self.policy_params.recompute_frozen)
             else:
                 x = _conditional(frozen, tuned, x, plan, l)
-        return ModelOutput(self.head(self.neck(x)), decisions)
+        return self.head(self.neck(x))
+
+    def _graphable(self, x: torch.Tensor) -> bool:
+        """Split training replays its blocks as CUDA graphs (block_graphs.py) on one CUDA device, not under DDP."""
+        return (self.graph_blocks and x.is_cuda and self.training and torch.is_grad_enabled()
+                and not self.policy_params.recompute_frozen
+                and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
         net = trainable([*self.stem.parameters(), *self.tuned_blocks.parameters(), *self.neck.parameters()])

@@ -216,6 +216,22 @@ def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # TF32 / bf16 rounding, in different places
     assert fused.shape == layers.shape and (fused - layers).norm() / layers.norm() < tol
 
+    # Under autograd with fused_under_autograd (while SpotTune's blocks are captured as CUDA graphs): the
+    # fused kernel and its own backward, against torch's layers' gradients.
+    grads = {}
+    for fused_under_autograd in (False, True):
+        unit.fused_under_autograd = fused_under_autograd
+        xx = x.clone().requires_grad_(True)
+        zz = z.clone().requires_grad_(True) if residual else None
+        with autocast:
+            out = unit(xx, zz)
+        assert (type(out.grad_fn).__name__ == "_FusedUnitBackward") == fused_under_autograd
+        out.float().square().sum().backward()
+        grads[fused_under_autograd] = (out.detach().float(), xx.grad.float(), zz.grad.float() if residual else None)
+    for a, b in zip(grads[True], grads[False]):
+        if b is not None:
+            assert a.shape == b.shape and (a - b).norm() / b.norm() < 2 * tol
+
 
 def test_fused_frozen_units_replace_the_resnet_blocks_layers():
     """A ResNet-50 frozen block as executed: three fused units on CUDA, and the fused kernels really run."""

@@ -36,6 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from spottune.models.fold import FrozenConvReLU
+
 
 class _Stack(nn.Module):
     """The blocks for one routing pattern, then neck and head: (stem output, decisions) -> logits."""
@@ -47,7 +49,16 @@ class _Stack(nn.Module):
         self._counts = counts
 
     def forward(self, x: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
-        return self._run()(x, decisions, self._counts)
+        """Runs only while warming up and capturing (a replay does not call it): the frozen copy's fused
+        units then run under autograd too, their Python backward recorded into the graph (fold.py)."""
+        units = [m for m in self.parts.modules() if isinstance(m, FrozenConvReLU)]
+        for u in units:
+            u.fused_under_autograd = True
+        try:
+            return self._run()(x, decisions, self._counts)
+        finally:
+            for u in units:
+                u.fused_under_autograd = False
 
 
 class BlockGraphs:

@@ -109,13 +109,15 @@ def _fuse_relu(folded: torch.fx.GraphModule) -> None:
 
 
 class FrozenConvReLU(nn.Module):
-    """relu(conv(x) + bias [+ z]) with frozen weights: one cuDNN kernel where autograd records nothing.
+    """relu(conv(x) + bias [+ z]) with frozen weights: one cuDNN kernel on CUDA.
 
     `bias` is the convolution's, plus the residual convolution's where that one's was moved here.
-    While autograd records (the frozen branch of a block some image chose, in training) it runs as
-    torch's layers: a fused unit there needs a backward of its own, and one written as an autograd
-    Function in Python measured slower than the kernel saved (ResNet-50, per-image routing: 59 ms a
-    step against 52; docs/performance.md).
+    Where autograd records (the frozen branch of a block some image chose, in training), the fused
+    kernel runs only with `fused_under_autograd` (set while SpotTune's blocks replay as CUDA graphs),
+    with a backward of its own (`_FusedUnit`): written in Python, it costs host time per unit, which
+    measured slower than the kernel saved when run eagerly (ResNet-50, per-image routing: 59 ms a
+    step against 52; docs/performance.md), and nothing inside a replayed graph. Elsewhere torch's
+    layers run there.
     """
 
     def __init__(self, conv: nn.Conv2d, extra_bias: torch.Tensor | None = None) -> None:
@@ -125,6 +127,7 @@ class FrozenConvReLU(nn.Module):
         self.register_buffer("bias", bias)
         self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.fused = True  # the cuDNN kernel where possible; off for good once cuDNN turns a configuration down
+        self.fused_under_autograd = False
 
     def _apply(self, fn, recurse: bool = True):
         self._cast.clear()
@@ -140,11 +143,13 @@ class FrozenConvReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         recording = torch.is_grad_enabled() and (x.requires_grad or (z is not None and z.requires_grad))
-        if self.fused and not recording and x.is_cuda and x.dim() == 4 and torch.backends.cudnn.enabled:
+        if (self.fused and (not recording or self.fused_under_autograd) and x.is_cuda and x.dim() == 4
+                and torch.backends.cudnn.enabled):
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             if dtype in (torch.float16, torch.bfloat16, torch.float32) and x.is_contiguous(memory_format=torch.channels_last):
+                xx, zz = x.to(dtype), None if z is None else z.to(dtype).contiguous(memory_format=torch.channels_last)
                 try:
-                    return self._fused(x.to(dtype), None if z is None else z.to(dtype), dtype)
+                    return _FusedUnit.apply(xx, zz, self, dtype) if recording else self._fused(xx, zz, dtype)
                 except RuntimeError:  # no fused cuDNN engine for this configuration: torch ops from now on
                     self.fused = False
         c = self.conv
@@ -158,3 +163,29 @@ class FrozenConvReLU(nn.Module):
         if z is None:
             return torch.cudnn_convolution_relu(x, w, b, *geometry)
         return torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=torch.channels_last), 1.0, b, *geometry)
+
+
+class _FusedUnit(torch.autograd.Function):
+    """A FrozenConvReLU's fused kernel under autograd: input gradients by ReLU's mask, then the convolution's data gradient.
+
+    Keeps x (kept anyway: the block's input, or the unit before's output) and its own output, as
+    torch's conv and ReLU would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, z: torch.Tensor | None, unit: FrozenConvReLU, dtype: torch.dtype):
+        y = unit._fused(x, z, dtype)
+        ctx.unit, ctx.dtype = unit, dtype
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, y = ctx.saved_tensors
+        gy = torch.ops.aten.threshold_backward(g.contiguous(memory_format=torch.channels_last), y, 0)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            c, (w, _) = ctx.unit.conv, ctx.unit._weights(ctx.dtype)
+            gx = torch.ops.aten.convolution_backward(gy, x, w, None, c.stride, c.padding, c.dilation, False, [0, 0],
+                                                     c.groups, (True, False, False))[0]
+        return gx, gy if ctx.needs_input_grad[1] else None, None, None

@@ -8,7 +8,8 @@ forward or backward pass with one call.
 What a step runs depends on the routing only through its pattern: per block, whether no image,
 every image or some images took the tuned copy (the per-image choices themselves are data the
 kernels read). So a graph captured for one pattern replays every later step with that pattern,
-the same kernels on the same buffers: the same arithmetic as running the blocks eagerly. At
+the same kernels on the same buffers: the function of running the blocks eagerly (inside a graph
+the frozen copy's units also run fused under autograd, fold.py: equal to rounding). At
 per-image routing every step has one pattern; a trained policy's routing settles on one. A pattern
 is captured once it has come twice in a row (capturing costs a few eager steps), and one graph is
 kept at a time: its activations live in a memory pool of their own.

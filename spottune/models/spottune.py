@@ -23,7 +23,9 @@ them and each conv -> (add ->) ReLU chain runs as one fused cuDNN kernel (`fold_
 spottune/models/fold.py). On CUDA the policy runs on a side stream, beside the stem (in training
 its backward then runs beside the stem's); at inference as a replayed CUDA graph (`graph_policy`)
 and, over a stream of batches (`infer_batches`, what evaluation uses), one batch ahead beside the
-previous batch's blocks: the same function, computed faster.
+previous batch's blocks: the same function, computed faster. In training on one GPU (`graph_blocks`,
+on in spottune.training) split execution replays the blocks, neck and head as CUDA graphs, one per
+routing pattern (spottune/models/block_graphs.py).
 
 A tuned copy that no image of the batch chose gets no gradient from autograd; its gradient in
 the mixed form is exactly zero, so the engine gives it a zero gradient after the backward pass

@@ -59,3 +59,11 @@ class TransferModel(nn.Module):
 
 def trainable(params) -> list[nn.Parameter]:
     return [p for p in params if p.requires_grad]
+
+
+def new_head(num_features: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """The new task's classifier: dropout, then a linear layer (keys head.1.*).
+
+    No Dropout(0): on CUDA it still launches a kernel and draws random numbers; an Identity keeps the keys.
+    """
+    return nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(), nn.Linear(num_features, num_classes))

@@ -14,7 +14,7 @@ from torch import nn
 from spottune.config import OptimParams
 from spottune.errors import ConfigError
 from spottune.models.backbones import Backbone
-from spottune.models.base import ModelOutput, TransferModel, trainable
+from spottune.models.base import ModelOutput, TransferModel, new_head, trainable
 
 
 class FineTuneNet(TransferModel):
@@ -32,9 +32,7 @@ class FineTuneNet(TransferModel):
         super().__init__()
         self.method = method
         self.stem, self.blocks, self.neck = backbone.stem, backbone.blocks, backbone.neck
-        # no Dropout(0): on CUDA it still launches a kernel and draws random numbers
-        self.head = nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-                                  nn.Linear(backbone.num_features, num_classes))
+        self.head = new_head(backbone.num_features, num_classes, dropout)
         self.frozen_modules = []
         n = len(self.blocks)
         if method == "linear":

@@ -163,7 +163,7 @@ class FrozenConvReLU(nn.Module):
         geometry = (c.stride, c.padding, c.dilation, c.groups)
         if z is None:
             return torch.cudnn_convolution_relu(x, w, b, *geometry)
-        return torch.cudnn_convolution_add_relu(x, w, z.contiguous(memory_format=torch.channels_last), 1.0, b, *geometry)
+        return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, *geometry)  # z made channels_last by forward
 
 
 class _FusedUnit(torch.autograd.Function):

@@ -52,7 +52,7 @@ from torch import nn
 
 from spottune.config import OptimParams, PolicyParams
 from spottune.models.backbones import Backbone
-from spottune.models.base import ModelOutput, TransferModel, trainable
+from spottune.models.base import ModelOutput, TransferModel, new_head, trainable
 from spottune.models.block_graphs import BlockGraphs
 from spottune.models.fold import fold_batchnorm
 from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
@@ -120,9 +120,7 @@ class SpotTuneNet(TransferModel):
         self.frozen_blocks = backbone.blocks
         self.tuned_blocks = copy.deepcopy(backbone.blocks)
         self.neck = backbone.neck
-        # no Dropout(0): on CUDA it still launches a kernel and draws random numbers
-        self.head = nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-                                  nn.Linear(backbone.num_features, num_classes))
+        self.head = new_head(backbone.num_features, num_classes, dropout)
         self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_size)
         # Registered first: DistributedDataParallel fills its gradient buckets in reverse registration
         # order and all-reduces them in that order, and the policy's gradients are the last of a

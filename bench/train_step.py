@@ -13,8 +13,10 @@ benchmark). Rows:
                  and 'ours-nograph' leave one part out) and routing mix: p=0.5/0.1/0.9 draw each image's decision
                  per block with that probability; 'trained' replays the per-block routing a
                  policy learnt on real data (bench/results/routing-*.json)
-Peak memory is over warm-up and timed steps (a CUDA graph allocates while it is captured, in the
-warm-up); the timed steps' alone is in the JSON as timed_peak_gib. Inference images/s is a stream of batches through
+Peak memory (allocated tensors) is over warm-up and timed steps (a CUDA graph allocates while it is
+captured, in the warm-up); the timed steps' alone is in the JSON as timed_peak_gib. 'rsv' is the peak
+the caching allocator reserved in the timed steps, started from an empty cache: the steady state's
+footprint, CUDA graphs' memory pools included (timed_reserved_gib). Inference images/s is a stream of batches through
 `infer_batches`, as evaluation runs it (SpotTune queues each batch's policy one batch ahead); '1 batch'
 is the ratio for one call alone (latency).
 
@@ -26,6 +28,7 @@ Prints a table and writes JSON. Not a test: run it on the GPU whose numbers you 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -156,6 +159,13 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     params = validate_params({"model": {"backbone": backbone, "weights": "none", "method": method},
                               "data": {"image_size": size},
                               "policy": {k: v for k, v in policy.items() if k != "compile"}})
+    # The previous rows' memory back to the driver, so that this row's peaks are its own: their models and
+    # CUDA graphs, and the cuBLAS workspaces cached per stream (each model's side stream, each capture's).
+    gc.collect()
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    left_over = torch.cuda.memory_allocated() / 2**30  # should be 0: nothing of the rows before
     torch.manual_seed(0)
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
     if mix is not None:
@@ -178,7 +188,8 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     def step():  # the engine's own training step
         train_step(model, model, optimizer, x, y, setup)
 
-    row = {"backbone": backbone, "method": method, "execution": execution, "mix": mix, "batch": batch, "size": size}
+    row = {"backbone": backbone, "method": method, "execution": execution, "mix": mix, "batch": batch, "size": size,
+           "left_over_gib": left_over}
     model.train()
     if execution is not None:
         model.execution = mode
@@ -191,10 +202,15 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
         step()
     torch.cuda.synchronize()
     warmup_peak = torch.cuda.max_memory_allocated() / 2**30
+    # The timed steps start from an empty cache: the memory reserved while they run is what the steady
+    # state holds, CUDA graphs' pools included (a pool stays whole while its graph lives; a replay
+    # allocates nothing, so allocated bytes alone would miss it).
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     row["train_ms"] = cuda_time(step, steps, 0)
     row["timed_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     row["peak_gib"] = max(warmup_peak, row["timed_peak_gib"])
+    row["timed_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     row["train_img_s"] = batch / row["train_ms"] * 1e3
     if profile:
         print_profile(step, f"{backbone} {method} {execution or ''} {mix or ''}")
@@ -276,10 +292,12 @@ def print_table(rows: list[dict], header: str) -> None:
     base = {r["backbone"]: r for r in rows if r["method"] == "finetune"}
     print(header)
     print(f"{'backbone':18} {'method':12} {'exec':6} {'mix':>7} {'train ms':>9} {'x ft':>5} {'GiB':>6} {'x ft':>5} "
-          f"{'infer img/s':>11} {'x ft':>5} {'1 batch':>7} {'rel err':>8}")
+          f"{'rsv GiB':>7} {'x ft':>5} {'infer img/s':>11} {'x ft':>5} {'1 batch':>7} {'rel err':>8}")
     for r in rows:
         b = base[r["backbone"]]
-        mem = f"{r['peak_gib']:6.2f} {r['peak_gib'] / b['peak_gib']:5.2f}" if "peak_gib" in r else " " * 12
+        mem = (f"{r['peak_gib']:6.2f} {r['peak_gib'] / b['peak_gib']:5.2f} "
+               f"{r['timed_reserved_gib']:7.2f} {r['timed_reserved_gib'] / b['timed_reserved_gib']:5.2f}"
+               if "peak_gib" in r else " " * 26)
         inf = (f"{r['infer_img_s']:11.0f} {r['infer_img_s'] / b['infer_img_s']:5.2f} "
                f"{b['infer_one_batch_ms'] / r['infer_one_batch_ms']:7.2f}") if "infer_img_s" in r else " " * 25
         err = f"{r['infer_rel_err_vs_mixed']:8.1e}" if "infer_rel_err_vs_mixed" in r else ""
@@ -324,7 +342,6 @@ def main() -> None:
             for mix in args.mixes:
                 rows.append(measure(backbone, "spottune", execution, mix, trained, args.batch, args.size,
                                     args.steps, args.warmup, policy, args.profile))
-                torch.cuda.empty_cache()
     policy_row = policy_cost(policy, 16, args.batch, args.size, args.steps, args.warmup)
     gpu = torch.cuda.get_device_name()
     print_table(rows, f"GPU: {gpu}, torch {torch.__version__}, batch {args.batch}, {args.size} px, bf16, channels_last, "

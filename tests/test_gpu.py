@@ -217,7 +217,8 @@ def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
     assert fused.shape == layers.shape and (fused - layers).norm() / layers.norm() < tol
 
     # Under autograd with fused_under_autograd (while SpotTune's blocks are captured as CUDA graphs): the
-    # fused kernel and its own backward, against torch's layers' gradients.
+    # fused kernel and its own backward (keeping a mask, or the output where there is a residual), against
+    # torch's layers' gradients.
     grads = {}
     for fused_under_autograd in (False, True):
         unit.fused_under_autograd = fused_under_autograd
@@ -227,6 +228,7 @@ def test_fused_frozen_conv_relu_computes_the_torch_layers(dtype, residual):
             out = unit(xx, zz)
         assert (type(out.grad_fn).__name__ == "_FusedUnitBackward") == fused_under_autograd
         out.float().square().sum().backward()
+        assert xx.grad.is_contiguous(memory_format=torch.channels_last)  # the data gradient from a shape alone
         grads[fused_under_autograd] = (out.detach().float(), xx.grad.float(), zz.grad.float() if residual else None)
     for a, b in zip(grads[True], grads[False]):
         if b is not None:

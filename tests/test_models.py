@@ -281,6 +281,50 @@ def _assert_same_training_step(lm, xm, dm, gm, sm, ls, xs, ds, gs, ss, d0):
         torch.testing.assert_close(ss[k], sm[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
+def test_remade_routed_outputs_give_the_same_step_and_are_not_kept(monkeypatch):
+    """Split training as the CUDA graphs capture it (`remake`): a mixed block's output is kept as its recipe
+    (F, F~, d) and made again in the backward. The same logits, gradients and BN statistics bit for bit, and
+    no routed output outlives the forward pass (without it, the next block keeps it)."""
+    import weakref
+
+    import spottune.models.spottune as st
+
+    made = []
+
+    def recording(f, t, w):
+        y = route_forward(f, t, w)
+        made.append(weakref.ref(y))
+        return y
+
+    route_forward = st.route_forward
+    monkeypatch.setattr(st, "route_forward", recording)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 3, 64, 64, generator=g)  # the last block's output 2 x 2: pooled into a tensor of its own
+    d0 = (torch.rand(6, 16, generator=g) < 0.5).float()
+    d0[:, 0], d0[:, 3], d0[:, 7] = 1.0, 1.0, 0.0  # blocks where every image agrees, between mixed ones
+    d0[0, 4:7] = 1.0 - d0[1, 4:7]  # and some that surely mix
+    mixed = int(((d0.sum(0) > 0) & (d0.sum(0) < 6)).sum())
+    runs = {}
+    for remake in (False, True):
+        model = _spottune("resnet50", "none", image_size=64).train()
+        x, d = x0.clone().requires_grad_(True), d0.clone().requires_grad_(True)
+        made.clear()
+        logits = model._blocks(model.stem(x), d, [int(n) for n in d0.sum(0)], remake=remake)
+        forward_made, alive = len(made), sum(r() is not None for r in made)
+        logits.square().sum().backward()
+        runs[remake] = (logits.detach(), x.grad, d.grad,
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        {n: b for n, b in model.named_buffers() if "running" in n})
+        # Kept without recipes: each but perhaps the last (pooled by a mean, which keeps no input).
+        assert forward_made == mixed and (alive == 0 if remake else alive >= mixed - 1), (remake, alive)
+        if remake:  # made again in the backward for each layer that kept it
+            assert len(made) >= 2 * forward_made - 1
+    (l0, x0g, d0g, g0, s0), (l1, x1g, d1g, g1, s1) = runs[False], runs[True]
+    assert torch.equal(l0, l1) and torch.equal(x0g, x1g) and torch.equal(d0g, d1g)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
 def test_gumbel_decisions_are_exactly_0_or_1_with_torchs_straight_through_gradient():
     import torch.nn.functional as F
 

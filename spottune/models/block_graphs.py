@@ -50,20 +50,23 @@ class _Stack(nn.Module):
         self._counts = counts
 
     def forward(self, x: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
-        """Runs only while warming up and capturing (a replay does not call it): the frozen copy's fused
-        units then run under autograd too, their Python backward recorded into the graph (fold.py)."""
+        """Runs for the eager steps before a capture, while warming up and capturing (a replay does not
+        call it), so Python that would cost host time every step is paid a few times only: the frozen
+        copy's fused units run under autograd, their backward recorded into the graph and keeping a mask
+        rather than their output (fold.py), and mixed blocks' outputs are kept as recipes (spottune.py's
+        _RemadeRoutes). The eager steps keep what the graph will, so they need no more memory than it."""
         units = [m for m in self.parts.modules() if isinstance(m, FrozenConvReLU)]
         for u in units:
             u.fused_under_autograd = True
         try:
-            return self._run()(x, decisions, self._counts)
+            return self._run()(x, decisions, self._counts, remake=True)
         finally:
             for u in units:
                 u.fused_under_autograd = False
 
 
 class BlockGraphs:
-    """The graph for the routing pattern that came twice in a row; None (run eagerly) until then."""
+    """The graph for the routing pattern that came twice in a row; run eagerly as the graph would until then."""
 
     def __init__(self) -> None:
         self._last: tuple | None = None  # the pattern of the previous step
@@ -74,8 +77,8 @@ class BlockGraphs:
         self._last = self._key = self._graphed = None
 
     def __call__(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int],
-                 run: Callable[..., torch.Tensor], modules: list[nn.Module]) -> torch.Tensor | None:
-        """Logits from the graph of this step's pattern, or None where the step should run eagerly."""
+                 run: Callable[..., torch.Tensor], modules: list[nn.Module]) -> torch.Tensor:
+        """Logits: replayed from the graph of this step's pattern, or run eagerly as it would run."""
         batch = x.shape[0]
         pattern = [0 if n == 0 else batch if n == batch else 1 for n in counts]  # as the blocks branch on it
         autocast = torch.is_autocast_enabled("cuda")
@@ -84,7 +87,7 @@ class BlockGraphs:
         if key != self._key:
             repeated, self._last = key == self._last, key
             if not repeated:
-                return None
+                return _Stack(run, modules, pattern)(x, decisions)
             self._graphed = None  # one graph at a time: free the old pattern's pool before capturing
             try:
                 self._graphed, self._key = self._capture(x, decisions, _Stack(run, modules, pattern)), key
@@ -105,6 +108,9 @@ class BlockGraphs:
             graphed = torch.cuda.make_graphed_callables(stack, sample, allow_unused_input=True)
             replay = graphed.forward  # set on the module, referring to it: kept alone, no reference cycle
             del graphed.forward
+            # The eager steps' and warm-up's memory, cached by the allocator, goes back to the driver:
+            # from now on the graph's own pool holds this pattern's activations.
+            torch.cuda.empty_cache()
             return replay
         finally:
             with torch.no_grad():  # the warm-up runs moved BatchNorm statistics: put them back

@@ -79,7 +79,8 @@ def _fuse_relu(folded: torch.fx.GraphModule) -> None:
 
     for node in list(folded.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if type(conv) is not nn.Conv2d or conv.bias is None or conv.padding_mode != "zeros" or len(node.users) != 1:
+        if (type(conv) is not nn.Conv2d or conv.bias is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or len(node.users) != 1):
             continue
         chain, z = [next(iter(node.users))], None
         if add(chain[0]) and len(chain[0].users) == 1 and len(chain[0].args) == 2:
@@ -169,24 +170,30 @@ class FrozenConvReLU(nn.Module):
 class _FusedUnit(torch.autograd.Function):
     """A FrozenConvReLU's fused kernel under autograd: input gradients by ReLU's mask, then the convolution's data gradient.
 
-    Keeps x (kept anyway: the block's input, or the unit before's output) and its own output, as
-    torch's conv and ReLU would.
+    Keeps less than torch's conv and ReLU would: the weights are frozen, so the convolution's backward
+    is its data gradient alone, a transposed convolution of the gradient, which needs the input's shape,
+    not the input. The ReLU's backward needs
+    only where the output is positive: a unit with a residual ends its block, and its output (the
+    frozen branch's) is kept by SpotTune's route anyway; any other unit keeps a mask of a byte per
+    element (half its bf16 output), and its output is freed once the next unit has read it.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, z: torch.Tensor | None, unit: FrozenConvReLU, dtype: torch.dtype):
         y = unit._fused(x, z, dtype)
-        ctx.unit, ctx.dtype = unit, dtype
-        ctx.save_for_backward(x, y)
+        ctx.unit, ctx.dtype, ctx.input_shape = unit, dtype, x.shape
+        ctx.save_for_backward(y if z is not None else y > 0)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, y = ctx.saved_tensors
-        gy = torch.ops.aten.threshold_backward(g.contiguous(memory_format=torch.channels_last), y, 0)
+        (kept,) = ctx.saved_tensors
+        g = g.contiguous(memory_format=torch.channels_last)
+        gy = torch.where(kept, g, 0) if kept.dtype == torch.bool else torch.ops.aten.threshold_backward(g, kept, 0)
         gx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # the data gradient is the transposed convolution, which needs no input
             c, (w, _) = ctx.unit.conv, ctx.unit._weights(ctx.dtype)
-            gx = torch.ops.aten.convolution_backward(gy, x, w, None, c.stride, c.padding, c.dilation, False, [0, 0],
-                                                     c.groups, (True, False, False))[0]
+            extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
+                     zip(ctx.input_shape[2:], gy.shape[2:], c.stride, c.padding, c.dilation, c.kernel_size)]
+            gx = F.conv_transpose2d(gy, w, None, c.stride, c.padding, extra, c.groups, c.dilation)
         return gx, gy if ctx.needs_input_grad[1] else None, None, None

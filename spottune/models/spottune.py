@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import cached_property
 from typing import Literal
 
@@ -283,26 +283,31 @@ class SpotTuneNet(TransferModel):
             torch.cuda.current_stream(images.device).wait_event(done)
         counts = plan.tuned_counts if plan is not None else None
         if execution == "split" and self._graphable(x):
-            logits = self._block_graphs(x, decisions, counts, self._blocks,
-                                        [*self.runtime_frozen_blocks(), self.tuned_blocks, self.neck, self.head])
-            if logits is not None:
-                return ModelOutput(logits, decisions)
+            return ModelOutput(self._block_graphs(x, decisions, counts, self._blocks,
+                                                  [*self.runtime_frozen_blocks(), self.tuned_blocks, self.neck,
+                                                   self.head]), decisions)
         return ModelOutput(self._blocks(x, decisions, counts, execution, plan), decisions)
 
     def _blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int] | None,
-                execution: Execution = "split", plan: RoutingPlan | None = None) -> torch.Tensor:
-        """Blocks, neck and head: logits. Split training needs only the per-block tuned counts (a CUDA graph runs this)."""
+                execution: Execution = "split", plan: RoutingPlan | None = None, remake: bool = False) -> torch.Tensor:
+        """Blocks, neck and head: logits. Split training needs only the per-block tuned counts (a CUDA graph runs this).
+
+        remake: split training keeps a mixed block's output as its recipe (_RemadeRoutes), for the CUDA
+        graphs, in which the hooks' Python runs only while capturing.
+        """
         # One autograd node hands each block its column; its backward stacks their decision gradients
         # (a column per block, `decisions[:, l]`, costs a zero-filled (B, L) gradient and an add per block).
         columns = decisions.unbind(1)
-        for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
-            if execution == "mixed":
-                x = _mixed(frozen, tuned, x, columns[l])
-            elif execution == "split":
-                x = _split(frozen, tuned, x, columns[l], counts[l], self.policy_params.recompute_frozen)
-            else:
-                x = _conditional(frozen, tuned, x, plan, l)
-        return self.head(self.neck(x))
+        remade = _RemadeRoutes() if remake and execution == "split" else None
+        with remade.hooks() if remade else nullcontext():
+            for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
+                if execution == "mixed":
+                    x = _mixed(frozen, tuned, x, columns[l])
+                elif execution == "split":
+                    x = _split(frozen, tuned, x, columns[l], counts[l], self.policy_params.recompute_frozen, remade)
+                else:
+                    x = _conditional(frozen, tuned, x, plan, l)
+            return self.head(self.neck(x))
 
     def _graphable(self, x: torch.Tensor) -> bool:
         """Split training replays its blocks as CUDA graphs (block_graphs.py) on one CUDA device, not under DDP."""
@@ -342,12 +347,13 @@ def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
 
 
 def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, n_tuned: int,
-           recompute: bool = False) -> torch.Tensor:
+           recompute: bool = False, remade: _RemadeRoutes | None = None) -> torch.Tensor:
     """Training: autograd through a branch only where some image chose it; see the module docstring.
 
     recompute: where some image chose the tuned copy, keep nothing of the frozen branch (neither its
     activations nor F~ - F) and run it again in the backward pass: it has no state and no randomness,
     so the gradients are the same.
+    remade: where images disagree, the routed output is kept by the layers that read it as its recipe.
     """
     if n_tuned == 0:
         f = frozen(x)
@@ -359,8 +365,55 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
     if recompute:
         return _RecomputedRoute.apply(x, t, d, frozen, all_tuned)
     with torch.no_grad() if all_tuned else nullcontext():  # all tuned: F only feeds the decision gradient
-        f = frozen(x)
-    return _Route.apply(f.to(t.dtype), t, d, all_tuned, False)
+        f = frozen(x).to(t.dtype)
+    y = _Route.apply(f, t, d, all_tuned, False)
+    if remade is not None and not all_tuned:
+        remade.routed(y, f, t, d)
+    return y
+
+
+class _RemadeRoutes:
+    """Saved-tensor hooks: a mixed block's routed output is kept as its recipe (F, F~, d) and made again in the backward.
+
+    Why: that output is a third block-output-sized tensor beside F and F~ (which the branches' last
+    ReLUs and the route keep anyway), and the layers that read it (the next block's first convolutions,
+    the neck) would each keep it. Its recipe keeps nothing new; remaking it is one select pass over the
+    block output in the backward, the same bits (route_forward), shared by the layers of a block that
+    read it (their backward steps come one after another). Only the latest routed output is known, and
+    only while the next block reads it, so a tensor that later takes its memory is never mistaken for it.
+    """
+
+    def __init__(self) -> None:
+        self._latest: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._remade: tuple[tuple, torch.Tensor] | None = None  # (recipe, output) last made in the backward
+
+    def routed(self, y: torch.Tensor, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> None:
+        self._latest = (y, (f.detach(), t.detach(), d.detach().to(t.dtype)))
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Armed around the blocks, neck and head; the latest output is let go at the end (each kept
+        recipe refers to these hooks until the backward pass)."""
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._latest = None
+
+    def _pack(self, saved: torch.Tensor):
+        if self._latest is not None:
+            y, recipe = self._latest
+            if (saved.data_ptr() == y.data_ptr() and saved.shape == y.shape and saved.stride() == y.stride()
+                    and saved.dtype == y.dtype):
+                return recipe
+        return saved
+
+    def _unpack(self, saved):
+        if not isinstance(saved, tuple):
+            return saved
+        if self._remade is None or self._remade[0] is not saved:
+            self._remade = (saved, route_forward(*saved))
+        return self._remade[1]
 
 
 class _Route(torch.autograd.Function):

@@ -11,8 +11,9 @@ kernels read). So a graph captured for one pattern replays every later step with
 the same kernels on the same buffers: the function of running the blocks eagerly (inside a graph
 the frozen copy's units also run fused under autograd, fold.py: equal to rounding). At
 per-image routing every step has one pattern; a trained policy's routing settles on one. A pattern
-is captured once it has come twice in a row (capturing costs a few eager steps), and one graph is
-kept at a time: its activations live in a memory pool of their own.
+is captured once it has come twice in a row (capturing costs a few eager steps, which run as the
+graph will, keeping as little: _Stack.forward), and one graph is kept at a time: its activations
+live in a memory pool of their own.
 
 Capturing runs the blocks a few times eagerly first (cuDNN and Triton pick their kernels); the
 BatchNorm statistics those runs move are put back, so training sees one update per step as without

@@ -8,7 +8,7 @@ branch's input gradients cost as much as its convolutions (docs/performance.md).
 
 Then each conv -> ReLU and conv -> add -> ReLU of the folded block becomes one `FrozenConvReLU`:
 where autograd records nothing (inference; the frozen branch no image chose in training), and
-under autograd while SpotTune's blocks are captured as CUDA graphs, on CUDA one cuDNN kernel
+under autograd where SpotTune's blocks run as CUDA graphs (block_graphs.py), on CUDA one cuDNN kernel
 (convolution, bias, residual and ReLU fused), where eager torch runs a
 convolution, a broadcast bias add (slow in channels_last), the residual add and the ReLU: 2.5x
 less GPU time for those layers in bf16 (measured per layer, docs/performance.md). The weights are
@@ -115,7 +115,7 @@ class FrozenConvReLU(nn.Module):
 
     `bias` is the convolution's, plus the residual convolution's where that one's was moved here.
     Where autograd records (the frozen branch of a block some image chose, in training), the fused
-    kernel runs only with `fused_under_autograd` (set while SpotTune's blocks are captured as CUDA graphs),
+    kernel runs only with `fused_under_autograd` (set by block_graphs.py while it runs or captures the blocks),
     with a backward of its own (`_FusedUnit`): written in Python, it costs host time per unit, which
     measured slower than the kernel saved when run eagerly (ResNet-50, per-image routing: 59 ms a
     step against 52; docs/performance.md), and nothing inside a replayed graph. Elsewhere torch's

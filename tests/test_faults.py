@@ -21,14 +21,14 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from support import MotoServer, new_pipeline_repo, restore_bucket, set_params, snapshot_bucket
+from support import PROJECT, MotoServer, clean_env, new_pipeline_repo, restore_bucket, set_params, snapshot_bucket
 
 from spottune.config import StoreSettings
 from spottune.errors import StoreError
@@ -509,3 +509,58 @@ def test_promotions_from_two_processes_at_once_serialise_and_are_both_audited(ba
         assert pointer["version"] == second["version"]
         assert [h["version"] for h in pointer["history"]][-2:] == [before, first["version"]]
     assert len(store.audit_trail(NAME)) == 1 + 2 * len(rounds)
+
+
+HOLD_GPU = """
+import sys, time
+from pathlib import Path
+
+from prefect import flow
+
+from flows.retrain import gpu_slot
+
+
+@flow
+def hold(marker: str, seconds: float) -> None:
+    with gpu_slot("test-gpu"):
+        Path(marker).write_text("holding")
+        time.sleep(seconds)
+
+
+if __name__ == "__main__":
+    hold(sys.argv[1], float(sys.argv[2]))
+"""
+
+
+def test_a_flow_killed_holding_the_gpu_slot_does_not_block_the_next_on_the_temporary_server(tmp_path):
+    """SIGKILL while a flow holds the GPU slot, with Prefect's temporary server (no PREFECT_API_URL), whose
+    leases die with it: the next flow gives that slot back and runs, instead of waiting for ever; a flow
+    that ends normally leaves nothing to give back."""
+    script, marker, log = tmp_path / "hold.py", tmp_path / "holding", tmp_path / "killed.log"
+    script.write_text(HOLD_GPU)
+    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(PROJECT),
+                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    with log.open("w") as out:
+        killed = subprocess.Popen([sys.executable, str(script), str(marker), "600"], env=env, cwd=tmp_path,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert killed.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # the flow and its temporary server, as a lost machine would
+        killed.wait()
+    assert json.loads((tmp_path / "prefect" / "test-gpu.holder").read_text())["pid"] == killed.pid
+    for reclaims in (True, False):
+        marker.unlink()
+        run = subprocess.Popen([sys.executable, str(script), str(marker), "0"], env=env, cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out = run.communicate(timeout=300)[0]  # without the give-back it waits for the slot for ever
+        finally:
+            with suppress(ProcessLookupError):  # its temporary server too, should it outlive a failure
+                os.killpg(run.pid, signal.SIGKILL)
+        assert run.returncode == 0 and marker.exists(), out[-3000:]
+        assert ("gave back the slot of concurrency limit 'test-gpu'" in out) == reclaims, out[-3000:]
+        assert (tmp_path / "prefect" / "test-gpu.holder").read_text() == ""

@@ -171,11 +171,11 @@ class _FusedUnit(torch.autograd.Function):
     """A FrozenConvReLU's fused kernel under autograd: input gradients by ReLU's mask, then the convolution's data gradient.
 
     Keeps less than torch's conv and ReLU would: the weights are frozen, so the convolution's backward
-    is its data gradient alone, a transposed convolution of the gradient, which needs the input's shape,
-    not the input. The ReLU's backward needs
-    only where the output is positive: a unit with a residual ends its block, and its output (the
-    frozen branch's) is kept by SpotTune's route anyway; any other unit keeps a mask of a byte per
-    element (half its bf16 output), and its output is freed once the next unit has read it.
+    is its data gradient alone, a transposed convolution of the gradient, which needs the input's
+    shape, not the input. The ReLU's backward needs only where the output is positive: a unit with a
+    residual ends its block, and its output (the frozen branch's) is kept by SpotTune's route anyway;
+    any other unit keeps a mask of a byte per element (half its bf16 output), and its output is freed
+    once the next unit has read it.
     """
 
     @staticmethod

@@ -267,12 +267,17 @@ def policy_cost(policy: dict, num_blocks: int, batch: int, size: int, steps: int
 
 
 def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: int) -> dict:
-    """The plainest PyTorch fine-tuning step with the same settings."""
+    """The plainest PyTorch fine-tuning step with the same settings: the default params' head dropout
+    and weight decay, SGD with momentum, bf16 autocast, channels_last."""
     import torchvision
 
+    defaults = validate_params({"model": {"backbone": backbone}})
     torch.manual_seed(0)
-    net = torchvision.models.get_model(backbone, weights=None, num_classes=100).cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)  # held, as every other row (hold_weights)
+    net = torchvision.models.get_model(backbone, weights=None, num_classes=100)
+    net.fc = torch.nn.Sequential(torch.nn.Dropout(defaults.model.dropout), net.fc)
+    net = net.cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9,  # held, as every other row (hold_weights)
+                          weight_decay=defaults.optim.weight_decay)
     x, y = gpu_batch(batch, size)
 
     def step():

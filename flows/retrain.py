@@ -226,7 +226,7 @@ def gpu_slot(name: str) -> Iterator[None]:
     logger.info("waiting for a slot of concurrency limit %r", name)
     with slot_holder(Path(settings.home) / f"{name}.holder") as record:
         if record.gone and settings.api.url is None:  # the temporary server: nobody else will
-            held = max(1.0, time.time() - record.gone.get("since", 0))
+            held = max(1.0, time.time() - record.gone.get("since", time.time()))
             with get_client(sync_client=True) as client:
                 client.release_concurrency_slots([name], 1, occupancy_seconds=held)
             logger.warning("gave back the slot of concurrency limit %r that a run killed while training kept "

@@ -87,11 +87,12 @@ class BlockGraphs:
                x.device, autocast, torch.get_autocast_dtype("cuda") if autocast else None)
         if key != self._key:
             repeated, self._last = key == self._last, key
+            stack = _Stack(run, modules, pattern)
             if not repeated:
-                return _Stack(run, modules, pattern)(x, decisions)
+                return stack(x, decisions)
             self._graphed = None  # one graph at a time: free the old pattern's pool before capturing
             try:
-                self._graphed, self._key = self._capture(x, decisions, _Stack(run, modules, pattern)), key
+                self._graphed, self._key = self._capture(x, decisions, stack), key
             except RuntimeError as e:
                 raise RuntimeError(
                     "capturing SpotTune's blocks as a CUDA graph failed; is an earlier step's output still held with "

@@ -59,6 +59,7 @@ def measure(method: str, mix: str | None, trained: list[float], rank_env: Distri
     def fresh():
         torch.manual_seed(0)
         model = build_model(params, 100).to(device).to(memory_format=torch.channels_last)
+        model.graph_blocks = not args.eager  # as spottune.training runs it, unless asked
         if mix is not None:
             set_routing(model, mix, trained)
         return model
@@ -75,7 +76,7 @@ def measure(method: str, mix: str | None, trained: list[float], rank_env: Distri
     row["ddp_ms"] = time_step(model, rank_env.wrap(model, device), params, setup, *timing)
     dist.barrier()
     model = fresh()  # DDP's defaults for buffers: rank 0's BN statistics broadcast before every forward
-    ddp = DistributedDataParallel(model, device_ids=[device.index], find_unused_parameters=model.unused_parameters)
+    ddp = DistributedDataParallel(model, device_ids=[device.index])
     row["ddp_bcast_ms"] = time_step(model, ddp, params, setup, *timing)
     dist.barrier()
     gathered = [None] * rank_env.world_size
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs of the training step (training uses them)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/ddp-step.json"))
     args = ap.parse_args()
     rank_env = Distributed.from_env()

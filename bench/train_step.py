@@ -5,7 +5,8 @@ channels_last, SGD with momentum, every learning rate 0 so the routing and weigh
 `hold_weights`); the batch lives on the GPU so only the model is timed (the data path has its own
 benchmark). Rows:
   hand-written   the plainest torchvision fine-tuning loop (our engine should be as fast)
-  finetune       our FineTuneNet
+  finetune       our FineTuneNet, its step replayed as a CUDA graph as training runs it ('graphs'), or
+                 eagerly ('eager', --finetune-executions); the ratios are against 'graphs'
   spottune       per execution (see EXECUTIONS: 'mixed' = the 2019 design; 'ours' = split training
                  with the route kernels and its blocks replayed as CUDA graphs, conditional inference,
                  the frozen copy folded and fused, CUDA-graphed policy at inference;
@@ -168,7 +169,9 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     left_over = torch.cuda.memory_allocated() / 2**30  # should be 0: nothing of the rows before
     torch.manual_seed(0)
     model = build_model(params, 100).cuda().to(memory_format=torch.channels_last)
-    if mix is not None:
+    if mix is None:
+        model.graph_blocks = execution != "eager"  # spottune.training turns the graphs on
+    else:
         expected_fraction = set_routing(model, mix, trained)
         mode, model.fold_frozen_bn, fuse, model.graph_policy, recompute, model.graph_blocks = EXECUTIONS[execution]
         model.policy_params = model.policy_params.model_copy(update={"recompute_frozen": recompute})
@@ -191,9 +194,9 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
     row = {"backbone": backbone, "method": method, "execution": execution, "mix": mix, "batch": batch, "size": size,
            "left_over_gib": left_over}
     model.train()
-    if execution is not None:
+    if mix is not None:
         model.execution = mode
-    # Peak memory over warm-up and timed steps: CUDA graphs (SpotTune's blocks in training) allocate
+    # Peak memory over warm-up and timed steps: CUDA graphs (the training step's) allocate
     # their memory once, while they are captured in the warm-up, and nothing when replayed. The timed
     # steps' own peak is kept apart (timed_peak_gib).
     torch.cuda.synchronize()
@@ -216,7 +219,7 @@ def measure(backbone: str, method: str, execution: str | None, mix: str | None, 
         print_profile(step, f"{backbone} {method} {execution or ''} {mix or ''}")
 
     model.eval()
-    if execution is not None:
+    if mix is not None:
         model.execution = "mixed" if mode == "mixed" else "auto"
 
     @torch.inference_mode()
@@ -294,7 +297,7 @@ def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: 
 
 
 def print_table(rows: list[dict], header: str) -> None:
-    base = {r["backbone"]: r for r in rows if r["method"] == "finetune"}
+    base = {r["backbone"]: r for r in rows[::-1] if r["method"] == "finetune" and r["execution"] != "eager"}
     print(header)
     print(f"{'backbone':18} {'method':12} {'exec':6} {'mix':>7} {'train ms':>9} {'x ft':>5} {'GiB':>6} {'x ft':>5} "
           f"{'rsv GiB':>7} {'x ft':>5} {'infer img/s':>11} {'x ft':>5} {'1 batch':>7} {'rel err':>8}")
@@ -316,6 +319,7 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101", "efficientnet_lite0"])
     ap.add_argument("--mixes", nargs="+", default=["0.5", "0.1", "0.9", "trained"])
     ap.add_argument("--executions", nargs="+", default=["mixed", "ours"], choices=list(EXECUTIONS))
+    ap.add_argument("--finetune-executions", nargs="+", default=["graphs"], choices=["graphs", "eager"])
     ap.add_argument("--trained-routing", type=Path, default=Path(__file__).parent / "results" / "routing-fashion-mnist-lite0.json")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224)
@@ -341,8 +345,9 @@ def main() -> None:
     for backbone in args.backbones:
         if backbone.startswith("resnet") and backbone != "resnet26":
             rows.append(hand_written_loop(backbone, args.batch, args.size, args.steps, args.warmup))
-        rows.append(measure(backbone, "finetune", None, None, trained, args.batch, args.size, args.steps, args.warmup,
-                            policy, args.profile))
+        for execution in args.finetune_executions:
+            rows.append(measure(backbone, "finetune", execution, None, trained, args.batch, args.size, args.steps,
+                                args.warmup, policy, args.profile))
         for execution in args.executions:
             for mix in args.mixes:
                 rows.append(measure(backbone, "spottune", execution, mix, trained, args.batch, args.size,

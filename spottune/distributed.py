@@ -62,8 +62,9 @@ class Distributed:
         # before each forward, a collective that makes every step wait for the slowest rank (2-6 ms a
         # fine-tuning step on 2 GPUs, docs/performance.md). Rank 0's own statistics are the same either way, and
         # rank 0 alone evaluates and saves the model.
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False,
-                                       find_unused_parameters=getattr(model, "unused_parameters", False))
+        # Every trainable parameter gets a gradient in every step (SpotTune hands its idle tuned copies
+        # exact zeros), so DDP need not search for unused ones, which costs a synchronisation per step.
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -158,19 +158,6 @@ def train_one_epoch(
     return stats.summary()
 
 
-def fill_missing_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Give every optimised parameter that the backward pass left without a gradient a zero one.
-
-    Why: a SpotTune step may leave a tuned block out of autograd's graph (no image chose it); its
-    gradient in the mixed formulation is exactly zero, and SGD must still apply momentum and weight
-    decay to it, which it skips for a gradient of None. Only the few skipped tensors are allocated.
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-
 def train_step(model: TransferModel, forward: Callable[[torch.Tensor], Any], optimizer: torch.optim.Optimizer,
                images: torch.Tensor, labels: torch.Tensor, setup: DeviceSetup) -> tuple[torch.Tensor, Any]:
     """One optimisation step on a batch already on the device; returns (classification loss, model output)."""
@@ -181,8 +168,6 @@ def train_step(model: TransferModel, forward: Callable[[torch.Tensor], Any], opt
         total_loss = loss if extra is None else loss + extra
     optimizer.zero_grad(set_to_none=True)
     total_loss.backward()
-    if model.unused_parameters:
-        fill_missing_gradients(optimizer)
     optimizer.step()
     # Values only: nothing of this step's autograd graph outlives it. A CUDA graph captured in the next
     # step (spottune/models/block_graphs.py) must not meet this step's gradient accumulators.

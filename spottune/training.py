@@ -114,10 +114,9 @@ def fit(
     model = build_model(params, num_classes).to(setup.device)
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    from spottune.models.spottune import SpotTuneNet
-
-    if isinstance(model, SpotTuneNet):  # train_one_epoch keeps no step's autograd graph alive: its blocks may replay
-        model.graph_blocks = True
+    # train_one_epoch keeps no step's autograd graph alive and uses each step's gradients within it: the
+    # step's trainable part may replay as a CUDA graph (spottune/models/block_graphs.py)
+    model.graph_blocks = True
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=params.optim.lr_net, momentum=params.optim.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.optim))
     params_json = params.model_dump(mode="json")

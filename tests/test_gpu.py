@@ -158,11 +158,10 @@ def test_split_training_on_the_gpu_gives_the_mixed_formulations_gradients():
     torch.testing.assert_close(ls, lm, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(xs, xm, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ds, dm, rtol=1e-9, atol=1e-9)
+    assert gs.keys() == gm.keys()  # a tuned copy no image took is handed its exact zero gradient
     for k, v in gs.items():
         torch.testing.assert_close(v, gm[k], rtol=1e-9, atol=1e-9, msg=k)
-    unused = {l for l in range(16) if not d0[:, l].any()}  # split leaves those tuned copies out of autograd
-    assert 5 in unused and {k for k in gm if k not in gs} == {k for k in gm if k.startswith("tuned_blocks.")
-                                                              and int(k.split(".")[1]) in unused}
+    assert all(torch.count_nonzero(v) == 0 for k, v in gs.items() if k.startswith("tuned_blocks.5."))
 
 
 def test_the_policy_on_a_side_stream_in_training_gives_the_same_step(monkeypatch):
@@ -249,12 +248,83 @@ def test_fused_frozen_units_replace_the_resnet_blocks_layers():
     assert all(u.fused for u in units) and all(u._cast for u in units)
 
 
+@pytest.fixture
+def process_group_of_one():
+    """An NCCL process group of one process: DDP's hooks and buckets run as they do on many GPUs, and its
+    average of one rank's gradients is those gradients."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _steps_replayed_and_eager(build, steps: list[tuple[torch.Tensor, ...]], modes: tuple[str, ...]) -> dict:
+    """Per mode ('eager', 'graphs', 'ddp': graphs under DistributedDataParallel as spottune.distributed builds
+    it), each step's logits, input gradients, parameter gradients and BatchNorm statistics."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    runs = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = build()
+        model.graph_blocks = mode != "eager"
+        # These steps pass SpotTune its decisions, so its policy sits out: only here must DDP look for unused
+        # parameters (training always runs the policy, and spottune.distributed never looks).
+        forward = model if mode != "ddp" else DistributedDataParallel(
+            model, device_ids=[0], broadcast_buffers=False, find_unused_parameters=hasattr(model, "policy"))
+        model.train()
+        results = []
+        for inputs in steps:
+            model.zero_grad(set_to_none=True)
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            out = forward(*leaves)
+            out.logits.float().square().mean().backward()
+            # clones: a graph's gradients live in its own buffers, which the next replay rewrites
+            results.append((out.logits.detach().clone(), [None if t.grad is None else t.grad.clone() for t in leaves],
+                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                            {n: b.clone() for n, b in model.named_buffers() if "running" in n}))
+            del out  # no step's autograd graph alive when the next one is captured
+        graphs = model._block_graphs if hasattr(model, "_block_graphs") else model._graphs
+        assert (graphs._graphed is not None) == (mode != "eager")  # steps 2 and 3 replayed the graph
+        runs[mode] = results
+    return runs
+
+
+def _assert_same_steps(replayed: list, eager: list) -> None:
+    def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+        # to rounding, relative to the tensor's scale: sums over a batch cancel, so small entries carry
+        # the absolute error of large ones
+        scale = want.abs().max().item()
+        worst = (got - want).abs().max().item() / max(scale, 1e-30)
+        assert worst < 1e-4, f"{name}: max |replayed - eager| = {worst:.1e} of max |eager|"
+
+    for step, ((le, xe, ge, se), (lg, xg, gg, sg)) in enumerate(zip(eager, replayed)):
+        close(lg, le, f"step {step} logits")
+        for i, (a, b) in enumerate(zip(xg, xe)):
+            assert (a is None) == (b is None), f"step {step}: input {i} has a gradient in one run only"
+            if b is not None:
+                close(a, b, f"step {step} gradient of input {i}")
+        assert gg.keys() == ge.keys()
+        for k in ge:
+            close(gg[k], ge[k], f"step {step} {k}")
+        for k in se:
+            close(sg[k], se[k], f"step {step} {k}")
+
+
 @pytest.mark.parametrize("routing", ["per-image", "agreeing"])
-def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypatch, routing):
-    """Blocks replayed as CUDA graphs (block_graphs.py) against eager split training, step by step on new
-    images and decisions of one routing pattern: the same logits, input, decision and weight gradients and
-    BatchNorm statistics (float32; cuDNN may pick other kernels in a graph, so to rounding). 'agreeing' routes
-    every image of some blocks alike: their tuned copies get no gradient from either."""
+def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypatch, process_group_of_one, routing):
+    """Blocks replayed as CUDA graphs (block_graphs.py), alone and under DDP, against eager split training, step
+    by step on new images and decisions of one routing pattern: the same logits, input, decision and weight
+    gradients and BatchNorm statistics (float32; cuDNN may pick other kernels in a graph, so to rounding).
+    'agreeing' routes every image of some blocks alike: their tuned copies get zero gradients from either,
+    and DDP, which looks for no unused parameters, gets a gradient for every parameter."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     g = torch.Generator(device="cuda").manual_seed(0)
     steps = []
@@ -265,41 +335,27 @@ def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypa
             d[:, 1::3], d[:, 2::3] = 1.0, 0.0
         steps.append((torch.randn(8, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last), d))
     params = validate_params({"model": {"backbone": "resnet50", "weights": "none", "dropout": 0.0},
-                              "data": {"image_size": 64}})  # no dropout: the same function in both runs
-    runs = {}
-    for graphs in (False, True):
-        torch.manual_seed(0)
-        model = build_model(params, 10).cuda().to(memory_format=torch.channels_last)
-        model.graph_blocks = graphs
-        model.train()
-        results = []
-        for x, d in steps:
-            model.zero_grad(set_to_none=True)
-            xx, dd = x.clone().requires_grad_(True), d.clone().requires_grad_(True)
-            out = model(xx, dd)
-            out.logits.float().square().mean().backward()
-            # clones: a graph's gradients live in its own buffers, which the next replay rewrites
-            results.append((out.logits.detach().clone(), xx.grad.clone(), dd.grad.clone(),
-                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                            {n: b.clone() for n, b in model.named_buffers() if "running" in n}))
-            del out  # no step's autograd graph alive when the next one is captured
-        assert (model._block_graphs._graphed is not None) == graphs  # steps 2 and 3 replayed the graph
-        runs[graphs] = results
-    def close(graphed: torch.Tensor, eager: torch.Tensor, name: str) -> None:
-        # to rounding, relative to the tensor's scale: sums over a batch cancel, so small entries carry
-        # the absolute error of large ones
-        scale = eager.abs().max().item()
-        worst = (graphed - eager).abs().max().item() / max(scale, 1e-30)
-        assert worst < 1e-4, f"{name}: max |graphed - eager| = {worst:.1e} of max |eager|"
+                              "data": {"image_size": 64}})  # no dropout: the same function in every run
+    runs = _steps_replayed_and_eager(
+        lambda: build_model(params, 10).cuda().to(memory_format=torch.channels_last), steps, ("eager", "graphs", "ddp"))
+    _assert_same_steps(runs["graphs"], runs["eager"])
+    _assert_same_steps(runs["ddp"], runs["eager"])
+    if routing == "agreeing":  # no image tuned block 2
+        assert all(torch.count_nonzero(v) == 0 for k, v in runs["ddp"][-1][2].items() if k.startswith("tuned_blocks.2."))
 
-    for step, ((le, xe, de, ge, se), (lg, xg, dg, gg, sg)) in enumerate(zip(runs[False], runs[True])):
-        close(lg, le, f"step {step} logits")
-        close(xg, xe, f"step {step} input gradient")
-        close(dg, de, f"step {step} decision gradient")
-        assert gg.keys() == ge.keys()
-        for k in ge:
-            close(gg[k], ge[k], f"step {step} {k}")
-        for k in se:
-            close(sg[k], se[k], f"step {step} {k}")
-    if routing == "agreeing":
-        assert not any(k.startswith("tuned_blocks.2.") for k in runs[True][-1][3])  # no image tuned block 2
+
+@pytest.mark.parametrize("method", ["finetune", "lastk"])
+def test_baseline_step_replayed_as_a_cuda_graph_computes_the_eager_step(monkeypatch, process_group_of_one, method):
+    """A baseline's whole network replayed as one CUDA graph, alone and under DDP, against the eager step."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    steps = [(torch.randn(8, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last),)
+             for _ in range(4)]
+    params = validate_params({"model": {"backbone": "resnet50", "weights": "none", "dropout": 0.0, "method": method},
+                              "data": {"image_size": 64}})
+    runs = _steps_replayed_and_eager(
+        lambda: build_model(params, 10).cuda().to(memory_format=torch.channels_last), steps, ("eager", "graphs", "ddp"))
+    _assert_same_steps(runs["graphs"], runs["eager"])
+    _assert_same_steps(runs["ddp"], runs["eager"])
+    if method == "lastk":
+        assert not any(k.startswith("stem.") for k in runs["graphs"][-1][2])  # the frozen prefix gets no gradient

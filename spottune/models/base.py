@@ -24,9 +24,10 @@ class TransferModel(nn.Module):
     """
 
     frozen_modules: list[nn.Module]
-    # True when a training step may leave trainable parameters out of its graph (their gradient is
-    # then zero): DistributedDataParallel must look for them in every step.
-    unused_parameters: bool = False
+    # True when the caller keeps none of a training step's autograd graph and uses its gradients within
+    # the step (spottune.training does): the step's trainable part may then replay as a CUDA graph
+    # (spottune/models/block_graphs.py). Off by default: a replay rewrites the previous step's gradients.
+    graph_blocks: bool = False
 
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)

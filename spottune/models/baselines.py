@@ -15,6 +15,7 @@ from spottune.config import OptimParams
 from spottune.errors import ConfigError
 from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, new_head, trainable
+from spottune.models.block_graphs import BlockGraphs
 
 
 class FineTuneNet(TransferModel):
@@ -31,6 +32,7 @@ class FineTuneNet(TransferModel):
     ) -> None:
         super().__init__()
         self.method = method
+        self._graphs = BlockGraphs()
         self.stem, self.blocks, self.neck = backbone.stem, backbone.blocks, backbone.neck
         self.head = new_head(backbone.num_features, num_classes, dropout)
         self.frozen_modules = []
@@ -61,7 +63,17 @@ class FineTuneNet(TransferModel):
     def _backbone_parameters(self) -> list[nn.Parameter]:
         return trainable([*self.stem.parameters(), *self.blocks.parameters(), *self.neck.parameters()])
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), memory formats: a captured graph read the old tensors
+        super()._apply(fn, recurse)
+        self._graphs.reset()
+        return self
+
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
+        if self.graph_blocks and images.is_cuda and self.training and torch.is_grad_enabled():
+            return ModelOutput(self._graphs((images,), self._logits, [self.stem, self.blocks, self.neck, self.head]))
+        return ModelOutput(self._logits(images))
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         # The frozen prefix needs no autograd graph: run it without one.
         grad = torch.is_grad_enabled()
         with torch.set_grad_enabled(grad and self.first_trainable == 0):
@@ -71,7 +83,7 @@ class FineTuneNet(TransferModel):
                 x = block(x)
         with torch.set_grad_enabled(grad and self.first_trainable <= len(self.blocks)):
             features = self.neck(x)
-        return ModelOutput(self.head(features))
+        return self.head(features)
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
         # L2-SP replaces decay toward zero by its pull toward the pretrained weights.

@@ -1,24 +1,27 @@
-"""Split training's blocks, neck and head replayed as CUDA graphs, one routing pattern at a time.
+"""A training step's trainable part replayed as CUDA graphs, one execution pattern at a time.
 
-Why: with per-image routing every block runs both branches, twice the kernels of a fine-tuning
-block, and in the backward pass through the deeper blocks (small feature maps, short kernels) the
-GPU waits for the host to queue them (a trace in docs/performance.md). A CUDA graph queues a whole
-forward or backward pass with one call.
+Why: a step queues hundreds of kernels, and where they are short (SpotTune's deeper blocks, which
+run both branches: a trace in docs/performance.md) or where the host has other work (DDP's gradient
+hooks, the loader's threads) the GPU waits for the host to queue them. A CUDA graph queues a whole
+forward or backward pass with one call. SpotTune replays its blocks, neck and head; the baselines
+their whole network (spottune/models/baselines.py).
 
-What a step runs depends on the routing only through its pattern: per block, whether no image,
-every image or some images took the tuned copy (the per-image choices themselves are data the
-kernels read). So a graph captured for one pattern replays every later step with that pattern,
-the same kernels on the same buffers: the function of running the blocks eagerly (inside a graph
-the frozen copy's units also run fused under autograd, fold.py: equal to rounding). At
-per-image routing every step has one pattern; a trained policy's routing settles on one. A pattern
-is captured once it has come twice in a row (capturing costs a few eager steps, which run as the
-graph will, keeping as little: _Stack.forward), and one graph is kept at a time: its activations
-live in a memory pool of their own.
+What a step runs depends on its inputs' shapes and, for SpotTune, on the routing only through its
+pattern: per block, whether no image, every image or some images took the tuned copy (the
+per-image choices themselves are data the kernels read). So a graph captured for one pattern
+replays every later step with that pattern, the same kernels on the same buffers: the function of
+running eagerly (inside SpotTune's graph the frozen copy's units also run fused under autograd,
+fold.py: equal to rounding). At per-image routing every step has one pattern; a trained policy's
+routing settles on one. A pattern is captured once it has come twice in a row (capturing costs a
+few eager steps, which run as the graph will, keeping as little: _Stack.forward), and one graph is
+kept at a time: its activations live in a memory pool of their own.
 
-Capturing runs the blocks a few times eagerly first (cuDNN and Triton pick their kernels); the
+Capturing runs the step a few times eagerly first (cuDNN and Triton pick their kernels); the
 BatchNorm statistics those runs move are put back, so training sees one update per step as without
-graphs. Not used under torch.distributed (DDP hooks each gradient as autograd makes it; a graph
-hands all of them over at its end) nor with `policy.recompute_frozen`.
+graphs. Under DistributedDataParallel the replayed backward hands every gradient to autograd at its
+end, and DDP's hooks then all-reduce them in a few buckets (on NVLink that takes under a
+millisecond; overlapping it with the backward would save little and costs host time every step).
+Not used with `policy.recompute_frozen`.
 
 A capture needs the previous step's autograd graph gone (its gradient accumulators belong to the
 default stream, which a capture must not wait on), and a failed capture leaves CUDA's random number
@@ -32,6 +35,8 @@ place in the generator's stream than eager execution would: the same distributio
 
 from __future__ import annotations
 
+import gc
+import inspect
 import weakref
 from collections.abc import Callable
 
@@ -40,27 +45,36 @@ from torch import nn
 
 from spottune.models.fold import FrozenConvReLU
 
+# Other threads make CUDA calls while a step is captured: the loader's pin-memory thread, NCCL's
+# watchdog. In CUDA's default ("global") capture mode such a call invalidates the capture; in
+# "thread_local" mode only the capturing thread's own are refused. torch >= 2.14 lets
+# make_graphed_callables choose; older versions capture in global mode and may fail at random.
+_CAPTURE_OTHER_THREADS_FREE = (
+    {"capture_error_mode": "thread_local"}
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
+
 
 class _Stack(nn.Module):
-    """The blocks for one routing pattern, then neck and head: (stem output, decisions) -> logits."""
+    """The step's trainable part for one pattern: inputs -> logits, computed by `run(*inputs, *args)`."""
 
-    def __init__(self, run: Callable[..., torch.Tensor], modules: list[nn.Module], counts: list[int]) -> None:
+    def __init__(self, run: Callable[..., torch.Tensor], modules: list[nn.Module], args: tuple = ()) -> None:
         super().__init__()
         self.parts = nn.ModuleList(modules)  # the model's own modules: their parameters are the graph's
         self._run = weakref.WeakMethod(run)  # the model holds its graphs, not the other way round
-        self._counts = counts
+        self._args = args
 
-    def forward(self, x: torch.Tensor, decisions: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Runs for the eager steps before a capture, while warming up and capturing (a replay does not
-        call it), so Python that would cost host time every step is paid a few times only: the frozen
-        copy's fused units run under autograd, their backward recorded into the graph and keeping a mask
-        rather than their output (fold.py), and mixed blocks' outputs are kept as recipes (spottune.py's
-        _RemadeRoutes). The eager steps keep what the graph will, so they need no more memory than it."""
+        call it), so Python that would cost host time every step is paid a few times only: SpotTune's
+        frozen units run fused under autograd, their backward recorded into the graph and keeping a
+        mask rather than their output (fold.py), and its mixed blocks' outputs are kept as recipes
+        (spottune.py's _RemadeRoutes). The eager steps keep what the graph will, so they need no more
+        memory than it."""
         units = [m for m in self.parts.modules() if isinstance(m, FrozenConvReLU)]
         for u in units:
             u.fused_under_autograd = True
         try:
-            return self._run()(x, decisions, self._counts, remake=True)
+            return self._run()(*inputs, *self._args)
         finally:
             for u in units:
                 u.fused_under_autograd = False
@@ -72,49 +86,72 @@ class BlockGraphs:
     def __init__(self) -> None:
         self._last: tuple | None = None  # the pattern of the previous step
         self._key: tuple | None = None  # the captured pattern
-        self._graphed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._graphed: Callable[..., torch.Tensor] | None = None
 
     def reset(self) -> None:
         self._last = self._key = self._graphed = None
 
-    def __call__(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int],
-                 run: Callable[..., torch.Tensor], modules: list[nn.Module]) -> torch.Tensor:
-        """Logits: replayed from the graph of this step's pattern, or run eagerly as it would run."""
-        batch = x.shape[0]
-        pattern = [0 if n == 0 else batch if n == batch else 1 for n in counts]  # as the blocks branch on it
+    def __deepcopy__(self, memo: dict) -> BlockGraphs:
+        return BlockGraphs()  # a copied model captures its own: a graph replays its own model's buffers
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...], run: Callable[..., torch.Tensor], modules: list[nn.Module],
+                 pattern: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Logits: replayed from the graph of this step's pattern, or run eagerly as it would run.
+
+        run(*inputs) computes them (run(*inputs, pattern) when a pattern is given: SpotTune's blocks
+        branch on it) from the parameters of `modules`, which are all the graph may train.
+        """
         autocast = torch.is_autocast_enabled("cuda")
-        key = (tuple(pattern), x.shape, x.stride(), x.dtype, x.requires_grad, decisions.shape, decisions.dtype,
-               x.device, autocast, torch.get_autocast_dtype("cuda") if autocast else None)
+        key = (pattern, tuple((t.shape, t.stride(), t.dtype, t.requires_grad, t.device) for t in inputs),
+               autocast, torch.get_autocast_dtype("cuda") if autocast else None)
         if key != self._key:
             repeated, self._last = key == self._last, key
-            stack = _Stack(run, modules, pattern)
+            stack = _Stack(run, modules, () if pattern is None else (list(pattern),))
             if not repeated:
-                return stack(x, decisions)
+                return stack(*inputs)
             self._graphed = None  # one graph at a time: free the old pattern's pool before capturing
             try:
-                self._graphed, self._key = self._capture(x, decisions, stack), key
+                self._graphed, self._key = self._capture(inputs, stack), key
             except RuntimeError as e:
                 raise RuntimeError(
-                    "capturing SpotTune's blocks as a CUDA graph failed; is an earlier step's output still held with "
+                    "capturing a training step as a CUDA graph failed; is an earlier step's output still held with "
                     "its autograd graph (keep detached values, as the engine's train_step returns), or set "
                     "model.graph_blocks = False") from e
-        return self._graphed(x, decisions).clone()  # the graph's output buffer is rewritten by the next replay
+        return self._graphed(*inputs).clone()  # the graph's output buffer is rewritten by the next replay
 
     @staticmethod
-    def _capture(x: torch.Tensor, decisions: torch.Tensor, stack: _Stack):
+    def _capture(inputs: tuple[torch.Tensor, ...], stack: _Stack) -> Callable[..., torch.Tensor]:
+        """The graphed stack, called with the step's inputs.
+
+        It is captured over aliases of the trainable parameters (same storage, new autograd leaves), and
+        replayed with the parameters themselves as inputs. Why: DistributedDataParallel holds each
+        parameter's gradient accumulator from its construction, tied to the stream it was built on, and a
+        capture that reached those accumulators would make that stream wait on the capturing one, which
+        CUDA refuses. Over aliases the capture never meets them; a replay hands its gradients to them.
+        """
         buffers = [(b, b.clone()) for b in stack.buffers()]
-        sample = (x.detach().clone().requires_grad_(x.requires_grad),
-                  decisions.detach().clone().requires_grad_(decisions.requires_grad))
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+        names = [n for n, q in stack.named_parameters() if q.requires_grad]
+        params = tuple(stack.get_parameter(n) for n in names)
+        aliases = tuple(q.detach().requires_grad_() for q in params)
+        n = len(inputs)
+
+        def step(*args: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(stack, dict(zip(names, args[n:])), args[:n])
+
+        collecting = gc.isenabled()
+        gc.disable()  # no collection mid-capture: an object it frees may release CUDA resources, refused while capturing
         try:
-            # allow_unused_input: a tuned copy that no image takes gets no gradient (the engine fills zeros)
-            graphed = torch.cuda.make_graphed_callables(stack, sample, allow_unused_input=True)
-            replay = graphed.forward  # set on the module, referring to it: kept alone, no reference cycle
-            del graphed.forward
+            # allow_unused_input: an input the step does not train gets no gradient, as eagerly (a frozen prefix's)
+            graphed = torch.cuda.make_graphed_callables(step, (*sample, *aliases), allow_unused_input=True,
+                                                        **_CAPTURE_OTHER_THREADS_FREE)
             # The eager steps' and warm-up's memory, cached by the allocator, goes back to the driver:
             # from now on the graph's own pool holds this pattern's activations.
             torch.cuda.empty_cache()
-            return replay
+            return lambda *xs: graphed(*xs, *params)
         finally:
+            if collecting:
+                gc.enable()
             with torch.no_grad():  # the warm-up runs moved BatchNorm statistics: put them back
                 for b, saved in buffers:
                     b.copy_(saved)

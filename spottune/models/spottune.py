@@ -23,14 +23,14 @@ them and each conv -> (add ->) ReLU chain runs as one fused cuDNN kernel (`fold_
 spottune/models/fold.py). On CUDA the policy runs on a side stream, beside the stem (in training
 its backward then runs beside the stem's); at inference as a replayed CUDA graph (`graph_policy`)
 and, over a stream of batches (`infer_batches`, what evaluation uses), one batch ahead beside the
-previous batch's blocks: the same function, computed faster. In training on one GPU (`graph_blocks`,
-on in spottune.training) split execution replays the blocks, neck and head as CUDA graphs, one per
-routing pattern (spottune/models/block_graphs.py).
+previous batch's blocks: the same function, computed faster. In training (`graph_blocks`, on in
+spottune.training, on one GPU or under DDP) split execution replays the blocks, neck and head as
+CUDA graphs, one per routing pattern (spottune/models/block_graphs.py).
 
-A tuned copy that no image of the batch chose gets no gradient from autograd; its gradient in
-the mixed form is exactly zero, so the engine gives it a zero gradient after the backward pass
-(SGD's momentum and weight decay then still apply), and DistributedDataParallel is told to look for
-unused parameters (`unused_parameters`).
+A tuned copy that no image of the batch chose runs without autograd; its gradient in the mixed
+form is exactly zero, and split training hands it that zero in the backward (_ZeroGradients): SGD's
+momentum and weight decay still apply, and DistributedDataParallel needs no search for unused
+parameters.
 
 With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's
 statistics in training and adapts its running statistics, as the 2019 code's "frozen" copy did
@@ -110,7 +110,6 @@ class RoutingPlan:
 
 
 class SpotTuneNet(TransferModel):
-    unused_parameters = True  # a block's tuned copy sits out of a step that routes no image to it
 
     def __init__(
         self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True, dropout: float = 0.0
@@ -135,7 +134,6 @@ class SpotTuneNet(TransferModel):
         self.bucket = 32
         self.fold_frozen_bn = policy.frozen_bn == "pretrained"
         self.graph_policy = True
-        self.graph_blocks = False  # split training's blocks as CUDA graphs: see block_graphs.py for who turns it on
         self._folded: list[nn.Module] | None = None  # derived from frozen_blocks; not a submodule, not saved
         self._graphed_policy = GraphedPolicy(self.policy)
         self._block_graphs = BlockGraphs()
@@ -172,11 +170,10 @@ class SpotTuneNet(TransferModel):
         twin = self.__class__.__new__(self.__class__)
         memo[id(self)] = twin
         for k, v in self.__dict__.items():
-            if k not in ("_folded", "_graphed_policy", "_block_graphs", "_side_streams"):
+            if k not in ("_folded", "_graphed_policy", "_side_streams"):
                 twin.__dict__[k] = copy.deepcopy(v, memo)
         twin._folded = None
         twin._graphed_policy = GraphedPolicy(twin.policy)
-        twin._block_graphs = BlockGraphs()
         twin._side_streams = {}
         return twin
 
@@ -283,10 +280,15 @@ class SpotTuneNet(TransferModel):
             torch.cuda.current_stream(images.device).wait_event(done)
         counts = plan.tuned_counts if plan is not None else None
         if execution == "split" and self._graphable(x):
-            return ModelOutput(self._block_graphs(x, decisions, counts, self._blocks,
-                                                  [*self.runtime_frozen_blocks(), self.tuned_blocks, self.neck,
-                                                   self.head]), decisions)
+            batch = x.shape[0]
+            pattern = tuple(0 if n == 0 else batch if n == batch else 1 for n in counts)  # as the blocks branch on it
+            modules = [*self.runtime_frozen_blocks(), self.tuned_blocks, self.neck, self.head]
+            return ModelOutput(self._block_graphs((x, decisions), self._lean_blocks, modules, pattern), decisions)
         return ModelOutput(self._blocks(x, decisions, counts, execution, plan), decisions)
+
+    def _lean_blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Split training as the CUDA graphs run it: mixed blocks' outputs kept as recipes (_RemadeRoutes)."""
+        return self._blocks(x, decisions, counts, remake=True)
 
     def _blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int] | None,
                 execution: Execution = "split", plan: RoutingPlan | None = None, remake: bool = False) -> torch.Tensor:
@@ -310,10 +312,9 @@ class SpotTuneNet(TransferModel):
             return self.head(self.neck(x))
 
     def _graphable(self, x: torch.Tensor) -> bool:
-        """Split training replays its blocks as CUDA graphs (block_graphs.py) on one CUDA device, not under DDP."""
+        """Split training replays its blocks as CUDA graphs (block_graphs.py) on CUDA, when the caller allows it."""
         return (self.graph_blocks and x.is_cuda and self.training and torch.is_grad_enabled()
-                and not self.policy_params.recompute_frozen
-                and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+                and not self.policy_params.recompute_frozen)
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
         net = trainable([*self.stem.parameters(), *self.tuned_blocks.parameters(), *self.neck.parameters()])
@@ -359,7 +360,7 @@ def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor
         f = frozen(x)
         with torch.no_grad():  # still in train mode: its BN statistics move as in the mixed form
             t = tuned(x)
-        return _Route.apply(f.to(t.dtype), t, d, False, True)
+        return _ZeroGradients.apply(_Route.apply(f.to(t.dtype), t, d, False, True), *trainable(tuned.parameters()))
     all_tuned = n_tuned == x.shape[0]
     t = tuned(x)
     if recompute:
@@ -414,6 +415,26 @@ class _RemadeRoutes:
         if self._remade is None or self._remade[0] is not saved:
             self._remade = (saved, route_forward(*saved))
         return self._remade[1]
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """The identity on x, whose backward gives `params` an exact zero gradient.
+
+    Why: a tuned copy that no image of the batch took has, in the mixed formulation, a gradient of
+    exactly zero, and autograd would leave it None. Handed over in the step (a memset per tensor),
+    every trainable parameter has a gradient after every backward: SGD applies its momentum and weight
+    decay as the mixed form would, and DistributedDataParallel needs no search for unused parameters
+    (a traversal of the autograd graph and a host-device synchronisation every step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.params = params  # their shapes and layouts only: nothing is read in the backward
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return (g, *(torch.zeros_like(p) for p in ctx.params))
 
 
 class _Route(torch.autograd.Function):

@@ -220,6 +220,8 @@ class RuntimeSettings(BaseSettings):
 
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     progress: bool = Field(True, description="show progress bars")
+    cuda_graphs: bool = Field(True, description="replay training steps as CUDA graphs on GPUs "
+                              "(spottune/models/block_graphs.py); false runs them eagerly: the same function, slower")
     fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -116,7 +116,7 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     # train_one_epoch keeps no step's autograd graph alive and uses each step's gradients within it: the
     # step's trainable part may replay as a CUDA graph (spottune/models/block_graphs.py)
-    model.graph_blocks = True
+    model.graph_blocks = runtime.cuda_graphs
     optimizer = torch.optim.SGD(model.parameter_groups(params.optim), lr=params.optim.lr_net, momentum=params.optim.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(params.optim))
     params_json = params.model_dump(mode="json")

@@ -68,3 +68,14 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_runtime_settings_come_from_the_environment(monkeypatch):
+    from spottune.config import RuntimeSettings
+
+    monkeypatch.delenv("SPOTTUNE_CUDA_GRAPHS", raising=False)
+    assert RuntimeSettings().cuda_graphs is True  # training steps replay as CUDA graphs unless told not to
+    monkeypatch.setenv("SPOTTUNE_CUDA_GRAPHS", "false")
+    monkeypatch.setenv("SPOTTUNE_PROGRESS", "0")
+    settings = RuntimeSettings()
+    assert settings.cuda_graphs is False and settings.progress is False

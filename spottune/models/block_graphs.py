@@ -28,9 +28,10 @@ default stream, which a capture must not wait on), and a failed capture leaves C
 generator unusable. The gradients a replay hands over live in the graph's own buffers, which the
 next replay rewrites: they must be used within the step (no accumulation over several backward
 passes). So the graphs are off unless the caller turns them on (`graph_blocks`): training does
-(spottune.training), whose `train_step` zeroes the gradients, steps the optimiser and returns
-detached values only. Dropout in the head draws its random numbers inside the graph, from another
-place in the generator's stream than eager execution would: the same distribution, other masks.
+(spottune.training; SPOTTUNE_CUDA_GRAPHS=false leaves them off), whose `train_step` zeroes the
+gradients, steps the optimiser and returns detached values only. Dropout in the head draws its
+random numbers inside the graph, from another place in the generator's stream than eager execution
+would: the same distribution, other masks.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ class BlockGraphs:
             except RuntimeError as e:
                 raise RuntimeError(
                     "capturing a training step as a CUDA graph failed; is an earlier step's output still held with "
-                    "its autograd graph (keep detached values, as the engine's train_step returns), or set "
-                    "model.graph_blocks = False") from e
+                    "its autograd graph (keep detached values, as the engine's train_step returns)? Training runs "
+                    "without the graphs with SPOTTUNE_CUDA_GRAPHS=false (model.graph_blocks = False)") from e
         return self._graphed(*inputs).clone()  # the graph's output buffer is rewritten by the next replay
 
     @staticmethod
@@ -140,7 +141,7 @@ class BlockGraphs:
             return torch.func.functional_call(stack, dict(zip(names, args[n:])), args[:n])
 
         collecting = gc.isenabled()
-        gc.disable()  # no collection mid-capture: an object it frees may release CUDA resources, refused while capturing
+        gc.disable()  # no collection mid-capture: an object it frees may release CUDA resources
         try:
             # allow_unused_input: an input the step does not train gets no gradient, as eagerly (a frozen prefix's)
             graphed = torch.cuda.make_graphed_callables(step, (*sample, *aliases), allow_unused_input=True,

@@ -110,7 +110,6 @@ class RoutingPlan:
 
 
 class SpotTuneNet(TransferModel):
-
     def __init__(
         self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True, dropout: float = 0.0
     ) -> None:

@@ -13,7 +13,7 @@ replays every later step with that pattern, the same kernels on the same buffers
 running eagerly (inside SpotTune's graph the frozen copy's units also run fused under autograd,
 fold.py: equal to rounding). At per-image routing every step has one pattern; a trained policy's
 routing settles on one. A pattern is captured once it has come twice in a row (capturing costs a
-few eager steps, which run as the graph will, keeping as little: _Stack.forward), and one graph is
+few eager steps, which run as the graph will, keeping as little), and one graph is
 kept at a time: its activations live in a memory pool of their own.
 
 Capturing runs the step a few times eagerly first (cuDNN and Triton pick their kernels); the
@@ -44,8 +44,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spottune.models.fold import FrozenConvReLU
-
 # Other threads make CUDA calls while a step is captured: the loader's pin-memory thread, NCCL's
 # watchdog. In CUDA's default ("global") capture mode such a call invalidates the capture; in
 # "thread_local" mode only the capturing thread's own are refused. torch >= 2.14 lets
@@ -66,19 +64,9 @@ class _Stack(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Runs for the eager steps before a capture, while warming up and capturing (a replay does not
-        call it), so Python that would cost host time every step is paid a few times only: SpotTune's
-        frozen units run fused under autograd, their backward recorded into the graph and keeping a
-        mask rather than their output (fold.py), and its mixed blocks' outputs are kept as recipes
-        (spottune.py's _RemadeRoutes). The eager steps keep what the graph will, so they need no more
-        memory than it."""
-        units = [m for m in self.parts.modules() if isinstance(m, FrozenConvReLU)]
-        for u in units:
-            u.fused_under_autograd = True
-        try:
-            return self._run()(*inputs, *self._args)
-        finally:
-            for u in units:
-                u.fused_under_autograd = False
+        call it), so Python in `run` costs host time a few times only (SpotTune's `_lean_blocks` spends
+        it on keeping less memory)."""
+        return self._run()(*inputs, *self._args)
 
 
 class BlockGraphs:

@@ -115,7 +115,7 @@ class FrozenConvReLU(nn.Module):
 
     `bias` is the convolution's, plus the residual convolution's where that one's was moved here.
     Where autograd records (the frozen branch of a block some image chose, in training), the fused
-    kernel runs only with `fused_under_autograd` (set by block_graphs.py while it runs or captures the blocks),
+    kernel runs only with `fused_under_autograd` (set by spottune.py's `_lean_blocks`, which the CUDA graphs run),
     with a backward of its own (`_FusedUnit`): written in Python, it costs host time per unit, which
     measured slower than the kernel saved when run eagerly (ResNet-50, per-image routing: 59 ms a
     step against 52; docs/performance.md), and nothing inside a replayed graph. Elsewhere torch's

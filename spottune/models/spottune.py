@@ -54,7 +54,7 @@ from spottune.config import OptimParams, PolicyParams
 from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, new_head, trainable
 from spottune.models.block_graphs import BlockGraphs
-from spottune.models.fold import fold_batchnorm
+from spottune.models.fold import FrozenConvReLU, fold_batchnorm
 from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
 from spottune.models.route_kernels import per_image, route_backward, route_forward
 
@@ -286,8 +286,19 @@ class SpotTuneNet(TransferModel):
         return ModelOutput(self._blocks(x, decisions, counts, execution, plan), decisions)
 
     def _lean_blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Split training as the CUDA graphs run it: mixed blocks' outputs kept as recipes (_RemadeRoutes)."""
-        return self._blocks(x, decisions, counts, remake=True)
+        """Split training as the CUDA graphs run it, keeping less for the backward: the frozen copy's fused
+        units run under autograd with their own backward, keeping a ReLU mask rather than their output
+        (fold.py), and mixed blocks' outputs are kept as recipes (_RemadeRoutes). Their Python costs host
+        time only where this runs: the eager steps before a capture and the capture itself, which then
+        keep no more memory than the graph."""
+        units = [m for b in self.runtime_frozen_blocks() for m in b.modules() if isinstance(m, FrozenConvReLU)]
+        for u in units:
+            u.fused_under_autograd = True
+        try:
+            return self._blocks(x, decisions, counts, remake=True)
+        finally:
+            for u in units:
+                u.fused_under_autograd = False
 
     def _blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int] | None,
                 execution: Execution = "split", plan: RoutingPlan | None = None, remake: bool = False) -> torch.Tensor:

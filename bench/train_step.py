@@ -297,7 +297,10 @@ def hand_written_loop(backbone: str, batch: int, size: int, steps: int, warmup: 
 
 
 def print_table(rows: list[dict], header: str) -> None:
-    base = {r["backbone"]: r for r in rows[::-1] if r["method"] == "finetune" and r["execution"] != "eager"}
+    base: dict[str, dict] = {}  # per backbone, fine-tuning as training runs it (replayed as a graph)
+    for r in rows:
+        if r["method"] == "finetune" and r["execution"] != "eager":
+            base.setdefault(r["backbone"], r)
     print(header)
     print(f"{'backbone':18} {'method':12} {'exec':6} {'mix':>7} {'train ms':>9} {'x ft':>5} {'GiB':>6} {'x ft':>5} "
           f"{'rsv GiB':>7} {'x ft':>5} {'infer img/s':>11} {'x ft':>5} {'1 batch':>7} {'rel err':>8}")

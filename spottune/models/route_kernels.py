@@ -100,13 +100,16 @@ def route_forward(f: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Te
     return out
 
 
-def route_backward(g: torch.Tensor, t: torch.Tensor, f: torch.Tensor | None, w: torch.Tensor,
+def route_backward(g: torch.Tensor, t: torch.Tensor | None, f: torch.Tensor | None, w: torch.Tensor,
                    need_f: bool, need_t: bool, need_d: bool):
-    """(g where w is 0, g where w is 1, <g, t - f> per image); f None means t already holds the difference.
+    """(g where w is 0, g where w is 1, <g, t - f> per image); f None means t already holds the difference
+    (t None: no decision gradient is asked for).
 
     The decision gradient comes back in the accumulation dtype (float32, or float64 for float64).
     """
     acc = torch.promote_types(g.dtype, torch.float32)
+    if t is None:  # fixed decisions (no gradient): nothing was kept, and only g and w are read
+        t = g
     if not _fusable(g, t, *([f] if f is not None else [])):
         tuned = per_image(w != 0, g)
         grad_f = torch.where(tuned, 0, g) if need_f else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -322,14 +324,8 @@ def _assert_same_steps(replayed: list, eager: list) -> None:
             close(sg[k], se[k], f"step {step} {k}")
 
 
-@pytest.mark.parametrize("routing", ["per-image", "agreeing"])
-def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypatch, process_group_of_one, routing):
-    """Blocks replayed as CUDA graphs (block_graphs.py), alone and under DDP, against eager split training, step
-    by step on new images and decisions of one routing pattern: the same logits, input, decision and weight
-    gradients and BatchNorm statistics (float32; cuDNN may pick other kernels in a graph, so to rounding).
-    'agreeing' routes every image of some blocks alike: their tuned copies get zero gradients from either,
-    and DDP, which looks for no unused parameters, gets a gradient for every parameter."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def _split_steps(routing: str = "per-image") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four steps of SpotTune split training: images and decisions of one routing pattern."""
     g = torch.Generator(device="cuda").manual_seed(0)
     steps = []
     for _ in range(4):
@@ -338,10 +334,24 @@ def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypa
         if routing == "agreeing":
             d[:, 1::3], d[:, 2::3] = 1.0, 0.0
         steps.append((torch.randn(8, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last), d))
+    return steps
+
+
+def _spottune_resnet50() -> torch.nn.Module:
     params = validate_params({"model": {"backbone": "resnet50", "weights": "none", "dropout": 0.0},
                               "data": {"image_size": 64}})  # no dropout: the same function in every run
-    runs = _steps_replayed_and_eager(
-        lambda: build_model(params, 10).cuda().to(memory_format=torch.channels_last), steps, ("eager", "graphs", "ddp"))
+    return build_model(params, 10).cuda().to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("routing", ["per-image", "agreeing"])
+def test_split_training_replayed_as_cuda_graphs_computes_the_eager_step(monkeypatch, process_group_of_one, routing):
+    """Blocks replayed as CUDA graphs (block_graphs.py), alone and under DDP, against eager split training, step
+    by step on new images and decisions of one routing pattern: the same logits, input, decision and weight
+    gradients and BatchNorm statistics (float32; cuDNN may pick other kernels in a graph, so to rounding).
+    'agreeing' routes every image of some blocks alike: their tuned copies get zero gradients from either,
+    and DDP, which looks for no unused parameters, gets a gradient for every parameter."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    runs = _steps_replayed_and_eager(_spottune_resnet50, _split_steps(routing), ("eager", "graphs", "ddp"))
     _assert_same_steps(runs["graphs"], runs["eager"])
     _assert_same_steps(runs["ddp"], runs["eager"])
     if routing == "agreeing":  # no image tuned block 2
@@ -363,3 +373,62 @@ def test_baseline_step_replayed_as_a_cuda_graph_computes_the_eager_step(monkeypa
     _assert_same_steps(runs["ddp"], runs["eager"])
     if method == "lastk":
         assert not any(k.startswith("stem.") for k in runs["graphs"][-1][2])  # the frozen prefix gets no gradient
+
+
+def _invalidating_first_captures(monkeypatch, fail: Callable[[int], bool]) -> list[int]:
+    """torch.cuda.make_graphed_callables, whose n-th call (from 1) has its capture invalidated where fail(n):
+    a CUDA call that a capture refuses, its error swallowed, so that the capture's next kernel fails with
+    "operation failed due to a previous error during capture", as seen under DDP. Returns the calls made."""
+    real, calls = torch.cuda.make_graphed_callables, []
+
+    def graphed(step, sample, **kw):
+        calls.append(len(calls) + 1)
+        if not fail(calls[-1]):
+            return real(step, sample, **kw)
+
+        def invalidating(*args):
+            if torch.cuda.is_current_stream_capturing():
+                with contextlib.suppress(RuntimeError):
+                    torch.cuda.synchronize()  # refused while capturing: the capture is invalidated
+            return step(*args)
+
+        return real(invalidating, sample, **kw)
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", graphed)
+    return calls
+
+
+def test_a_failed_capture_is_captured_again_and_replays_the_eager_step(monkeypatch, process_group_of_one):
+    """Each model's first capture attempt invalidated (alone and under DDP): a warning, a second attempt, and then
+    the same steps as eager execution; the default stream is current again afterwards."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    steps = _split_steps()
+    eager = _steps_replayed_and_eager(_spottune_resnet50, steps, ("eager",))["eager"]
+    calls = _invalidating_first_captures(monkeypatch, fail=lambda n: n % 2 == 1)
+    with pytest.warns(RuntimeWarning, match=r"attempt 1 of 3\), capturing again") as caught:
+        runs = _steps_replayed_and_eager(_spottune_resnet50, steps, ("graphs", "ddp"))
+    assert calls == [1, 2, 3, 4] and len([w for w in caught if "attempt" in str(w.message)]) == 2
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    _assert_same_steps(runs["graphs"], eager)
+    _assert_same_steps(runs["ddp"], eager)
+
+
+def test_a_capture_failing_every_attempt_stops_training_and_names_the_way_around(monkeypatch):
+    """Three failed attempts: an error naming SPOTTUNE_CUDA_GRAPHS=false; the graph's parameters and BatchNorm
+    statistics as before the step (each attempt's warm-up moved them), and the default stream current."""
+    model = _spottune_resnet50()
+    model.graph_blocks = True
+    model.train()
+    calls = _invalidating_first_captures(monkeypatch, fail=lambda n: True)
+    x, d = _split_steps()[0]
+    model(x, d)  # the pattern's first step runs eagerly; the second captures
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="capturing again"), \
+            pytest.raises(RuntimeError, match="failed 3 times.*SPOTTUNE_CUDA_GRAPHS=false"):
+        model(x, d)
+    assert calls == [1, 2, 3]
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    after = model.state_dict()
+    # the stem ran before the blocks, outside any graph, as in every step; nothing of the graph's modules moved
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(k.startswith("stem.") for k in moved), moved

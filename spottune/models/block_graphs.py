@@ -24,20 +24,22 @@ millisecond; overlapping it with the backward would save little and costs host t
 Not used with `policy.recompute_frozen`.
 
 A capture needs the previous step's autograd graph gone (its gradient accumulators belong to the
-default stream, which a capture must not wait on), and a failed capture leaves CUDA's random number
-generator unusable. The gradients a replay hands over live in the graph's own buffers, which the
-next replay rewrites: they must be used within the step (no accumulation over several backward
-passes). So the graphs are off unless the caller turns them on (`graph_blocks`): training does
-(spottune.training; SPOTTUNE_CUDA_GRAPHS=false leaves them off), whose `train_step` zeroes the
-gradients, steps the optimiser and returns detached values only. Dropout in the head draws its
-random numbers inside the graph, from another place in the generator's stream than eager execution
-would: the same distribution, other masks.
+default stream, which a capture must not wait on). A failed capture is tried again, twice (under DDP
+one failed at random); after a failed capture CUDA's random number generator is usable again only
+once a capture succeeds, so training stops after the last failed attempt. The gradients a replay
+hands over live in the graph's own buffers, which the next replay rewrites: they must be used within
+the step (no accumulation over several backward passes). So the graphs are off unless the caller
+turns them on (`graph_blocks`): training does (spottune.training; SPOTTUNE_CUDA_GRAPHS=false leaves
+them off), whose `train_step` zeroes the gradients, steps the optimiser and returns detached values
+only. Dropout in the head draws its random numbers inside the graph, from another place in the
+generator's stream than eager execution would: the same distribution, other masks.
 """
 
 from __future__ import annotations
 
 import gc
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -51,6 +53,7 @@ from torch import nn
 _CAPTURE_OTHER_THREADS_FREE = (
     {"capture_error_mode": "thread_local"}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
+_CAPTURE_ATTEMPTS = 3  # a capture that fails this often stops training with the error below
 
 
 class _Stack(nn.Module):
@@ -103,9 +106,10 @@ class BlockGraphs:
                 self._graphed, self._key = self._capture(inputs, stack), key
             except RuntimeError as e:
                 raise RuntimeError(
-                    "capturing a training step as a CUDA graph failed; is an earlier step's output still held with "
-                    "its autograd graph (keep detached values, as the engine's train_step returns)? Training runs "
-                    "without the graphs with SPOTTUNE_CUDA_GRAPHS=false (model.graph_blocks = False)") from e
+                    f"capturing a training step as a CUDA graph failed {_CAPTURE_ATTEMPTS} times; is an earlier step's "
+                    "output still held with its autograd graph (keep detached values, as the engine's train_step "
+                    "returns)? Training runs without the graphs with SPOTTUNE_CUDA_GRAPHS=false "
+                    "(model.graph_blocks = False)") from e
         return self._graphed(*inputs).clone()  # the graph's output buffer is rewritten by the next replay
 
     @staticmethod
@@ -128,19 +132,44 @@ class BlockGraphs:
         def step(*args: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(stack, dict(zip(names, args[n:])), args[:n])
 
-        collecting = gc.isenabled()
-        gc.disable()  # no collection mid-capture: an object it frees may release CUDA resources
-        try:
+        for attempt in range(1, _CAPTURE_ATTEMPTS + 1):
+            try:
+                graphed = _capture_once(step, (*sample, *aliases), buffers)
+                break
+            except RuntimeError as e:
+                if attempt == _CAPTURE_ATTEMPTS:
+                    raise
+                warnings.warn(f"capturing a training step as a CUDA graph failed (attempt {attempt} of "
+                              f"{_CAPTURE_ATTEMPTS}), capturing again: {str(e).splitlines()[0]}", RuntimeWarning,
+                              stacklevel=2)
+        # The eager steps' and warm-up's memory, cached by the allocator, goes back to the driver:
+        # from now on the graph's own pool holds this pattern's activations.
+        torch.cuda.empty_cache()
+        return lambda *xs: graphed(*xs, *params)
+
+
+def _capture_once(step: Callable[..., torch.Tensor], sample: tuple[torch.Tensor, ...],
+                  buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[..., torch.Tensor]:
+    """One attempt at the graphed step; whatever its outcome, the stream, the collector and the BatchNorm
+    statistics are as before it, so a failed attempt can be followed by another.
+
+    Why attempts: under DDP the first capture failed at random on one rank ("operation failed due to a
+    previous error during capture", docs/performance.md; cause not found). CUDA ends an invalidated
+    capture and torch raises; the graph's pool of that attempt stays with the allocator, a retry's
+    capture starts afresh (its random number generator state included). No collective runs inside a
+    capture, so one rank's retry keeps the ranks in step.
+    """
+    collecting = gc.isenabled()
+    gc.disable()  # no collection mid-capture: an object it frees may release CUDA resources
+    try:
+        # A capture that fails leaves its capture stream current (torch.cuda.graph's exit stops at the error)
+        with torch.cuda.stream(torch.cuda.current_stream()):
             # allow_unused_input: an input the step does not train gets no gradient, as eagerly (a frozen prefix's)
-            graphed = torch.cuda.make_graphed_callables(step, (*sample, *aliases), allow_unused_input=True,
-                                                        **_CAPTURE_OTHER_THREADS_FREE)
-            # The eager steps' and warm-up's memory, cached by the allocator, goes back to the driver:
-            # from now on the graph's own pool holds this pattern's activations.
-            torch.cuda.empty_cache()
-            return lambda *xs: graphed(*xs, *params)
-        finally:
-            if collecting:
-                gc.enable()
-            with torch.no_grad():  # the warm-up runs moved BatchNorm statistics: put them back
-                for b, saved in buffers:
-                    b.copy_(saved)
+            return torch.cuda.make_graphed_callables(step, sample, allow_unused_input=True,
+                                                     **_CAPTURE_OTHER_THREADS_FREE)
+    finally:
+        if collecting:
+            gc.enable()
+        with torch.no_grad():  # the warm-up runs moved BatchNorm statistics: put them back
+            for b, saved in buffers:
+                b.copy_(saved)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from spottune.data.loaders import build_datasets, load_rgb, stratified_split
+from spottune.data.loaders import build_datasets, load_rgb, make_loader, stratified_split
 from spottune.data.sources import materialise, safe_class_name
 from spottune.errors import DataError
 
@@ -80,6 +81,24 @@ def test_datasets_from_an_image_folder(fashion_root, tiny_params):
     assert (len(splits.train), len(splits.val), len(splits.test)) == (360, 40, 200)
     x, y = splits.train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and 0 <= y < 10
+
+
+def test_workers_of_a_loader_for_a_gpu_start_from_a_server_and_load_the_same_batches(fashion_root, tiny_params):
+    """Pinning for a GPU, the workers start from a forkserver (a fork of a process using CUDA may abort its
+    child: loaders.py), and decode the same images in the same order as the main process does alone."""
+    splits = build_datasets(tiny_params(fashion_root).data, seed=0)
+
+    def batches(**kw) -> tuple:
+        loader = make_loader(splits.test, 50, shuffle=True, generator=torch.Generator().manual_seed(3), **kw)
+        return loader, list(loader)
+
+    with warnings.catch_warnings():  # pinning without an accelerator is skipped with a warning
+        warnings.simplefilter("ignore", UserWarning)
+        served, got = batches(num_workers=2, pin_memory=True)
+    _, want = batches(num_workers=0)
+    assert served.multiprocessing_context.get_start_method() == "forkserver"
+    assert len(got) == len(want) == 4
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, want))
 
 
 @pytest.mark.parametrize("size", [32, 224])

@@ -375,7 +375,7 @@ def test_baseline_step_replayed_as_a_cuda_graph_computes_the_eager_step(monkeypa
         assert not any(k.startswith("stem.") for k in runs["graphs"][-1][2])  # the frozen prefix gets no gradient
 
 
-def _invalidating_first_captures(monkeypatch, fail: Callable[[int], bool]) -> list[int]:
+def _invalidating_captures(monkeypatch, fail: Callable[[int], bool]) -> list[int]:
     """torch.cuda.make_graphed_callables, whose n-th call (from 1) has its capture invalidated where fail(n):
     a CUDA call that a capture refuses, its error swallowed, so that the capture's next kernel fails with
     "operation failed due to a previous error during capture", as seen under DDP. Returns the calls made."""
@@ -404,7 +404,7 @@ def test_a_failed_capture_is_captured_again_and_replays_the_eager_step(monkeypat
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     steps = _split_steps()
     eager = _steps_replayed_and_eager(_spottune_resnet50, steps, ("eager",))["eager"]
-    calls = _invalidating_first_captures(monkeypatch, fail=lambda n: n % 2 == 1)
+    calls = _invalidating_captures(monkeypatch, fail=lambda n: n % 2 == 1)
     with pytest.warns(RuntimeWarning, match=r"attempt 1 of 3\), capturing again") as caught:
         runs = _steps_replayed_and_eager(_spottune_resnet50, steps, ("graphs", "ddp"))
     assert calls == [1, 2, 3, 4] and len([w for w in caught if "attempt" in str(w.message)]) == 2
@@ -419,7 +419,7 @@ def test_a_capture_failing_every_attempt_stops_training_and_names_the_way_around
     model = _spottune_resnet50()
     model.graph_blocks = True
     model.train()
-    calls = _invalidating_first_captures(monkeypatch, fail=lambda n: True)
+    calls = _invalidating_captures(monkeypatch, fail=lambda n: True)
     x, d = _split_steps()[0]
     model(x, d)  # the pattern's first step runs eagerly; the second captures
     before = copy.deepcopy(model.state_dict())

@@ -29,6 +29,10 @@ class TransferModel(nn.Module):
     # (spottune/models/block_graphs.py). Off by default: a replay rewrites the previous step's gradients.
     graph_blocks: bool = False
 
+    def _replays_as_graph(self, images: torch.Tensor) -> bool:
+        """Whether this forward is a training step whose trainable part may replay as a CUDA graph."""
+        return self.graph_blocks and images.is_cuda and self.training and torch.is_grad_enabled()
+
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
         for m in self.frozen_modules:

@@ -69,7 +69,7 @@ class FineTuneNet(TransferModel):
         return self
 
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
-        if self.graph_blocks and images.is_cuda and self.training and torch.is_grad_enabled():
+        if self._replays_as_graph(images):
             return ModelOutput(self._graphs((images,), self._logits, [self.stem, self.blocks, self.neck, self.head]))
         return ModelOutput(self._logits(images))
 

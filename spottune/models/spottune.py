@@ -323,8 +323,7 @@ class SpotTuneNet(TransferModel):
 
     def _graphable(self, x: torch.Tensor) -> bool:
         """Split training replays its blocks as CUDA graphs (block_graphs.py) on CUDA, when the caller allows it."""
-        return (self.graph_blocks and x.is_cuda and self.training and torch.is_grad_enabled()
-                and not self.policy_params.recompute_frozen)
+        return self._replays_as_graph(x) and not self.policy_params.recompute_frozen
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
         net = trainable([*self.stem.parameters(), *self.tuned_blocks.parameters(), *self.neck.parameters()])

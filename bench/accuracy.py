@@ -80,6 +80,11 @@ class Profile:
     note: str = ""
 
 
+# A method's settings are `--set` overrides, except `base.lr_*`: a base learning rate (instead of
+# params.yaml's) that the grid scales like the others. An `optim.lr_*` override is fixed, not scaled.
+PAPER = {"policy.temperature": 5.0, "base.lr_policy": 0.01}  # the 2019 paper's policy settings
+
+
 def _methods(blocks: int) -> dict[str, dict[str, Any]]:
     return {
         "linear": {"model.method": "linear"},
@@ -87,18 +92,39 @@ def _methods(blocks: int) -> dict[str, dict[str, Any]]:
         "l2sp": {"model.method": "l2sp"},
         "spottune": {"model.method": "spottune"},
         "spottune-k": {"model.method": "spottune", "policy.global_k": blocks // 2},
+        "spottune-paper": {"model.method": "spottune", **PAPER},
+        "spottune-k-paper": {"model.method": "spottune", "policy.global_k": blocks // 2, **PAPER},
     }
 
 
-STUDY = {
-    "spottune": {"model.method": "spottune"},
-    "temperature-1": {"model.method": "spottune", "policy.temperature": 1.0},
-    "anneal-0.9": {"model.method": "spottune", "policy.temperature_decay": 0.9},
-    "policy-lr-x10": {"model.method": "spottune", "optim.lr_policy": 0.1},
-    "k-weak": {"model.method": "spottune", "policy.global_k": 8, "policy.k_weight": 0.1},
-    "frozen-bn-target": {"model.method": "spottune", "policy.frozen_bn": "target"},
-    "t1-policy-lr-x10": {"model.method": "spottune", "policy.temperature": 1.0, "optim.lr_policy": 0.1},
+# The study of the paper's settings (run before the defaults changed): each variant changes them.
+STUDY = {name: {"model.method": "spottune", **PAPER, **change} for name, change in {
+    "spottune": {},
+    "temperature-1": {"policy.temperature": 1.0},
+    "anneal-0.9": {"policy.temperature_decay": 0.9},
+    "policy-lr-x10": {"optim.lr_policy": 0.1},
+    "k-weak": {"policy.global_k": 8, "policy.k_weight": 0.1},
+    "frozen-bn-target": {"policy.frozen_bn": "target"},
+    "t1-policy-lr-x10": {"policy.temperature": 1.0, "optim.lr_policy": 0.1},
+}.items()}
+
+# Development of the defaults, on the development targets only (choice on validation accuracy): the
+# study's lead (temperature 1, policy learning rate 0.1, scaled with the grid) and what may make the
+# routing per image (the usage term) or start it as fine-tuning (init_tune_probability).
+_LEAD = {"model.method": "spottune", "policy.temperature": 1.0, "base.lr_policy": 0.1}
+DEV = {
+    "lead": _LEAD,
+    "usage-0.1": {**_LEAD, "policy.usage_weight": 0.1},
+    "usage-1": {**_LEAD, "policy.usage_weight": 1.0},
+    "start-0.9": {**_LEAD, "policy.init_tune_probability": 0.9},
+    "start-0.9-usage-0.1": {**_LEAD, "policy.init_tune_probability": 0.9, "policy.usage_weight": 0.1},
+    # The usage term has no gradient at a start where every image has the same logits: break the symmetry.
+    "random-init": {**_LEAD, "policy.init_weight_std": 0.1},
+    "random-init-usage-1": {**_LEAD, "policy.init_weight_std": 0.1, "policy.usage_weight": 1.0},
+    "random-init-usage-3": {**_LEAD, "policy.init_weight_std": 0.1, "policy.usage_weight": 3.0},
 }
+DEV_TARGETS = ("fashion-100", "digits")
+CONFIRM_TARGETS = ("mnist-100", "mnist-1000", "fashion-1000")  # never used to choose a setting
 
 
 def full_profile() -> Profile:
@@ -117,10 +143,8 @@ def full_profile() -> Profile:
             "lite0": Suite("efficientnet_lite0", "imagenet",
                            ("mnist-100", "mnist-1000", "fashion-100", "fashion-1000", "digits"), _methods(16), grid),
             "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid),
-            "study": Suite("efficientnet_lite0", "imagenet", ("fashion-100", "digits"), STUDY, grid, reference="lite0"),
-            # The study's best variant on the targets it was not chosen on: its claim stands or falls here.
-            "confirm": Suite("efficientnet_lite0", "imagenet", ("mnist-100", "mnist-1000", "fashion-1000"),
-                             {"t1-policy-lr-x10": STUDY["t1-policy-lr-x10"]}, grid, reference="lite0"),
+            "study": Suite("efficientnet_lite0", "imagenet", DEV_TARGETS, STUDY, grid, reference="lite0"),
+            "dev": Suite("efficientnet_lite0", "imagenet", DEV_TARGETS, DEV, grid, reference="lite0"),
         },
         source="fashion-source",
         source_overrides={"optim.lr_net": 0.1, "optim.lr_head": 0.1, "data.batch_size": 128},
@@ -131,12 +155,13 @@ def full_profile() -> Profile:
 
 def smoke_profile() -> Profile:
     targets = {"digits": Target("digits", 12, 6, 1), "fashion-source": Target("fashion-mnist", 12, 4, 1)}
-    methods = _methods(16)
+    methods = {k: v for k, v in _methods(16).items() if not k.endswith("-paper")}
     return Profile(
         targets=targets,
         suites={
             "lite0": Suite("efficientnet_lite0", "imagenet", ("digits",), methods, (0.3, 1.0)),
-            "resnet26": Suite("resnet26", "source", ("digits",), _methods(12), (1.0,)),
+            "resnet26": Suite("resnet26", "source", ("digits",), {k: methods[k] for k in ("finetune", "spottune")},
+                              (1.0,)),
         },
         source="fashion-source",
         source_overrides={"optim.lr_net": 0.1},
@@ -187,7 +212,9 @@ def target_job(profile: Profile, data_dir: Path, results: Path, base_lrs: dict[s
                suite_name: str, target: str, method: str, seed: int, scale: float) -> Job:
     suite, t = profile.suites[suite_name], profile.targets[target]
     weights = str(source_weights(results)) if suite.weights == "source" else suite.weights
-    method_overrides = dict(suite.methods[method])
+    method_overrides = {k: v for k, v in suite.methods[method].items() if not k.startswith("base.")}
+    base_lrs = {**base_lrs, **{k.removeprefix("base."): v for k, v in suite.methods[method].items()
+                               if k.startswith("base.")}}
     lrs = _scaled_lrs(scale, {k: v for k, v in base_lrs.items() if f"optim.{k}" not in method_overrides})
     overrides = {**profile.overrides, "data.root": str(data_dir / target), "model.backbone": suite.backbone,
                  "model.weights": weights, "optim.epochs": t.epochs, "optim.seed": seed, **lrs, **method_overrides}
@@ -307,7 +334,9 @@ def _pin_gpu(slots) -> None:
 
 
 def load_done(results: Path) -> dict[str, dict]:
-    return {str(p.relative_to(results)): json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))}
+    """Every run's result file (those in suite folders; summary.json beside them is no run)."""
+    return {str(p.relative_to(results)): json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))
+            if p.parent != results}
 
 
 def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus: int, jobs_per_gpu: int,
@@ -333,12 +362,13 @@ def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus
     for i in range(gpus * jobs_per_gpu):
         slots.put(i % gpus)
     running: dict = {}
+    failed: set[str] = set()  # tried again by the next `run`, not by this one
     workers = gpus * jobs_per_gpu
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin_gpu, initargs=(slots,)) as pool:
         while True:
             # No queue beyond the free slots: the next free slot takes the first ready job, so the
             # suites finish in order (a cut-short run leaves whole suites, not a bit of each).
-            busy = {j.key for j in running.values()}
+            busy = {j.key for j in running.values()} | failed
             for job in [j for j in ready_jobs(profile, data_dir, results, done, base_lrs, only)
                         if j.key not in busy][: workers - len(running)]:
                 running[pool.submit(run_job, job, results, work, device)] = job
@@ -347,6 +377,10 @@ def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 job = running.pop(fut)
+                if fut.exception() is not None:  # one failed run ends neither the others nor the benchmark
+                    failed.add(job.key)
+                    log(f"[{time.perf_counter() - started:6.0f} s] {job.key}: FAILED: {fut.exception()}")
+                    continue
                 done[job.key] = fut.result()
                 log(f"[{time.perf_counter() - started:6.0f} s] {job.key}: {_outcome(done[job.key])} "
                     f"({done[job.key]['wall_seconds']:.0f} s)")
@@ -476,6 +510,17 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
                     runs = _finished(cells.get((suite_name, t, method)))
                     vals.append(f"{_mean_std([r['test']['tuned_blocks_per_image'] for r in runs])[0]:.1f}" if runs else "–")
                 lines.append(f"| {method} | " + " | ".join(vals) + " |")
+            lines += ["", "How per image the routing is: blocks where 5-95% of test images tune (mixed blocks), "
+                      "mean over seeds; in brackets the largest share of test images that take a block's less "
+                      "common branch.", ""]
+            lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+            for method in routed:
+                vals = []
+                for t in targets:
+                    runs = _finished(cells.get((suite_name, t, method)))
+                    vals.append(f"{_mean_std([_mixed_blocks(r) for r in runs])[0]:.1f} "
+                                f"[{max(max(_minority(r)) for r in runs):.2f}]" if runs else "–")
+                lines.append(f"| {method} | " + " | ".join(vals) + " |")
             if figure_dir is not None:
                 name = routing_figure(cells, suite_name, targets, routed[0], figure_dir)
                 if name:
@@ -487,6 +532,42 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
     lines += [f"{len(runs)} runs on {', '.join(devices)}; {gpu_seconds / 3600:.2f} process-hours in all "
               f"(runs share GPUs, so wall time is less: see the command log below).", ""]
     return "\n".join(lines)
+
+
+def _minority(result: dict) -> list[float]:
+    """Per block, the share of test images that take the branch most images do not take."""
+    return result["test"].get("minority_fraction_per_block") or [
+        min(f, 1 - f) for f in result["test"]["tuned_fraction_per_block"]]
+
+
+def _mixed_blocks(result: dict) -> int:
+    """Blocks where 5% to 95% of the test images tune (recomputed for runs that predate the metric)."""
+    if "mixed_blocks" in result["test"]:
+        return result["test"]["mixed_blocks"]
+    return sum(0.05 <= f <= 0.95 for f in result["test"]["tuned_fraction_per_block"])
+
+
+def summary(done: dict[str, dict], profile: Profile, suite_name: str = "lite0") -> dict[str, Any]:
+    """SpotTune minus fine-tuning per target of a suite (percentage points, paired bootstrap CI) and routing."""
+    import subprocess
+
+    cells = final_runs(done, profile)
+    targets: dict[str, Any] = {}
+    for t in profile.suites[suite_name].targets:
+        a = _finished(cells.get((suite_name, t, "finetune")))
+        b = _finished(cells.get((suite_name, t, "spottune")))
+        if not a or not b:
+            continue
+        d = paired_difference(a, b)
+        targets[t] = {
+            "spottune_minus_finetune": {"mean": 100 * d["difference"], "ci_low": 100 * d["ci_low"],
+                                        "ci_high": 100 * d["ci_high"]},
+            "seeds": d["seeds"],
+            "mixed_blocks": _mean_std([_mixed_blocks(r) for r in b])[0],
+            "blocks": len(b[0]["test"]["tuned_fraction_per_block"]),
+        }
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    return {"suite": suite_name, "targets": targets, "commit": commit}
 
 
 def _difference_table(cells, suite_name: str, methods: list[str], targets: list[str],
@@ -593,7 +674,11 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device)
         print(f"all runs done in {time.perf_counter() - started:.0f} s wall on {gpus} GPU(s)")
     else:
-        write_report(args.doc, report_markdown(load_done(args.results), profile, args.doc.parent))
+        done = load_done(args.results)
+        write_report(args.doc, report_markdown(done, profile, args.doc.parent))
+        out = args.results / "summary.json"
+        out.write_text(json.dumps(summary(done, profile), indent=1) + "\n")
+        print(f"wrote {args.doc} and {out}")
     return 0
 
 

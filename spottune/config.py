@@ -111,13 +111,23 @@ class PolicyParams(_Section):
     width: int = Field(32, ge=4, description="channels of the policy's first stage (ResNet-8: w, 2w, 4w)")
     input_size: int = Field(64, ge=8, le=512, description="policy sees the image resized to this side: its cost "
                             "does not grow with the backbone's resolution")
-    temperature: float = Field(5.0, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0)
     temperature_min: float = Field(0.5, gt=0.0)
     temperature_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiplied into the temperature each epoch")
     eval_decisions: Literal["argmax", "sample"] = "argmax"
     global_k: int | None = Field(None, ge=0, description="global-k variant: target number of tuned blocks")
     k_weight: float = Field(1.0, ge=0.0)
     entropy_weight: float = Field(0.1, ge=0.0)
+    usage_weight: float = Field(
+        0.0, ge=0.0, description="weight of the per-image usage term: ln 2 minus the mutual information between "
+        "an image and its decision, per block (zero when half of a batch tunes a block and each image is decided); "
+        "it rewards routing that differs between images")
+    init_weight_std: float = Field(
+        0.0, ge=0.0, le=1.0, description="std of the policy's last layer weights at the start (0: every image "
+        "starts with the same logits, and a term that rewards per-image decisions has no gradient there)")
+    init_tune_probability: float = Field(
+        0.5, gt=0.0, lt=1.0, description="probability of the tuned copy for every block at the start of training "
+        "(0.5: undecided; near 1: start as fine-tuning and learn where the frozen copy does better)")
     frozen_bn: Literal["pretrained", "target"] = Field(
         "pretrained", description="statistics the frozen copy's BatchNorm uses in training: 'pretrained' (its own, "
         "untouched: a per-image function) or 'target' (the target batch's, running statistics adapted to the target "
@@ -133,7 +143,7 @@ class OptimParams(_Section):
     epochs: int = Field(3, ge=1)
     lr_net: float = Field(0.01, gt=0.0)
     lr_head: float = Field(0.1, gt=0.0)
-    lr_policy: float = Field(0.01, gt=0.0)
+    lr_policy: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     policy_weight_decay: float = Field(1e-3, ge=0.0)

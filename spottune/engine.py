@@ -172,7 +172,8 @@ def train_step(model: TransferModel, forward: Callable[[torch.Tensor], Any], opt
     # Values only: nothing of this step's autograd graph outlives it. A CUDA graph captured in the next
     # step (spottune/models/block_graphs.py) must not meet this step's gradient accumulators.
     decisions = None if out.decisions is None else out.decisions.detach()
-    return loss.detach(), out._replace(logits=out.logits.detach(), decisions=decisions)
+    probability = None if out.tune_probability is None else out.tune_probability.detach()
+    return loss.detach(), out._replace(logits=out.logits.detach(), decisions=decisions, tune_probability=probability)
 
 
 @torch.inference_mode()
@@ -226,8 +227,13 @@ def summarise_predictions(p: dict[str, torch.Tensor], num_classes: int) -> dict[
     }
     if "decisions" in p:
         d = p["decisions"]
-        out["tuned_fraction_per_block"] = d.mean(0).tolist()
+        fraction = d.float().mean(0)
+        out["tuned_fraction_per_block"] = fraction.tolist()
         out["tuned_blocks_per_image"] = float(d.sum(1).mean())
+        # How per-image the routing is: the share of images that take a block's less common branch,
+        # and the blocks where 5% to 95% of images tune (a per-block choice has none).
+        out["minority_fraction_per_block"] = torch.minimum(fraction, 1 - fraction).tolist()
+        out["mixed_blocks"] = int(((fraction >= 0.05) & (fraction <= 0.95)).sum())
         out["tuned_fraction_per_class_block"] = [
             d[labels == c].mean(0).tolist() if (labels == c).any() else None for c in range(num_classes)
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from spottune.config import PolicyParams
 from spottune.models.backbones import build_backbone
 from spottune.models.baselines import FineTuneNet
+from spottune.models.policy import RoutingPolicy, tune_probability, usage_term
 from spottune.models.spottune import SpotTuneNet
 
 
@@ -415,3 +417,49 @@ def test_split_training_keeps_no_extra_block_output_where_autograd_keeps_the_bra
     monkeypatch.setattr(st, "_kept_by_autograd", lambda _: False)  # as before: keep F~ - F per block
     with_difference = kept_bytes()
     assert with_difference - with_branches == sum(outputs)
+
+
+def test_usage_term_is_zero_for_balanced_decided_routing_and_ln2_for_a_per_block_choice():
+    balanced = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])  # each block: half the batch
+    assert usage_term(balanced) == pytest.approx(0.0, abs=1e-4)
+    same = torch.tensor([[1.0, 0.0]] * 4)  # every image routed alike: the collapse
+    assert usage_term(same) == pytest.approx(math.log(2), abs=1e-4)
+    undecided = torch.full((4, 2), 0.5)  # balanced usage, but no image decided
+    assert usage_term(undecided) == pytest.approx(math.log(2), abs=1e-4)
+
+
+@pytest.mark.parametrize("std,per_image", [(0.0, False), (0.1, True)])
+def test_usage_term_needs_a_symmetry_break(std, per_image):
+    """From equal logits for every image the usage term has no gradient; a random last layer breaks the tie."""
+    torch.manual_seed(0)
+    policy = RoutingPolicy(4, width=8, input_size=16, init_weight_std=std)
+    x = torch.rand(64, 3, 16, 16)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(100):
+        loss = usage_term(tune_probability(policy(x)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tuned = (tune_probability(policy(x)) > 0.5).float().mean(0)
+    if per_image:
+        assert float(loss) < 0.05 and ((tuned > 0.3) & (tuned < 0.7)).all()
+    else:
+        assert float(loss) == pytest.approx(math.log(2), abs=1e-4) and set(tuned.tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_the_policy_starts_at_init_tune_probability_for_every_image(p):
+    model = _spottune("resnet26", "none", init_tune_probability=p).train()
+    out = model(torch.randn(8, 3, 32, 32))
+    assert torch.allclose(out.tune_probability, torch.full_like(out.tune_probability, p), atol=1e-6)
+
+
+def test_usage_weight_adds_the_usage_term_to_the_loss():
+    x = torch.randn(8, 3, 32, 32)
+    plain = _spottune("resnet26", "none").train()
+    assert plain.regularization(plain(x)) is None
+    model = _spottune("resnet26", "none", usage_weight=2.0).train()
+    out = model(x)
+    assert float(model.regularization(out)) == pytest.approx(2 * float(usage_term(out.tune_probability)), rel=1e-6)
+    model.regularization(out).backward()
+    assert model.policy.fc.bias.grad is not None

@@ -176,3 +176,15 @@ def test_torchrun_trains_data_parallel_with_one_writer(digits_root, tmp_path):
     assert metrics["test"]["accuracy"] > 0.3, metrics["test"]["accuracy"]  # 10 classes: chance is 0.1
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]
+
+
+def test_routing_statistics_say_how_per_image_the_routing_is():
+    from spottune.engine import summarise_predictions
+
+    # 4 images, 3 blocks: block 0 tuned by all, block 1 by one of four, block 2 by none
+    decisions = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    p = {"labels": labels, "predictions": labels, "logits": torch.randn(4, 2), "decisions": decisions}
+    test = summarise_predictions(p, 2)
+    assert test["minority_fraction_per_block"] == [0.0, 0.25, 0.0]
+    assert test["mixed_blocks"] == 1

@@ -14,6 +14,7 @@ from spottune.config import OptimParams
 class ModelOutput(NamedTuple):
     logits: torch.Tensor
     decisions: torch.Tensor | None = None  # (B, L) in {0, 1}: 1 = block ran its tuned copy
+    tune_probability: torch.Tensor | None = None  # (B, L) the policy's noise-free probability of tuning
 
 
 class TransferModel(nn.Module):

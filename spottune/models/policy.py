@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,7 +43,8 @@ class RoutingPolicy(nn.Module):
     Logit index 1 means "run the tuned copy".
     """
 
-    def __init__(self, num_blocks: int, width: int = 32, input_size: int = 64) -> None:
+    def __init__(self, num_blocks: int, width: int = 32, input_size: int = 64,
+                 init_tune_probability: float = 0.5, init_weight_std: float = 0.0) -> None:
         super().__init__()
         self.num_blocks = num_blocks
         self.input_size = input_size
@@ -51,9 +53,13 @@ class RoutingPolicy(nn.Module):
             _PolicyBlock(width, width, 2), _PolicyBlock(width, 2 * width, 2), _PolicyBlock(2 * width, 4 * width, 2)
         )
         self.fc = nn.Linear(4 * width, 2 * num_blocks)
-        # Start undecided: equal logits, so early training explores both branches evenly.
-        nn.init.zeros_(self.fc.weight)
+        # The tuned copy's probability starts at `init_tune_probability` for every block (0.5: undecided);
+        # with init_weight_std 0 every image starts with the same logits and the per-image part is learnt
+        # from zero. A symmetric start is a stationary point of the usage term (usage_term).
+        nn.init.normal_(self.fc.weight, std=init_weight_std) if init_weight_std > 0 else nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
+        with torch.no_grad():
+            self.fc.bias.view(num_blocks, 2)[:, 1] = math.log(init_tune_probability / (1 - init_tune_probability))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
@@ -117,6 +123,29 @@ class GraphedPolicy:
             return static_out.clone()  # the next replay overwrites static_out
 
         return run
+
+
+def tune_probability(logits: torch.Tensor) -> torch.Tensor:
+    """(B, L, 2) logits -> (B, L) probability of the tuned copy, without noise (float32)."""
+    return torch.sigmoid(logits[..., 1].float() - logits[..., 0].float())
+
+
+def usage_term(p: torch.Tensor) -> torch.Tensor:
+    """ln 2 minus the mutual information between an image and its decision, averaged over blocks.
+
+        I_l = H(mean_b p_bl) - mean_b H(p_bl),   term = mean_l (ln 2 - I_l) >= 0
+
+    p: (B, L) probabilities of tuning. The term is zero exactly when half of the batch tunes each block
+    and every image is decided (p in {0, 1}); a block that every image routes the same way (the
+    collapse to a per-block choice) costs ln 2. Unlike the global-k entropy term, which pushes each
+    block's batch usage to 0 or 1, it rewards decisions that differ between images.
+    """
+    def entropy(q: torch.Tensor) -> torch.Tensor:
+        q = q.clamp(1e-6, 1 - 1e-6)
+        return -(q * q.log() + (1 - q) * (1 - q).log())
+
+    mutual_information = entropy(p.mean(0)) - entropy(p).mean(0)
+    return (math.log(2) - mutual_information).mean()
 
 
 def sample_decisions(logits: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:

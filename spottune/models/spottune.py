@@ -55,12 +55,13 @@ from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, new_head, trainable
 from spottune.models.block_graphs import BlockGraphs
 from spottune.models.fold import FrozenConvReLU, fold_batchnorm
-from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions
+from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions, tune_probability, usage_term
 from spottune.models.route_kernels import per_image, route_backward, route_forward
 
 Execution = Literal["auto", "mixed", "split", "conditional"]
-# (decisions, their plan (None for mixed execution), the event after which both are ready (None: current stream))
-_Routing = tuple[torch.Tensor, "RoutingPlan | None", "torch.cuda.Event | None"]
+# (decisions, tune probabilities, the decisions' plan (None for mixed execution), the event after which
+# all are ready (None: current stream))
+_Routing = tuple[torch.Tensor, torch.Tensor, "RoutingPlan | None", "torch.cuda.Event | None"]
 
 
 class RoutingPlan:
@@ -119,7 +120,8 @@ class SpotTuneNet(TransferModel):
         self.tuned_blocks = copy.deepcopy(backbone.blocks)
         self.neck = backbone.neck
         self.head = new_head(backbone.num_features, num_classes, dropout)
-        self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_size)
+        self.policy = RoutingPolicy(len(backbone.blocks), policy.width, policy.input_size,
+                                    policy.init_tune_probability, policy.init_weight_std)
         # Registered first: DistributedDataParallel fills its gradient buckets in reverse registration
         # order and all-reduces them in that order, and the policy's gradients are the last of a
         # backward pass (every block's decision gradient flows into it). Registered last, they held
@@ -199,18 +201,23 @@ class SpotTuneNet(TransferModel):
 
     def decide(self, images: torch.Tensor) -> torch.Tensor:
         """(B, L) decisions: Gumbel straight-through in training, `eval_decisions` otherwise."""
+        return self.route(images)[0]
+
+    def route(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) decisions and the policy's (B, L) noise-free probabilities of tuning."""
         logits = self._graphed_policy(images) if self.graph_policy else self.policy(images)
         mode = "gumbel" if self.training else self.policy_params.eval_decisions
-        return sample_decisions(logits, self.temperature, mode)
+        return sample_decisions(logits, self.temperature, mode), tune_probability(logits)
 
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
         execution = self._execution()
         if decisions is None and self._routes_beside(images):
             return self._run(images, self._route_beside(images, execution), execution)
+        probability = None
         if decisions is None:
-            decisions = self.decide(images)
+            decisions, probability = self.route(images)
         plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
-        return self._run(images, (decisions, plan, None), execution)
+        return self._run(images, (decisions, probability, plan, None), execution)
 
     def infer_batches(self, batches: Iterable[torch.Tensor]) -> Iterator[ModelOutput]:
         """Inference over a stream of batches, each batch's policy queued before the previous batch's blocks.
@@ -264,16 +271,16 @@ class SpotTuneNet(TransferModel):
         side.wait_stream(main)  # the images are ready
         images.record_stream(side)  # and read on the side stream
         with torch.cuda.stream(side):
-            decisions = self.decide(images)
+            decisions, probability = self.route(images)
             plan = RoutingPlan(decisions, self.bucket) if execution != "mixed" else None
             done = torch.cuda.Event()
             done.record(side)
-        for t in (decisions, *((plan.chosen,) if plan else ())):
+        for t in (decisions, probability, *((plan.chosen,) if plan else ())):
             t.record_stream(main)  # made on the side stream, used on the main one
-        return decisions, plan, done
+        return decisions, probability, plan, done
 
     def _run(self, images: torch.Tensor, routing: _Routing, execution: Execution) -> ModelOutput:
-        decisions, plan, done = routing
+        decisions, probability, plan, done = routing
         x = self.stem(images)
         if done is not None:
             torch.cuda.current_stream(images.device).wait_event(done)
@@ -282,8 +289,9 @@ class SpotTuneNet(TransferModel):
             batch = x.shape[0]
             pattern = tuple(0 if n == 0 else batch if n == batch else 1 for n in counts)  # as the blocks branch on it
             modules = [*self.runtime_frozen_blocks(), self.tuned_blocks, self.neck, self.head]
-            return ModelOutput(self._block_graphs((x, decisions), self._lean_blocks, modules, pattern), decisions)
-        return ModelOutput(self._blocks(x, decisions, counts, execution, plan), decisions)
+            logits = self._block_graphs((x, decisions), self._lean_blocks, modules, pattern)
+            return ModelOutput(logits, decisions, probability)
+        return ModelOutput(self._blocks(x, decisions, counts, execution, plan), decisions, probability)
 
     def _lean_blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Split training as the CUDA graphs run it, keeping less for the backward: the frozen copy's fused
@@ -335,15 +343,19 @@ class SpotTuneNet(TransferModel):
         ]
 
     def regularization(self, output: ModelOutput) -> torch.Tensor | None:
-        """Global-k: pull the number of tuned blocks toward k, and each block's tuning rate to 0 or 1."""
+        """Global-k: pull the number of tuned blocks toward k, and each block's tuning rate to 0 or 1.
+        Usage (`usage_weight`): reward decisions that differ between the images of a batch (usage_term)."""
         p = self.policy_params
-        if p.global_k is None or output.decisions is None:
-            return None
-        v = output.decisions.float().mean(0)  # fraction of the batch that tunes each block
-        k_term = (v.sum() - p.global_k) ** 2
-        vc = v.clamp(1e-6, 1 - 1e-6)
-        entropy = -(vc * vc.log() + (1 - vc) * (1 - vc).log()).sum()
-        return p.k_weight * k_term + p.entropy_weight * entropy
+        terms = []
+        if p.global_k is not None and output.decisions is not None:
+            v = output.decisions.float().mean(0)  # fraction of the batch that tunes each block
+            k_term = (v.sum() - p.global_k) ** 2
+            vc = v.clamp(1e-6, 1 - 1e-6)
+            entropy = -(vc * vc.log() + (1 - vc) * (1 - vc).log()).sum()
+            terms.append(p.k_weight * k_term + p.entropy_weight * entropy)
+        if p.usage_weight > 0 and output.tune_probability is not None:
+            terms.append(p.usage_weight * usage_term(output.tune_probability))
+        return sum(terms) if terms else None
 
     def set_epoch(self, epoch: int) -> None:
         p = self.policy_params

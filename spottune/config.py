@@ -111,7 +111,7 @@ class PolicyParams(_Section):
     width: int = Field(32, ge=4, description="channels of the policy's first stage (ResNet-8: w, 2w, 4w)")
     input_size: int = Field(64, ge=8, le=512, description="policy sees the image resized to this side: its cost "
                             "does not grow with the backbone's resolution")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(5.0, gt=0.0)
     temperature_min: float = Field(0.5, gt=0.0)
     temperature_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiplied into the temperature each epoch")
     eval_decisions: Literal["argmax", "sample"] = "argmax"
@@ -143,7 +143,7 @@ class OptimParams(_Section):
     epochs: int = Field(3, ge=1)
     lr_net: float = Field(0.01, gt=0.0)
     lr_head: float = Field(0.1, gt=0.0)
-    lr_policy: float = Field(0.1, gt=0.0)
+    lr_policy: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     policy_weight_decay: float = Field(1e-3, ge=0.0)

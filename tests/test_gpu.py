@@ -413,9 +413,9 @@ def test_a_failed_capture_is_captured_again_and_replays_the_eager_step(monkeypat
     _assert_same_steps(runs["ddp"], eager)
 
 
-def test_a_capture_failing_every_attempt_stops_training_and_names_the_way_around(monkeypatch):
-    """Three failed attempts: an error naming SPOTTUNE_CUDA_GRAPHS=false; the graph's parameters and BatchNorm
-    statistics as before the step (each attempt's warm-up moved them), and the default stream current."""
+def test_a_capture_failing_every_attempt_falls_back_to_eager_steps(monkeypatch):
+    """Three failed attempts: one warning, then the step and every later one run eagerly (no more attempts);
+    BatchNorm statistics, the random number generator and the default stream as before the attempts."""
     model = _spottune_resnet50()
     model.graph_blocks = True
     model.train()
@@ -423,12 +423,53 @@ def test_a_capture_failing_every_attempt_stops_training_and_names_the_way_around
     x, d = _split_steps()[0]
     model(x, d)  # the pattern's first step runs eagerly; the second captures
     before = copy.deepcopy(model.state_dict())
-    with pytest.warns(RuntimeWarning, match="capturing again"), \
-            pytest.raises(RuntimeError, match="failed 3 times.*SPOTTUNE_CUDA_GRAPHS=false"):
-        model(x, d)
-    assert calls == [1, 2, 3]
+    rng = torch.cuda.get_rng_state()
+    with pytest.warns(RuntimeWarning, match="goes on without CUDA graphs"):
+        model(x, d)  # decisions given and no dropout: an eager step draws no random numbers
+    assert torch.equal(torch.cuda.get_rng_state(), rng)  # the attempts' warm-up draws are undone
+    model(x, d)
+    assert calls == [1, 2, 3] and model.graph_failure().startswith("capture failed 3 times")
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.rand(4, device="cuda")  # the generator draws eagerly again
     after = model.state_dict()
-    # the stem ran before the blocks, outside any graph, as in every step; nothing of the graph's modules moved
     moved = [k for k in before if not torch.equal(before[k], after[k])]
-    assert all(k.startswith("stem.") for k in moved), moved
+    assert all(k.startswith("stem.") or "running" in k or "num_batches" in k for k in moved), moved
+
+
+@pytest.mark.xfail(strict=True, reason="measured on an H200: after the fallback the mean training loss of six "
+                   "steps differs from training without graphs by more than rounding (fine-tuning 2.517 against "
+                   "2.464, SpotTune 12.739 against 12.747); cause not found")
+@pytest.mark.parametrize("method", ["finetune", "spottune"])
+def test_training_whose_captures_all_fail_equals_training_without_graphs(monkeypatch, method):
+    """An optional speed-up that fails never ends a run: the epoch completes eagerly, with the results of
+    training with the graphs off (dropout and Gumbel noise included: the generator is put back)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # rounding small enough to compare
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 64, 64, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
+    probe = torch.randn(16, 3, 64, 64, generator=g).cuda().contiguous(memory_format=torch.channels_last)
+    setup = DeviceSetup.resolve("cuda", amp=False, channels_last=True)
+
+    def train(graphs: bool):
+        params = validate_params({"model": {"backbone": "resnet50", "weights": "none", "method": method},
+                                  "data": {"image_size": 64}})
+        torch.manual_seed(0)
+        model = build_model(params, 10).cuda().to(memory_format=torch.channels_last)
+        model.graph_blocks = graphs
+        # a small step: six steps of a well-conditioned run, so rounding is not amplified into other weights
+        groups = [{**g, "lr": 1e-3} for g in model.parameter_groups(params.optim)]
+        optimizer = torch.optim.SGD(groups, lr=1e-3, momentum=0.9)
+        stats = train_one_epoch(model, optimizer, batches, setup, epoch=0, progress=False)
+        with torch.no_grad():
+            logits = model.eval()(probe).logits.float()
+        return stats, logits, model.graph_failure()
+
+    eager, eager_logits, _ = train(False)
+    calls = _invalidating_captures(monkeypatch, fail=lambda n: True)
+    with pytest.warns(RuntimeWarning, match="goes on without CUDA graphs"):
+        fell_back, logits, failure = train(True)
+    assert calls == [1, 2, 3] and failure.startswith("capture failed 3 times")
+    assert fell_back["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    # the trained models compute the same function, to rounding
+    assert (logits - eager_logits).abs().max().item() <= 1e-3 * eager_logits.abs().max().item()
+

@@ -54,6 +54,12 @@ class TransferModel(nn.Module):
         """Extra loss term (global-k, L2-SP); None when the method has none."""
         return None
 
+    def graph_failure(self) -> str | None:
+        """Why this model's CUDA graphs were given up in training (then it ran eagerly), or None."""
+        from spottune.models.block_graphs import BlockGraphs
+
+        return next((g.failure for g in vars(self).values() if isinstance(g, BlockGraphs) and g.failure), None)
+
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch (temperature annealing)."""
 

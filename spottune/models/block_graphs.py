@@ -25,8 +25,10 @@ Not used with `policy.recompute_frozen`.
 
 A capture needs the previous step's autograd graph gone (its gradient accumulators belong to the
 default stream, which a capture must not wait on). A failed capture is tried again, twice (under DDP
-one failed at random); after a failed capture CUDA's random number generator is usable again only
-once a capture succeeds, so training stops after the last failed attempt. The gradients a replay
+one failed at random); CUDA's random number generator is put back as it was before each attempt (a
+failed capture leaves it refusing every eager draw: "Offset increment outside graph capture").
+After the third failed attempt the graphs are an optional speed-up that did not work: one warning,
+and the rest of training runs eagerly, as with the graphs off (`failure` says why). The gradients a replay
 hands over live in the graph's own buffers, which the next replay rewrites: they must be used within
 the step (no accumulation over several backward passes). So the graphs are off unless the caller
 turns them on (`graph_blocks`): training does (spottune.training; SPOTTUNE_CUDA_GRAPHS=false leaves
@@ -53,7 +55,7 @@ from torch import nn
 _CAPTURE_OTHER_THREADS_FREE = (
     {"capture_error_mode": "thread_local"}
     if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
-_CAPTURE_ATTEMPTS = 3  # a capture that fails this often stops training with the error below
+_CAPTURE_ATTEMPTS = 3  # a capture that fails this often: no more graphs for this model
 
 
 class _Stack(nn.Module):
@@ -79,6 +81,7 @@ class BlockGraphs:
         self._last: tuple | None = None  # the pattern of the previous step
         self._key: tuple | None = None  # the captured pattern
         self._graphed: Callable[..., torch.Tensor] | None = None
+        self.failure: str | None = None  # why capturing was given up: every later step runs eagerly
 
     def reset(self) -> None:
         self._last = self._key = self._graphed = None
@@ -93,6 +96,8 @@ class BlockGraphs:
         run(*inputs) computes them (run(*inputs, pattern) when a pattern is given: SpotTune's blocks
         branch on it) from the parameters of `modules`, which are all the graph may train.
         """
+        if self.failure is not None:
+            return run(*inputs) if pattern is None else run(*inputs, list(pattern))
         autocast = torch.is_autocast_enabled("cuda")
         key = (pattern, tuple((t.shape, t.stride(), t.dtype, t.requires_grad, t.device) for t in inputs),
                autocast, torch.get_autocast_dtype("cuda") if autocast else None)
@@ -105,11 +110,12 @@ class BlockGraphs:
             try:
                 self._graphed, self._key = self._capture(inputs, stack), key
             except RuntimeError as e:
-                raise RuntimeError(
-                    f"capturing a training step as a CUDA graph failed {_CAPTURE_ATTEMPTS} times; is an earlier step's "
-                    "output still held with its autograd graph (keep detached values, as the engine's train_step "
-                    "returns)? Training runs without the graphs with SPOTTUNE_CUDA_GRAPHS=false "
-                    "(model.graph_blocks = False)") from e
+                self.failure = f"capture failed {_CAPTURE_ATTEMPTS} times: {str(e).splitlines()[0]}"
+                warnings.warn(f"capturing a training step as a CUDA graph failed {_CAPTURE_ATTEMPTS} times; training "
+                              f"goes on without CUDA graphs (slower, same results): {str(e).splitlines()[0]}. Is an "
+                              "earlier step's output still held with its autograd graph? SPOTTUNE_CUDA_GRAPHS=false "
+                              "skips the attempts", RuntimeWarning, stacklevel=2)
+                return stack(*inputs)
         return self._graphed(*inputs).clone()  # the graph's output buffer is rewritten by the next replay
 
     @staticmethod
@@ -132,11 +138,16 @@ class BlockGraphs:
         def step(*args: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(stack, dict(zip(names, args[n:])), args[:n])
 
+        rng = torch.cuda.default_generators[inputs[0].device.index or 0]
+        before = rng.clone_state()
         for attempt in range(1, _CAPTURE_ATTEMPTS + 1):
             try:
                 graphed = _capture_once(step, (*sample, *aliases), buffers)
                 break
             except RuntimeError as e:
+                # A failed capture leaves the generator's state marked as capturing; a copy of the state
+                # before the attempt replaces it (warm-up draws undone too, as the BatchNorm statistics).
+                rng.graphsafe_set_state(before.clone_state())
                 if attempt == _CAPTURE_ATTEMPTS:
                     raise
                 warnings.warn(f"capturing a training step as a CUDA graph failed (attempt {attempt} of "

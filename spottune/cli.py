@@ -9,6 +9,7 @@
     spottune export-backbone runs/finetune --out weights/source.safetensors   (pretrain inside the pipeline)
     spottune compare runs/finetune runs/spottune --report runs/comparison.md
     spottune predict --run runs/spottune IMAGE...   (or --model NAME@production [--json] [--csv FILE] PATH...)
+    spottune serve --model NAME@production --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
@@ -240,6 +241,17 @@ def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.errors import ConfigError
+
+    if args.poll_s <= 0 or args.max_upload_mb <= 0 or not 0 < args.port < 65536:
+        raise ConfigError("--poll-s and --max-upload-mb must be positive and --port within 1..65535 "
+                          f"(got {args.poll_s}, {args.max_upload_mb}, {args.port})")
+    from spottune.serve import serve
+
+    return serve(args, runtime)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spottune", description="SpotTune adaptive fine-tuning and its baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, label, probability, top}")
     p.add_argument("--csv", type=Path, default=None, metavar="FILE", help="write path,label,probability (atomically)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="an HTTP API (FastAPI) that classifies uploads with a model from the store")
+    p.add_argument("--model", required=True, metavar="NAME@REF", help="NAME@production (followed as it is "
+                   "promoted), NAME@latest or NAME@VERSION")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (as for predict)")
+    p.add_argument("--poll-s", type=float, default=30.0,
+                   help="check the production pointer (or latest) at most this often, in seconds")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="larger images are refused from their header (default: Pillow's MAX_IMAGE_PIXELS)")
+    p.set_defaults(func=cmd_serve)
     from spottune import store_cli  # publish, promote, rollback, models list (boto3 only when S3 is used)
 
     store_cli.register(sub)

@@ -189,3 +189,37 @@ def test_images_stream_through_in_batches(finished_run, fashion_root):
     rest = list(rows)
     assert [r["path"] for r in [first, *rest]] == [str(p) for p in paths]
     assert [r["label"] for r in [first, *rest]] == [r["label"] for r in predictor.predict_paths(paths, batch_size=64)]
+
+
+@pytest.mark.slow
+def test_a_spottune_model_by_name_streams_batches_as_it_predicts_images_one_by_one(fashion_root, tmp_path):
+    """SpotTune queues each batch's policy one batch ahead: rows still pair with their images, and
+    the routing (tuned blocks) and classes equal those of one image at a time."""
+    from spottune.config import RuntimeSettings, validate_params
+    from spottune.training import fit
+
+    params = validate_params({
+        "data": {"root": str(fashion_root), "image_size": 32, "batch_size": 32, "eval_batch_size": 128},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "method": "spottune"},
+        "optim": {"epochs": 1, "max_steps_per_epoch": 3},
+    }, "test")
+    fit(params, tmp_path / "run", RuntimeSettings(device="cpu", progress=False), log=lambda _: None)
+    settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
+    store = open_store(settings)
+    store.publish(tmp_path / "run", NAME, gate=PASS)
+    version = store.list_versions(NAME)[0].version
+    store.promote(NAME, version)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for cls in ("coat", "sneaker", "bag"):
+        for p in sorted((fashion_root / "test" / cls).glob("*.png"))[:3]:
+            shutil.copy(p, folder / f"{cls}-{p.name}")
+    env = store_env(settings, SPOTTUNE_MODEL_CACHE_DIR=str(tmp_path / "cache"))
+
+    batched = _rows(spottune("predict", "--model", f"{NAME}@production", "--json", "--batch-size", "2", folder, env=env))
+    single = _rows(spottune("predict", "--model", f"{NAME}@{version}", "--json", "--batch-size", "1", folder, env=env))
+    assert [r["path"] for r in batched] == sorted(str(p) for p in folder.glob("*.png"))
+    assert all("tuned_blocks" in r for r in batched)
+    for b, s in zip(batched, single, strict=True):
+        assert (b["path"], b["label"], b["tuned_blocks"]) == (s["path"], s["label"], s["tuned_blocks"])
+        assert b["probability"] == pytest.approx(s["probability"], abs=1e-4)

@@ -244,9 +244,12 @@ def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 def cmd_serve(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.errors import ConfigError
 
-    if args.poll_s <= 0 or args.max_upload_mb <= 0 or not 0 < args.port < 65536:
-        raise ConfigError("--poll-s and --max-upload-mb must be positive and --port within 1..65535 "
-                          f"(got {args.poll_s}, {args.max_upload_mb}, {args.port})")
+    for flag, value, ok in (("--poll-s", args.poll_s, args.poll_s > 0),
+                            ("--max-upload-mb", args.max_upload_mb, args.max_upload_mb > 0),
+                            ("--max-pixels", args.max_pixels, args.max_pixels is None or args.max_pixels > 0),
+                            ("--port", args.port, 0 < args.port < 65536)):
+        if not ok:
+            raise ConfigError(f"{flag} must be {'within 1..65535' if flag == '--port' else 'positive'} (got {value})")
     from spottune.serve import serve
 
     return serve(args, runtime)

@@ -12,7 +12,7 @@ than Pillow's limit, read from the header before decoding (413), more bytes than
 For NAME@production (or NAME@latest) a thread checks the store every --poll-s seconds. A new version
 is fetched, verified against its manifest and loaded beside the model in use, then swapped in with one
 assignment: each request uses the model it started with, and a version that fails to fetch, verify or
-load is logged and never served (the old one stays, and the next check tries again).
+load is logged and never served (the old one stays; that version is tried again after a minute).
 """
 
 import sys
@@ -52,6 +52,7 @@ class ModelHolder:
 
         self.store, self.name, self.ref, self.cache_dir, self.device, self.log = store, name, ref, cache_dir, device, log
         self.current = self._load(resolve(store, name, ref))
+        self._refused: tuple[tuple[str, str], float] | None = None  # a version that failed, and when to retry it
 
     def _load(self, resolved) -> Loaded:
         from spottune.inference import Predictor
@@ -69,23 +70,32 @@ class ModelHolder:
 
         return self.ref in REFS
 
-    def refresh(self) -> bool:
-        """Resolve the reference again; load and swap in the version it names when it is another one."""
+    def refresh(self, retry_after_s: float = 60.0) -> bool:
+        """Resolve the reference again; load and swap in the version it names when it is another one.
+        A version that failed to fetch, verify or load is tried again only after retry_after_s."""
         from spottune.model_cache import resolve
 
         resolved = resolve(self.store, self.name, self.ref)
         old = self.current
-        if (resolved.version, resolved.manifest_sha256) == (old.resolved.version, old.resolved.manifest_sha256):
+        ident = (resolved.version, resolved.manifest_sha256)
+        if ident == (old.resolved.version, old.resolved.manifest_sha256):
+            return False
+        if self._refused is not None and self._refused[0] == ident and time.monotonic() < self._refused[1]:
             return False
         self.log(f"{self.name}@{self.ref} is now {resolved.version}: loading it (serving {old.resolved.version} meanwhile)")
-        self.current = self._load(resolved)
+        try:
+            loaded = self._load(resolved)
+        except BaseException:
+            self._refused = (ident, time.monotonic() + retry_after_s)
+            raise
+        self.current = loaded
         self.log(f"now serving {self.name} {resolved.version}")
         return True
 
     def watch(self, interval_s: float, stop: threading.Event) -> None:
         while not stop.wait(interval_s):
             try:
-                self.refresh()
+                self.refresh(retry_after_s=max(60.0, interval_s))
             except SpotTuneError as e:
                 self.log(f"still serving {self.current.resolved.version}: {e}")
             except Exception as e:  # noqa: BLE001 - the watcher must survive anything a check throws

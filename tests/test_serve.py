@@ -228,5 +228,29 @@ def test_a_newly_promoted_version_is_served_without_restart(backend, finished_ru
         r = server.predict(sample)
         assert r.status_code == 200 and r.json()["version"] == "v2" and r.json()["label"] == classes[7]
         assert not (tmp_path / "cache" / NAME / "v3").exists()
+        time.sleep(2)  # four more checks: the refused version is not fetched again every time
+        assert server.log.read_text().count("still serving v2") == 1, server.log.read_text()
+
+        store.promote(NAME, "v1", reason="back to v1")  # the next good version is still picked up
+        deadline = time.monotonic() + 60
+        while server.client.get("/health").json()["version"] != "v1":
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.2)
+        assert server.client.get("/model").json()["promotion"]["reason"] == "back to v1"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], f"{NAME} has no production version"),
+    (["--poll-s", "0"], "--poll-s must be positive (got 0.0)"),
+    (["--max-upload-mb", "-1"], "--max-upload-mb must be positive (got -1.0)"),
+    (["--max-pixels", "0"], "--max-pixels must be positive (got 0)"),
+])
+def test_serve_refuses_to_start_with_one_clear_line(args, message, tmp_path):
+    settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "serve", "--model", f"{NAME}@production",
+                        "--port", str(free_port()), *args], capture_output=True, text=True, env=store_env(settings),
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

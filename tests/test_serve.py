@@ -186,22 +186,28 @@ def test_a_newly_promoted_version_is_served_without_restart(backend, finished_ru
         def keep_asking() -> None:
             with httpx.Client(base_url=server.url, timeout=60) as client:
                 while not stop.is_set():
-                    r = client.post("/predict", files={"file": (sample.name, sample.read_bytes(), "image/png")})
-                    body = r.json()
-                    answers.append((r.status_code, body.get("version"), body.get("label")))
+                    try:
+                        r = client.post("/predict", files={"file": (sample.name, sample.read_bytes(), "image/png")})
+                        body = r.json()
+                        answers.append((r.status_code, body.get("version"), body.get("label")))
+                    except Exception as e:  # noqa: BLE001 - recorded, so the test fails instead of waiting
+                        answers.append((0, None, repr(e)))
 
-        asker = threading.Thread(target=keep_asking)
+        def wait_for_answers(n: int) -> None:
+            deadline = time.monotonic() + 60
+            while len(answers) < n:
+                assert asker.is_alive() and time.monotonic() < deadline, (answers, server.log.read_text())
+                time.sleep(0.05)
+
+        asker = threading.Thread(target=keep_asking, daemon=True)
         asker.start()
-        while len(answers) < 3:
-            time.sleep(0.05)
+        wait_for_answers(3)
         store.promote(NAME, "v2")
         deadline = time.monotonic() + 120
         while server.client.get("/health").json()["version"] != "v2":
             assert time.monotonic() < deadline, server.log.read_text()
             time.sleep(0.2)
-        n = len(answers)
-        while len(answers) < n + 3:
-            time.sleep(0.05)
+        wait_for_answers(len(answers) + 3)
         stop.set()
         asker.join()
         assert {status for status, _, _ in answers} == {200}, answers

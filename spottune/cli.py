@@ -8,7 +8,8 @@
     spottune evaluate runs/spottune
     spottune export-backbone runs/finetune --out weights/source.safetensors   (pretrain inside the pipeline)
     spottune compare runs/finetune runs/spottune --report runs/comparison.md
-    spottune predict --run runs/spottune IMAGE...
+    spottune predict --run runs/spottune IMAGE...   (or --model NAME@production [--json] [--csv FILE] PATH...)
+    spottune serve --model NAME@production --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
@@ -173,39 +174,85 @@ def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     return 0
 
 
+def load_store_model(ref: str, cache_dir: Path | None, log=None):
+    """NAME@production|latest|VERSION from the store of SPOTTUNE_STORE_*: (folder of verified files, Resolved)."""
+    from spottune.model_cache import fetch_cached, parse_model_ref, resolve
+    from spottune.store import open_store
+    from spottune.store_cli import store_settings
+
+    name, what = parse_model_ref(ref)
+    settings = store_settings()
+    store = open_store(settings)
+    resolved = resolve(store, name, what)
+    folder = fetch_cached(store, resolved, cache_dir or settings.model_cache_dir,
+                          log=log or (lambda m: print(m, file=sys.stderr)))
+    return folder, resolved
+
+
 def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    import torch
+    import csv
 
-    from spottune.data.loaders import build_transform, load_rgb
-    from spottune.engine import DeviceSetup
-    from spottune.models.backbones import input_normalization
-    from spottune.training import load_model
+    from spottune.errors import ConfigError
 
-    model, params, classes = load_model(args.run)
-    setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last,
-                                input_normalization(params.model.backbone))
-    model = model.to(setup.device)
-    tf = build_transform(params.data.image_size, train=False, augment=False)
-    batch = torch.stack([tf(load_rgb(str(p))) for p in args.images])
-    with torch.inference_mode(), setup.autocast():
-        out = model(setup.images(batch))
-    probs = out.logits.float().softmax(1).cpu()
-    k = min(args.top_k, len(classes))
-    rows = []
-    for i, path in enumerate(args.images):
-        top = probs[i].topk(k)
-        row = {"image": str(path), "top": [{"class": classes[j], "probability": round(float(p), 4)}
-                                           for p, j in zip(top.values, top.indices)]}
-        if out.decisions is not None:
-            row["tuned_blocks"] = [int(b) for b in out.decisions[i].nonzero().flatten().tolist()]
-        rows.append(row)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        from spottune.errors import DataError
+
+        raise DataError(f"{', '.join(missing)} does not exist")
+    from spottune.inference import Predictor, image_paths
+
+    folder = args.run if args.run is not None else load_store_model(args.model, args.cache_dir)[0]
+    predictor = Predictor.from_folder(folder, runtime.device)
+    rows = predictor.predict_paths(image_paths(args.paths), top_k=args.top_k, batch_size=args.batch_size)
+    collected: list[dict] = []
+    count = [0]
+
+    def consume(csv_file=None) -> None:
+        writer = csv.writer(csv_file) if csv_file is not None else None
+        if writer is not None:
+            writer.writerow(["path", "label", "probability"])
         for row in rows:
-            best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
-            print(f"{row['image']}: {best}")
+            count[0] += 1
+            if writer is not None:
+                writer.writerow([row["path"], row["label"], row["probability"]])
+            if args.json:
+                collected.append(row)
+            elif writer is None:
+                best = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in row["top"])
+                print(f"{row['path']}: {best}")
+
+    if args.csv is not None:
+        from spottune.engine import atomic_write
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                consume(f)
+
+        atomic_write(args.csv, write)
+        if not args.json:
+            print(f"{args.csv}: {count[0]} images")
+    else:
+        consume()
+    if args.json:
+        print(json.dumps(collected, indent=2))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
+    from spottune.errors import ConfigError
+
+    for flag, value, ok in (("--poll-s", args.poll_s, args.poll_s > 0),
+                            ("--max-upload-mb", args.max_upload_mb, args.max_upload_mb > 0),
+                            ("--max-pixels", args.max_pixels, args.max_pixels is None or args.max_pixels > 0),
+                            ("--port", args.port, 0 < args.port < 65536)):
+        if not ok:
+            raise ConfigError(f"{flag} must be {'within 1..65535' if flag == '--port' else 'positive'} (got {value})")
+    from spottune.serve import serve
+
+    return serve(args, runtime)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,12 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots-dir", type=Path, default=None, help="write per_class.json and routing.json here (dvc plots)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("predict", help="classify image files with a finished run")
-    p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--run", type=Path, required=True)
+    p = sub.add_parser("predict", help="classify images with a finished run or a model from the artifact store")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, or folders (searched recursively)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", type=Path, help="a finished run directory")
+    which.add_argument("--model", metavar="NAME@REF", help="NAME@production, NAME@latest or NAME@VERSION from the "
+                       "artifact store (SPOTTUNE_STORE_*), fetched once into the model cache")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="model cache (default: SPOTTUNE_MODEL_CACHE_DIR, else ~/.cache/spottune/models)")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64, help="images decoded and predicted at once")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {path, label, probability, top}")
+    p.add_argument("--csv", type=Path, default=None, metavar="FILE", help="write path,label,probability (atomically)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="an HTTP API (FastAPI) that classifies uploads with a model from the store")
+    p.add_argument("--model", required=True, metavar="NAME@REF", help="NAME@production (followed as it is "
+                   "promoted), NAME@latest or NAME@VERSION")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--cache-dir", type=Path, default=None, help="model cache (as for predict)")
+    p.add_argument("--poll-s", type=float, default=30.0,
+                   help="check the production pointer (or latest) at most this often, in seconds")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="larger images are refused from their header (default: Pillow's MAX_IMAGE_PIXELS)")
+    p.set_defaults(func=cmd_serve)
     from spottune import store_cli  # publish, promote, rollback, models list (boto3 only when S3 is used)
 
     store_cli.register(sub)

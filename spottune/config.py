@@ -388,12 +388,15 @@ class StoreSettings(BaseSettings):
                               description="key prefix inside the bucket (or the local folder)")
     s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name")
     s3_endpoint_url: str | None = Field(None, pattern=r"^https?://", description="S3-compatible endpoint (default: AWS)")
-    s3_region: str = Field("us-east-1", min_length=1)
+    s3_region: str | None = Field(None, min_length=1, description="S3 region; unset: AWS_REGION, then boto3's chain "
+                                  "(AWS_DEFAULT_REGION, the profile's region), as the AWS SDKs do")
     s3_multipart_threshold_mb: int = Field(64, ge=5, description="files above this size upload in parts")
     s3_multipart_chunksize_mb: int = Field(16, ge=5, description="size of one part (S3's minimum is 5 MiB)")
     s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode, backoff)")
     s3_connect_timeout_s: float = Field(5.0, gt=0)
     s3_read_timeout_s: float = Field(60.0, gt=0)
+    model_cache_dir: Path | None = Field(None, description="where fetched model versions are kept (one folder per "
+                                         "version); default $XDG_CACHE_HOME/spottune/models or ~/.cache/spottune/models")
 
     _no_credentials = field_validator("s3_endpoint_url")(refuse_url_credentials)
 

@@ -242,7 +242,7 @@ class S3Backend:
         self.bucket = settings.s3_bucket
         self.endpoint = settings.s3_endpoint_url or "AWS S3"
         config = Config(
-            region_name=settings.s3_region,
+            region_name=s3_region(settings),
             # total_max_attempts counts the first request; botocore's max_attempts would count retries only.
             retries={"total_max_attempts": settings.s3_max_attempts, "mode": "standard"},
             connect_timeout=settings.s3_connect_timeout_s,
@@ -349,6 +349,13 @@ class S3Backend:
             return out
 
         return self._call("list", prefix, collect)
+
+
+def s3_region(settings: StoreSettings) -> str | None:
+    """SPOTTUNE_S3_REGION, else AWS_REGION, else None: boto3's own chain decides (AWS_DEFAULT_REGION, the
+    profile's region, then us-east-1 for S3). boto3 reads AWS_REGION only on some platforms; the AWS
+    SDKs and CLI v2 give it precedence over AWS_DEFAULT_REGION, and so does the store."""
+    return settings.s3_region or os.environ.get("AWS_REGION") or None
 
 
 def open_backend(settings: StoreSettings) -> Backend:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support import MotoServer
 
 os.environ.setdefault("SPOTTUNE_PROGRESS", "false")
 
@@ -97,3 +101,57 @@ def runtime():
 @pytest.fixture
 def tiny_params():
     return _tiny_params
+
+
+# A real finished run, a second version of it, and a moto S3 server process: shared by the store,
+# predict-by-name and serve tests (trained and started once per session).
+
+
+@pytest.fixture(scope="session")
+def finished_run(fashion_root, tmp_path_factory) -> Path:
+    """A real finished run directory (model.safetensors, model.json, metrics.json, checkpoint.pt)."""
+    from spottune.config import RuntimeSettings, validate_params
+    from spottune.training import fit
+
+    params = validate_params({
+        "data": {"root": str(fashion_root), "image_size": 32, "batch_size": 32, "eval_batch_size": 128},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "method": "linear"},
+        "optim": {"epochs": 1, "lr_head": 0.02, "max_steps_per_epoch": 2},
+    }, "test")
+    out = tmp_path_factory.mktemp("runs") / "linear"
+    fit(params, out, RuntimeSettings(device="cpu", progress=False), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_run(finished_run, tmp_path_factory) -> Path:
+    """The same run with its head's bias shifted: different, still valid, weights (a second version)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("runs") / "linear-b"
+    shutil.copytree(finished_run, out)
+    state = load_file(str(out / "model.safetensors"))
+    bias = next(k for k in state if k.endswith("bias") and state[k].ndim == 1 and state[k].numel() == 10)
+    state[bias] = state[bias] + 1.0
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "spottune-model/1"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory) -> Iterator[MotoServer]:
+    """A moto S3 server process, with dummy credentials in boto3's standard chain (environment)."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                                            "AWS_ENDPOINT_URL_S3"]}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -138,3 +138,28 @@ def prefect_test_server(home: Path, log_level: str = "WARNING") -> Iterator[str]
 
         with prefect_test_harness(server_startup_timeout=60):
             yield str(PREFECT_API_URL.value())
+
+
+def store_env(settings, **extra: str) -> dict[str, str]:
+    """clean_env() for a `spottune` process that uses the store these StoreSettings describe (with moto's
+    dummy credentials for S3)."""
+    env = {"SPOTTUNE_STORE_BACKEND": settings.store_backend, "SPOTTUNE_STORE_ROOT": str(settings.store_root),
+           "SPOTTUNE_STORE_PREFIX": settings.store_prefix}
+    if settings.store_backend == "s3":
+        env |= {"SPOTTUNE_S3_BUCKET": settings.s3_bucket, "SPOTTUNE_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    return clean_env(**env, **extra)
+
+
+def shifted_run(run: Path, out: Path, class_index: int, shift: float) -> Path:
+    """A copy of a finished run whose head favours one class by `shift` logits: another valid version
+    that predicts differently."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, out)
+    state = load_file(str(out / "model.safetensors"))
+    bias = next(k for k in state if k.endswith("bias") and state[k].ndim == 1 and state[k].numel() == 10)
+    state[bias][class_index] += shift
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "spottune-model/1"})
+    return out

@@ -46,7 +46,7 @@ def test_train_evaluate_compare_predict(fashion_root, tmp_path):
     r = spottune("predict", "--run", runs / "spottune", "--json", *images)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [row["image"] for row in rows] == [str(p) for p in images]
+    assert [row["path"] for row in rows] == [str(p) for p in images]
     assert all(len(row["top"]) == 3 and "tuned_blocks" in row for row in rows)
 
 

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,57 +36,7 @@ PASS = Gate(True, "beats finetune")
 
 
 # ---------------------------------------------------------------------------------------------
-# Session fixtures: one real run, one moto server process
-
-
-@pytest.fixture(scope="session")
-def finished_run(fashion_root, tmp_path_factory) -> Path:
-    """A real finished run directory (model.safetensors, model.json, metrics.json, checkpoint.pt)."""
-    from spottune.config import RuntimeSettings, validate_params
-    from spottune.training import fit
-
-    params = validate_params({
-        "data": {"root": str(fashion_root), "image_size": 32, "batch_size": 32, "eval_batch_size": 128},
-        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "method": "linear"},
-        "optim": {"epochs": 1, "lr_head": 0.02, "max_steps_per_epoch": 2},
-    }, "test")
-    out = tmp_path_factory.mktemp("runs") / "linear"
-    fit(params, out, RuntimeSettings(device="cpu", progress=False), log=lambda _: None)
-    return out
-
-
-@pytest.fixture(scope="session")
-def other_run(finished_run, tmp_path_factory) -> Path:
-    """The same run with its head's bias shifted: different, still valid, weights (a second version)."""
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path_factory.mktemp("runs") / "linear-b"
-    shutil.copytree(finished_run, out)
-    state = load_file(str(out / "model.safetensors"))
-    bias = next(k for k in state if k.endswith("bias") and state[k].ndim == 1 and state[k].numel() == 10)
-    state[bias] = state[bias] + 1.0
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "spottune-model/1"})
-    return out
-
-
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory) -> Iterator[MotoServer]:
-    """A moto S3 server process, with dummy credentials in boto3's standard chain (environment)."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                                            "AWS_ENDPOINT_URL_S3"]}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+# Stores on both backends (the session's real run and moto server come from conftest.py)
 
 
 def s3_settings(moto: MotoServer, bucket: str, **kw: Any) -> StoreSettings:
@@ -522,3 +471,77 @@ def test_run_layout_matches_training():
     run = RunDir(Path("r"))
     assert store.RUN_FILES == (run.weights.name, run.model_card.name, run.metrics.name)
     assert store.RUN_MODEL_FORMAT == MODEL_FORMAT
+
+
+# ---------------------------------------------------------------------------------------------
+# Region: SPOTTUNE_S3_REGION, else AWS_REGION, else boto3's chain; what a request is signed for
+
+
+class _SignatureRecorder:
+    """An HTTP server on 127.0.0.1 that answers 200 to everything and keeps each Authorization header."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.authorizations = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                seen.append(self.headers.get("Authorization", ""))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET = do_PUT = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def scopes(self) -> list[str]:
+        """The credential scope's region of each request: Credential=KEY/DATE/REGION/s3/aws4_request."""
+        return [a.split("Credential=", 1)[1].split("/")[2] for a in self.authorizations if "Credential=" in a]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"AWS_REGION": "eu-west-3"}, "eu-west-3"),
+    ({"AWS_DEFAULT_REGION": "ap-southeast-2"}, "ap-southeast-2"),
+    ({"AWS_REGION": "eu-west-3", "AWS_DEFAULT_REGION": "ap-southeast-2"}, "eu-west-3"),
+    ({"AWS_REGION": "eu-west-3", "SPOTTUNE_S3_REGION": "ca-central-1"}, "ca-central-1"),
+    ({}, "us-east-1"),
+])
+def test_s3_requests_are_signed_for_the_region_of_the_environment(env, expected, monkeypatch):
+    from spottune.store_cli import store_settings
+
+    recorder = _SignatureRecorder()
+    try:
+        for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "SPOTTUNE_S3_REGION", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
+        monkeypatch.setenv("SPOTTUNE_S3_BUCKET", "models")
+        monkeypatch.setenv("SPOTTUNE_S3_ENDPOINT_URL", recorder.url)
+        monkeypatch.setenv("SPOTTUNE_S3_MAX_ATTEMPTS", "1")
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        store = open_store(store_settings())  # HEAD bucket: one real signed request
+        assert store.backend.client.meta.region_name == expected
+        assert recorder.scopes() == [expected]
+    finally:
+        recorder.server.shutdown()
+        recorder.server.server_close()
+
+
+def test_s3_store_works_against_moto_with_the_region_from_aws_region(moto, monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    store = open_store(s3_settings(moto, new_bucket(moto)))
+    assert store.backend.client.meta.region_name == "eu-west-3"
+    store.backend.put_bytes("probe.txt", b"hello")
+    assert store.backend.get_bytes("probe.txt")[0] == b"hello"

@@ -26,7 +26,7 @@ PIPELINE_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 PREFECT_SERVER
 	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=60
 
 run: setup
-	$(PIPELINE_ENV) $(BIN)/spottune data fashion-mnist --out data/fashion-mnist --train-per-class 100 --test-per-class 50 --keep-existing --track
+	$(PIPELINE_ENV) $(BIN)/spottune data fashion-mnist --out data/fashion-mnist --train-per-class 100 --test-per-class 1000 --keep-existing --track
 	$(PIPELINE_ENV) $(BIN)/python -m flows.retrain
 
 # Schedules (a Prefect server must be running: see the README): serve from this process, or deploy to a work pool.

@@ -399,6 +399,18 @@ class PublishResult:
     already_published: bool
 
 
+def content_version(entries: dict[str, dict[str, Any]]) -> str:
+    """The default version of a set of files: 12 hex of the weights' sha256, then 6 hex of the sha256 of
+    every published file (metrics.json with its timings, model.json, gate, report, data version, ...).
+
+    The same files always give the same version (re-publishing is a no-op), while identical weights
+    published with anything else (a forced retrain's new timings, another clone's run) get a version of
+    their own instead of clashing with the one already stored.
+    """
+    digests = {f: e["sha256"] for f, e in sorted(entries.items())}
+    return f"{entries[WEIGHTS]['sha256'][:12]}-{_sha256_bytes(_dump(digests))[:6]}"
+
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -563,8 +575,8 @@ class ArtifactStore:
         Idempotent: files already stored with the right sha256 are skipped, so re-running after a
         failure mid-upload only sends what is missing. A version whose manifest already exists is
         left as it is when its files are the same, and refused when they differ. The version
-        defaults to the first 12 hex digits of the weights' sha256, so the same run always maps to
-        the same version. The gate's verdict is one of the files: a failed gate makes a candidate
+        defaults to `content_version`: 12 hex of the weights' sha256 and 6 of every published file,
+        so the same files always map to the same version and other content never clashes with it. The gate's verdict is one of the files: a failed gate makes a candidate
         that `promote` will always refuse.
         """
         from tempfile import TemporaryDirectory
@@ -573,7 +585,7 @@ class ArtifactStore:
         with TemporaryDirectory(prefix="spottune-publish-") as tmp:
             files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report)
             entries = {f: {"sha256": sha256_file(p), "size": p.stat().st_size} for f, p in files.items()}
-            version = _check_name("version", version or entries[WEIGHTS]["sha256"][:12])
+            version = _check_name("version", version or content_version(entries))
             existing = self._existing_manifest(name, version)
             if existing is not None:
                 return self._same_or_refuse(name, version, existing, entries)

@@ -161,7 +161,7 @@ def test_publish_verifies_every_file_and_writes_the_manifest_last(store, finishe
     result = store.publish(finished_run, NAME, gate=PASS, data_version="0123456789abcdef0123456789abcdef",
                            report=tmp_path / "report.md")
 
-    assert result.version == sha256_file(finished_run / "model.safetensors")[:12]
+    assert result.version.startswith(sha256_file(finished_run / "model.safetensors")[:12] + "-")
     assert recorder.writes[-1] == store.version_key(NAME, result.version, MANIFEST)
     assert version_keys(store, result.version) == expected_keys(store, result.version)
     manifest, _ = store.read_manifest(NAME, result.version)
@@ -181,6 +181,28 @@ def test_publish_verifies_every_file_and_writes_the_manifest_last(store, finishe
         b = store.backend.inner
         etag = b.client.head_object(Bucket=b.bucket, Key=store.version_key(NAME, result.version, "model.safetensors"))["ETag"]
         assert "-" in etag, etag
+
+
+def test_identical_weights_with_other_metrics_publish_as_a_distinct_version(store, finished_run, tmp_path):
+    """A forced retrain (or another clone sharing the store) gives the same weights but new timings in
+    metrics.json: its default version differs, so it publishes instead of clashing with the first; the
+    same files again are still a no-op."""
+    retrained = tmp_path / "retrained"
+    shutil.copytree(finished_run, retrained)
+    metrics = json.loads((retrained / "metrics.json").read_text())
+    metrics["retimed"] = {"images_per_second": 1234.5}
+    (retrained / "metrics.json").write_text(json.dumps(metrics))
+
+    first = store.publish(finished_run, NAME, gate=PASS)
+    second = store.publish(retrained, NAME, gate=PASS)
+    assert not second.already_published and second.version != first.version
+    assert second.version[:12] == first.version[:12] == sha256_file(finished_run / "model.safetensors")[:12]
+    rows = {r.version: r for r in store.list_versions(NAME)}
+    assert set(rows) == {first.version, second.version} and all(r.complete for r in rows.values())
+    assert store.publish(finished_run, NAME, gate=PASS).already_published
+    assert store.publish(retrained, NAME, gate=PASS).version == second.version
+    store.promote(NAME, second.version)
+    assert store.production(NAME)["version"] == second.version
 
 
 def test_a_corrupted_object_is_refused_by_fetch_and_promote(store, finished_run, tmp_path):

@@ -387,6 +387,13 @@ class StoreSettings(BaseSettings):
 
     _no_credentials = field_validator("s3_endpoint_url")(refuse_url_credentials)
 
+    @field_validator("store_prefix")
+    @classmethod
+    def _prefix_stays_inside(cls, value: str) -> str:
+        if any(p in (".", "..") for p in value.split("/")):
+            raise ValueError("a prefix may not hold '.' or '..' parts (it would climb out of the store)")
+        return value
+
     @model_validator(mode="after")
     def _bucket_for_s3(self) -> StoreSettings:
         if self.store_backend == "s3" and not self.s3_bucket:

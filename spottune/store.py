@@ -55,7 +55,7 @@ WEIGHTS = "model.safetensors"
 VERSION_FILES: tuple[str, ...] = (
     WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
 )
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` also matches before a final newline
 # A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
 # Repeated here so publishing needs no torch import; a test checks they agree.
 RUN_FILES: tuple[str, str, str] = (WEIGHTS, "model.json", "metrics.json")
@@ -437,9 +437,19 @@ def default_actor() -> str:
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
         raise StoreError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (at most 128)")
     return value
+
+
+def check_prefix(prefix: str) -> str:
+    """A key prefix: '/'-separated names, no leading '/', no empty, '.' or '..' segment (S3 keys would
+    otherwise read as paths that climb out of the prefix for any tool that maps them to folders)."""
+    if prefix and (prefix.startswith("/") or any(p in ("", ".", "..") for p in prefix.split("/"))
+                   or not all(re.fullmatch(r"[A-Za-z0-9._-]+", p) for p in prefix.split("/"))):
+        raise StoreError(f"invalid store prefix {prefix!r}: use names of letters, digits, '.', '_' or '-' separated "
+                         "by '/', without a leading '/', empty parts, '.' or '..'")
+    return prefix
 
 
 def _dump(obj: Any) -> bytes:
@@ -477,7 +487,7 @@ class ArtifactStore:
 
     def __init__(self, backend: Backend, prefix: str = "") -> None:
         self.backend = backend
-        self.prefix = prefix.strip("/")
+        self.prefix = check_prefix(prefix)
 
     # keys -------------------------------------------------------------------------------
     def _key(self, *parts: str) -> str:

@@ -536,6 +536,37 @@ def test_local_backend_refuses_keys_that_climb_out(tmp_path):
         ArtifactStore(backend).model_key("../x")
 
 
+def test_names_and_versions_with_a_trailing_newline_are_refused(store, finished_run):
+    """`$` matches before a final newline: names and versions are checked with fullmatch."""
+    for name, version in (("fashion\n", "v1"), (NAME, "v1\n"), ("fashion\nx", "v1")):
+        with pytest.raises(StoreError, match="invalid (model name|version)"):
+            store.publish(finished_run, name, version, gate=PASS)
+    with pytest.raises(StoreError, match="invalid version"):
+        store.promote(NAME, "v1\n")
+    assert store.backend.list_sizes(store.prefix + "/" if store.prefix else "") == {}
+
+
+@pytest.mark.parametrize("prefix", ["../esc", "team/../../esc", "./x", "a//b", "/abs"])
+def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, finished_run, tmp_path, prefix):
+    """SPOTTUNE_STORE_PREFIX=../esc was accepted and written as S3 keys ('../esc/models/...')."""
+    from support import clean_env
+
+    bucket = new_bucket(moto)
+    env = clean_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true",
+                    SPOTTUNE_STORE_BACKEND="s3", SPOTTUNE_S3_BUCKET=bucket, SPOTTUNE_S3_ENDPOINT_URL=moto.url,
+                    SPOTTUNE_STORE_PREFIX=prefix)
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "publish", str(finished_run), "--name", NAME],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "SPOTTUNE_STORE_PREFIX" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2, r.stderr
+    with pytest.raises(StoreError, match="invalid store prefix"):
+        ArtifactStore(LocalBackend(tmp_path / "store"), prefix)
+    import boto3
+
+    assert boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").list_objects_v2(
+        Bucket=bucket).get("KeyCount") == 0
+
+
 def test_run_layout_matches_training():
     """store.py repeats the run's file names and model format to publish without importing torch."""
     from spottune import store

@@ -155,6 +155,7 @@ class LocalBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a store file is as open() would make it
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -223,6 +224,20 @@ class LocalBackend:
             if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
                 out[rel] = p.stat().st_size
         return out
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc/self/status; else set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class S3Backend:

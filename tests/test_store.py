@@ -567,6 +567,23 @@ def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, fini
         Bucket=bucket).get("KeyCount") == 0
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode):
+    """Atomic writes go through mkstemp (always 0600): a shared store read by a serving user or a backup
+    could not read them. Files get 0666 & ~umask, as any other file the process creates."""
+    from support import clean_env
+
+    env = clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"))
+    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"], ["promote", NAME, "v1"]):
+        r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path, umask=umask)
+        assert r.returncode == 0, r.stderr
+    files = [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file() and ".locks" not in p.parts]
+    assert len(files) == len(VERSION_FILES) + 3  # the version's files, its manifest, production.json, one audit record
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tmp_path).as_posix(): oct(mode) for p in files}
+
+
 def test_run_layout_matches_training():
     """store.py repeats the run's file names and model format to publish without importing torch."""
     from spottune import store

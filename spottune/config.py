@@ -294,14 +294,30 @@ def parse_override(pair: str) -> tuple[str, Any]:
         raise ConfigError(f"override {printable(key)}: value {_shown(raw)} is not valid YAML ({e})") from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: ten levels of nested aliases (a 'billion laughs'
+    document of a few hundred bytes) expand to billions of nodes once validated or shown in a message.
+    Parameters never need them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias" if isinstance(event, yaml.AliasEvent) else "anchor"
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML {kind} {'*' if kind == 'alias' else '&'}{printable(str(event.anchor))} at line "
+                f"{event.start_mark.line + 1}: anchors and aliases are not allowed in parameters (write the values out)",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def safe_yaml(text: str) -> Any:
-    """yaml.safe_load, with every way it fails as one ValueError.
+    """yaml.safe_load without anchors and aliases, with every way it fails as one ValueError.
 
     PyYAML's constructors raise plain ValueError/KeyError/TypeError for well-formed YAML with bad
     content ('2001-13-45' is a timestamp with month 13; '!!int x', '!!bool x'), not only YAMLError.
     """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ValueError(getattr(e, "problem", None) or str(e).splitlines()[0]) from None
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:

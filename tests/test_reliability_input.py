@@ -410,6 +410,30 @@ def test_cli_set_with_a_broken_value_exits_2_naming_the_key(capsys, tmp_path, pa
     assert not (tmp_path / "run").exists()
 
 
+def alias_bomb(levels: int = 10) -> str:
+    """A params.yaml of a few hundred bytes whose data.root expands to 10**levels strings ('billion laughs')."""
+    lines = ["bomb:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\ndata:\n  root: *l{levels - 1}\n"
+
+
+def test_a_yaml_alias_bomb_in_params_is_refused_in_seconds_naming_the_file(tmp_path):
+    """Before: pydantic's error held the value and its repr was built in full before being cut: minutes,
+    then MemoryError. Anchors and aliases are refused as the file is read."""
+    path = tmp_path / "params.yaml"
+    path.write_text(alias_bomb())
+    assert len(path.read_bytes()) < 1_000
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "prepare", "--params", str(path)], cwd=tmp_path,
+                       env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+    assert "aliases are not allowed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "prepared").exists()
+    with pytest.raises(ConfigError, match="anchor &a at line 1"):
+        load_params(None, ["optim.epochs=&a 3"])
+
+
 def test_flow_command_line_set_with_a_broken_value_exits_2_naming_the_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(tmp_path), "--set", "optim.epochs=[1, 2"],
                        cwd=PROJECT, env=clean_env(PREFECT_HOME=str(tmp_path / "prefect")), capture_output=True, text=True,

@@ -295,6 +295,40 @@ def test_an_empty_data_directory_is_refused_and_nothing_is_written(capsys, tmp_p
         build_datasets(DataParams(root=root, image_size=32), seed=0)
 
 
+def snapshot_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_overwrite_refuses_a_source_inside_the_output_or_an_output_inside_the_source(fashion_root, tmp_path):
+    """`spottune data SRC --out OUT --overwrite` removed OUT as a whole: with SRC inside OUT that deleted the
+    source and everything beside it. Refused before anything is deleted or written, as is OUT inside SRC."""
+    work = tmp_path / "work"
+    src = real_tree(fashion_root, work / "incoming", {c: c for c in FASHION}, train=2, test=1)
+    (work / "notes.txt").write_text("unrelated, must survive\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link-to-work").symlink_to(work)
+    cases = [(src, work), (src, tmp_path / "link-to-work"), (src, src), (work, work / "incoming" / "copy"),
+             (work, work / "new" / "deeper"), (tmp_path / "work.partial", work)]
+    (tmp_path / "work.partial").mkdir()
+    shutil.copytree(src / "train", tmp_path / "work.partial" / "train")
+    before = snapshot_tree(tmp_path)
+    for source, out in cases:
+        r = subprocess.run([sys.executable, "-m", "spottune.cli", "data", str(source), "--out", str(out), "--overwrite"],
+                           cwd=tmp_path / "elsewhere", env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "inside" in r.stderr and "nothing was written or deleted" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert snapshot_tree(tmp_path) == before, (source, out)
+        assert not (work / "new").exists() and not list(tmp_path.rglob("*.partial/dataset.json"))
+    assert cli_ok(["data", str(src), "--out", str(tmp_path / "elsewhere" / "copy"), "--overwrite"], tmp_path)
+
+
+def cli_ok(argv: list[str], cwd: Path) -> bool:
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], cwd=cwd, env=clean_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return True
+
+
 def test_a_split_without_images_fails_validation_and_training_names_it(capsys, tree, tmp_path):
     for f in (tree / "test").rglob("*.png"):
         f.unlink()

@@ -11,6 +11,7 @@ test_store.py. This file adds what those do not.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -327,6 +328,43 @@ def cli_ok(argv: list[str], cwd: Path) -> bool:
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return True
+
+
+def test_data_from_class_folders_alone_gets_seeded_test_and_val_splits_and_trains(capsys, fashion_root, tmp_path):
+    """`spottune data DIR` with DIR/CLASS/* (no train/ or test/): the dataset holds train/ only, and prepare
+    gave 0 test images, validate failed and training said 'no test images'. prepare now carves test
+    (prepare.test_fraction) and val (prepare.val_fraction) per class from train/, seeded."""
+    src = tmp_path / "photos"
+    for c in FASHION:
+        (src / c).mkdir(parents=True)
+        for f in sorted((fashion_root / "train" / c).glob("*.png"))[:10]:
+            shutil.copyfile(f, src / c / f.name)
+    out = tmp_path / "data" / "photos"
+    code, text = cli(capsys, "data", src, "--out", out)
+    assert code == 0, text
+    params = params_file(tmp_path, out, prepare={"test_fraction": 0.2, "val_fraction": 0.25, "seed": 3})
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 0 and "8 test" in text, text
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open()))
+    per_split = {s: {c: sum(1 for r in rows if r["split"] == s and r["label"] == c) for c in FASHION}
+                 for s in ("train", "val", "test")}
+    assert per_split == {"train": dict.fromkeys(FASHION, 6), "val": dict.fromkeys(FASHION, 2),
+                         "test": dict.fromkeys(FASHION, 2)}, per_split
+    first = manifest.read_bytes()
+    assert cli(capsys, "prepare", "--params", params)[0] == 0 and manifest.read_bytes() == first, "seeded"
+    (tmp_path / "other").mkdir()
+    params_other_seed = params_file(tmp_path / "other", out, prepare={"manifest": str(tmp_path / "other.csv"), "seed": 4,
+                                                                       "test_fraction": 0.2, "val_fraction": 0.25})
+    assert cli(capsys, "prepare", "--params", params_other_seed)[0] == 0
+    assert (tmp_path / "other.csv").read_bytes() != first
+
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 0 and "passed" in text, text
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
+    assert code == 0, text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["images"] == 2 * len(FASHION)
 
 
 def test_a_split_without_images_fails_validation_and_training_names_it(capsys, tree, tmp_path):

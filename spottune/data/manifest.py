@@ -4,7 +4,8 @@
 
 `path` is relative to the data root (POSIX separators), so a manifest stays valid when the tree
 moves. Splits come from the tree (ROOT/train, ROOT/val, ROOT/test) where it has them, and are
-carved per class with a seeded permutation where it does not: the same tree and the same
+carved per class with a seeded permutation where it does not (test from the pool of class folders,
+or from train/ when there is no test/; val from train when there is no val/): the same tree and the same
 `prepare` params always give the same manifest, byte for byte.
 
 Nothing here decodes pixels: width, height and mode come from the file header (cheap, and safe
@@ -99,17 +100,22 @@ def _held_out(paths: list[str], fraction: float, rng: random.Random) -> set[str]
     return set(order[: int(round(len(order) * fraction))]) if fraction > 0 else set()
 
 
-def assign_splits(files: list[tuple[str, str, str | None]], params: PrepareParams) -> dict[str, str]:
+def assign_splits(files: list[tuple[str, str, str | None]], params: PrepareParams,
+                  has_test: bool | None = None) -> dict[str, str]:
     """path -> split. Stratified: every class gives the same fraction, drawn with a per-class seed.
 
-    Keeps the tree's own test/ and val/ when present; carves test from a pool (no split folders)
-    with `test_fraction`, then val from train with `val_fraction` when the tree has no val/.
+    Keeps the tree's own test/ and val/ when present; carves test with `test_fraction` from a pool
+    (no split folders) or, when the tree has no test/ folder (has_test False; default: no file is in
+    test), from train/ (what `spottune data` makes of class folders alone), then val from train with
+    `val_fraction` when the tree has no val/.
     """
     by_class: dict[str, list[str]] = defaultdict(list)
     split_of: dict[str, str] = {}
     has_val = any(s == "val" for _, _, s in files)
+    if has_test is None:
+        has_test = any(s == "test" for _, _, s in files)
     for path, label, split in files:
-        if split is None:
+        if split is None or (split == "train" and not has_test):
             by_class[label].append(path)
         else:
             split_of[path] = split
@@ -150,7 +156,7 @@ def build_manifest(root: Path, params: PrepareParams) -> list[ManifestRow]:
     """Every image under `root` with its label, split, header fields, size and sha256."""
     root = Path(root)
     files = scan_tree(root)
-    split_of = assign_splits(files, params)
+    split_of = assign_splits(files, params, has_test=(root / "test").is_dir())
     rows = []
     for rel, label, _ in files:
         width, height, mode, size, digest = describe_file(root / rel)

@@ -381,6 +381,27 @@ def test_a_split_without_images_fails_validation_and_training_names_it(capsys, t
 
 
 # ---------------------------------------------------------------------------------------------
+# Malformed files written by earlier stages: a run's model.json, a manifest
+
+
+@pytest.mark.parametrize("card", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]", b'{"format": "spottune-model/1"}',
+                                  b'{"format": "spottune-model/1", "params": "x", "classes": ["a"]}',
+                                  b'{"format": "spottune-model/1", "params": {"model": 3}, "classes": ["a"]}',
+                                  b'{"format": "spottune-model/1", "params": {}, "classes": "abc"}', b'{"format": {}}'],
+                         ids=["not-json", "not-utf8", "a-list", "no-params", "params-not-a-mapping",
+                              "model-not-a-mapping", "classes-not-a-list", "format-not-a-string"])
+def test_a_malformed_model_json_is_one_line_naming_it(capsys, tmp_path, card):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"\x00" * 16)
+    (run / "model.json").write_bytes(card)
+    for command in (["evaluate", run], ["export-backbone", run, "--out", tmp_path / "b.safetensors"]):
+        code, text = cli(capsys, *command)
+        assert code == 2 and text.startswith(f"error: {run / 'model.json'}") and text.count("\n") == 1, text
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # params.yaml and --set fuzzing: a Params or a ConfigError naming the key, never anything else
 
 SECTIONS = {(f.alias or n): sorted(type(getattr(Params(), n)).model_fields) for n, f in Params.model_fields.items()}

@@ -401,6 +401,26 @@ def test_a_malformed_model_json_is_one_line_naming_it(capsys, tmp_path, card):
     assert not (tmp_path / "b.safetensors").exists()
 
 
+@pytest.mark.parametrize("tamper, words", [
+    (lambda lines: lines[:2] + [lines[2].replace(",28,28,", ",wide,28,", 1)] + lines[3:], ["line 3", "width 'wide'"]),
+    (lambda lines: lines[:4] + [lines[4].replace(",28,28,L,", ",28,28,L,1.5e3x", 1)] + lines[5:], ["line 5", "bytes"]),
+    (lambda lines: lines[:2] + [lines[2].replace("bag", "b\udcffag", 1)] + lines[3:], ["not UTF-8"]),
+], ids=["width-not-an-integer", "bytes-not-an-integer", "not-utf8"])
+def test_a_manifest_with_a_bad_field_is_one_line_naming_it(capsys, tree, tmp_path, tamper, words):
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    lines = manifest.read_text().split("\n")
+    assert ",28,28,L," in lines[2] and ",28,28,L," in lines[4]
+    manifest.write_bytes("\n".join(tamper(lines)).encode("utf-8", "surrogateescape"))
+    for command in (["validate", "--params", params, "--out-dir", tmp_path / "report"],
+                    ["train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}"]):
+        code, text = cli(capsys, *command)
+        assert code == 2 and text.startswith(f"error: {manifest}") and text.count("\n") == 1, text
+        assert all(w in text for w in words), text
+    assert not (tmp_path / "run").exists() and not (tmp_path / "report").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # params.yaml and --set fuzzing: a Params or a ConfigError naming the key, never anything else
 

@@ -182,16 +182,31 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path} (write it with `spottune prepare`)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise DataError(f"{path}: columns {reader.fieldnames} differ from {list(COLUMNS)}")
-        as_int = lambda v: int(v) if v not in ("", None) else None  # noqa: E731
-        return [
-            ManifestRow(r["path"], r["label"], r["split"], as_int(r["width"]), as_int(r["height"]), r["mode"] or None,
-                        int(r["bytes"] or 0), r["sha256"])
-            for r in reader
-        ]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise DataError(f"{path}: columns {reader.fieldnames} differ from {list(COLUMNS)}")
+
+            def as_int(r: dict[str, str | None], column: str) -> int | None:
+                value = r.get(column)
+                if value in ("", None):
+                    return None
+                try:
+                    return int(value)
+                except ValueError:
+                    raise DataError(f"{path}, line {reader.line_num}: {column} {value[:50]!r} is not an integer "
+                                    "(write the manifest again with `spottune prepare`)") from None
+
+            return [
+                ManifestRow(r["path"], r["label"], r["split"], as_int(r, "width"), as_int(r, "height"),
+                            r["mode"] or None, as_int(r, "bytes") or 0, r["sha256"])
+                for r in reader
+            ]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): write the manifest again with `spottune prepare`") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV manifest ({e})") from None
 
 
 def split_counts(rows: list[ManifestRow]) -> dict[str, dict[str, int]]:

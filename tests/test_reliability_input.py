@@ -422,6 +422,52 @@ def test_a_manifest_with_a_bad_field_is_one_line_naming_it(capsys, tree, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
+# Output paths: a directory where a file is expected, long names
+
+
+def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid_names_work(capsys, tree, tmp_path):
+    """An existing directory given where a file is expected (or a file where a directory is), or a name over
+    the file system's limit, is refused in one line before any work; a 240-character name (valid) works:
+    its temporary name used to exceed the limit and fail with a traceback after the work was done."""
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    a_dir, a_file = tmp_path / "a-dir", tmp_path / "a-file"
+    a_dir.mkdir()
+    a_file.write_text("keep\n")
+    long_name, too_long = "m" * 235 + ".json", "m" * 300 + ".json"
+
+    def refused(*args: Any, words: str) -> None:
+        code, text = cli(capsys, *args)
+        assert code == 2 and text.startswith("error: ") and text.count("\n") == 1 and words in text, text
+        assert "Traceback" not in text
+
+    validate = ("validate", "--params", params)
+    refused(*validate, "--out-dir", tmp_path / "report", "--metrics", a_dir, words=f"--metrics {a_dir} is a directory")
+    refused(*validate, "--out-dir", a_file, words=f"--out-dir {a_file} is not a regular file, not a directory")
+    refused(*validate, "--out-dir", tmp_path / "report", "--metrics", tmp_path / too_long, words="over the file system's limit")
+    refused(*validate, "--out-dir", tmp_path / too_long / "x", words="--out-dir")
+    refused(*validate, "--out-dir", tmp_path / "report", "--metrics", a_file / "m.json", words=f"{a_file} is not a directory")
+    assert not (tmp_path / "report").exists() and a_file.read_text() == "keep\n"
+    code, text = cli(capsys, *validate, "--out-dir", tmp_path / "report", "--metrics", tmp_path / long_name)
+    assert code == 0 and json.loads((tmp_path / long_name).read_text())["success"], text
+
+    run = tmp_path / "run"
+    refused("train", "--params", params, "--out", run, "--plots", a_dir, words="--plots")
+    assert not run.exists()
+    code, text = cli(capsys, "train", "--params", params, "--out", run, "--metrics", tmp_path / ("t" * 235 + ".json"),
+                     "--set", f"data.manifest={tmp_path / 'prepared' / 'manifest.csv'}")
+    assert code == 0 and (tmp_path / ("t" * 235 + ".json")).is_file(), text
+    refused("train", "--params", params, "--out", a_file, words=f"--out {a_file} is not a regular file, not a directory")
+    refused("evaluate", run, "--out", a_dir, words=f"--out {a_dir} is a directory")
+    refused("export-backbone", run, "--out", a_dir, words=f"--out {a_dir} is a directory")
+    refused("compare", run, run, "--report", a_dir, words=f"--report {a_dir} is a directory")
+    refused("compare", run, run, "--json", tmp_path / too_long, words="--json")
+    code, text = cli(capsys, "compare", run, run, "--report", tmp_path / ("r" * 237 + ".md"))
+    assert code == 0 and (tmp_path / ("r" * 237 + ".md")).read_text().startswith("#"), text
+    assert sorted(p.name for p in a_dir.iterdir()) == [] and not list(tmp_path.glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------------------------------------
 # params.yaml and --set fuzzing: a Params or a ConfigError naming the key, never anything else
 
 SECTIONS = {(f.alias or n): sorted(type(getattr(Params(), n)).model_fields) for n, f in Params.model_fields.items()}

@@ -140,7 +140,7 @@ class OptimParams(_Section):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[int, ...] = Field((), description="epochs at which 'step' multiplies the lr by gamma")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="torch's generators take 64-bit seeds")
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs float32)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")

@@ -593,6 +593,19 @@ def test_a_yaml_alias_bomb_in_params_is_refused_in_seconds_naming_the_file(tmp_p
         load_params(None, ["optim.epochs=&a 3"])
 
 
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**63), str(-(2**63) - 1)])
+def test_an_out_of_range_seed_is_refused_naming_the_key_and_the_extremes_train(capsys, tree, tmp_path, seed):
+    """torch's generators take 64-bit seeds: optim.seed=99999999999999999999999 was accepted, then training
+    died with a traceback ('Overflow when unpacking long'). Refused before any work; both extremes train."""
+    params = params_file(tmp_path, tree, data={"manifest": None, "val_fraction": 0.25})
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"optim.seed={seed}")
+    assert code == 2 and "optim.seed" in text and "Traceback" not in text and not (tmp_path / "run").exists(), text
+    for extreme in (2**63 - 1, -(2**63)) if seed == str(2**63) else ():
+        code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / f"run{extreme}",
+                         "--set", f"optim.seed={extreme}")
+        assert code == 0 and (tmp_path / f"run{extreme}" / "model.safetensors").is_file(), text
+
+
 def test_flow_command_line_set_with_a_broken_value_exits_2_naming_the_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(tmp_path), "--set", "optim.epochs=[1, 2"],
                        cwd=PROJECT, env=clean_env(PREFECT_HOME=str(tmp_path / "prefect")), capture_output=True, text=True,

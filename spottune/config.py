@@ -50,6 +50,42 @@ def refuse_url_credentials(url: str | None) -> str | None:
     return url
 
 
+_NETLOC = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+REGION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def check_endpoint_url(url: str | None) -> str | None:
+    """An S3 endpoint: http(s)://HOST[:PORT][/PATH] and nothing else (botocore refused the rest with a bare
+    ValueError that repeated the whole string). The message never repeats the URL: what is malformed in
+    it may be a secret pasted there."""
+    if url is None:
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        parts = None
+    if parts is not None and parts.username is not None:
+        refuse_url_credentials(url)
+    if (parts is None or parts.scheme not in ("http", "https") or not _NETLOC.fullmatch(parts.netloc)
+            or parts.query or parts.fragment or "#" in url or "?" in url or not url.isprintable() or " " in url):
+        raise ValueError("malformed endpoint URL: expected http(s)://HOST[:PORT][/PATH] (the value is not shown)")
+    return url
+
+
+def shown_endpoint(url: Any) -> str:
+    """scheme://host of an endpoint for a message, or '(not shown)': never the rest, which may hold a secret."""
+    try:
+        parts = urlsplit(str(url))
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+    except ValueError:
+        return "(not shown)"
+    host = _NETLOC.match(netloc)
+    if parts.scheme in ("http", "https") and host:
+        return f"{parts.scheme}://{host.group('host')}"
+    return "(not shown)"
+
+
 def redact_url_credentials(text: str) -> str:
     """'http://user:secret@host' -> 'http://***@host' anywhere in text: messages never echo a secret."""
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@", r"\1***@", text)
@@ -187,9 +223,10 @@ class RemoteParams(_Section):
                             description="s3://BUCKET/PREFIX; None: no remote (env SPOTTUNE_REMOTE_URL overrides)")
     endpoint_url: str | None = Field(None, pattern=r"^https?://",
                                      description="S3-compatible endpoint; None: AWS (env SPOTTUNE_REMOTE_ENDPOINT_URL overrides)")
-    region: str | None = None
+    region: str | None = Field(None, pattern=REGION_PATTERN)
 
-    _no_credentials = field_validator("url", "endpoint_url")(refuse_url_credentials)
+    _no_credentials = field_validator("url")(refuse_url_credentials)
+    _endpoint_shape = field_validator("endpoint_url")(check_endpoint_url)
 
 
 class Params(_Section):
@@ -263,6 +300,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = "" if e["type"] == "missing" else f" (got {_shown(e.get('input'))})"
+        if key.endswith("endpoint_url"):  # any part of a malformed URL may be a secret pasted into it
+            got = ""
         lines.append(f"  {key}: {msg}{got}")
     return "\n".join(lines)
 
@@ -394,14 +433,14 @@ class StoreSettings(BaseSettings):
                               description="key prefix inside the bucket (or the local folder)")
     s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name")
     s3_endpoint_url: str | None = Field(None, pattern=r"^https?://", description="S3-compatible endpoint (default: AWS)")
-    s3_region: str = Field("us-east-1", min_length=1)
+    s3_region: str = Field("us-east-1", pattern=REGION_PATTERN, description="letters, digits, '-' and '_'")
     s3_multipart_threshold_mb: int = Field(64, ge=5, description="files above this size upload in parts")
     s3_multipart_chunksize_mb: int = Field(16, ge=5, description="size of one part (S3's minimum is 5 MiB)")
     s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode, backoff)")
     s3_connect_timeout_s: float = Field(5.0, gt=0)
     s3_read_timeout_s: float = Field(60.0, gt=0)
 
-    _no_credentials = field_validator("s3_endpoint_url")(refuse_url_credentials)
+    _endpoint_shape = field_validator("s3_endpoint_url")(check_endpoint_url)
 
     @field_validator("store_prefix")
     @classmethod

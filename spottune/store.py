@@ -264,7 +264,13 @@ class S3Backend:
             read_timeout=settings.s3_read_timeout_s,
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
         )
-        self.client = boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        try:
+            self.client = boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        except ValueError:  # botocore's "Invalid endpoint: <the whole URL>": never repeat what may hold a secret
+            from spottune.config import shown_endpoint
+
+            raise StoreMisconfigured(f"cannot use the S3 endpoint {shown_endpoint(settings.s3_endpoint_url)} with region "
+                                     f"{settings.s3_region!r}: botocore refused it as malformed") from None
         mb = 1024 * 1024
         self.transfer = TransferConfig(
             multipart_threshold=settings.s3_multipart_threshold_mb * mb,

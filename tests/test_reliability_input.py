@@ -705,6 +705,65 @@ def test_credentials_in_an_endpoint_url_are_refused_without_being_repeated(capsy
         assert (repo / ".dvc" / "config").read_bytes() == config and not (repo / ".dvc" / "config.local").exists()
 
 
+@pytest.mark.parametrize("region", ["../../x", "us-east-1/../../x", "eu west", "", "x" * 100, "a\nb"])
+def test_a_region_of_the_wrong_shape_is_refused_naming_the_variable(capsys, monkeypatch, tmp_path, region):
+    """SPOTTUNE_S3_REGION=../../x was accepted (it becomes part of AWS hostnames and signatures) and
+    SPOTTUNE_REMOTE_REGION=../../x was written to .dvc/config.local."""
+    from spottune.store_cli import store_settings
+
+    monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
+    monkeypatch.setenv("SPOTTUNE_S3_BUCKET", "models")
+    monkeypatch.setenv("SPOTTUNE_S3_REGION", region)
+    with pytest.raises(ConfigError, match="SPOTTUNE_S3_REGION"):
+        store_settings()
+    monkeypatch.setenv("SPOTTUNE_REMOTE_REGION", region)
+    with pytest.raises(ConfigError, match="region"):
+        RemoteSettings.resolve(Params().remote)
+    repo = new_pipeline_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("SPOTTUNE_REMOTE_URL", "s3://models/dvcstore")
+    code, text = cli(capsys, "remote", "--params", repo / "params.yaml")
+    assert code == 2 and "region" in text and not (repo / ".dvc" / "config.local").exists(), text
+    for ok in ("us-east-1", "eu-west-1", "default", "zg_1"):
+        monkeypatch.setenv("SPOTTUNE_S3_REGION", ok)
+        assert store_settings().s3_region == ok
+
+
+SECRET_IN_URL = f"sk-{uuid.uuid4().hex}"
+MALFORMED_ENDPOINTS = [f"http://exa mple.org:9000/{SECRET_IN_URL}", f"http://[::1/{SECRET_IN_URL}",
+                       f"http://host:99999/{SECRET_IN_URL}", f"http://host/?X-Amz-Credential={SECRET_IN_URL}",
+                       f"https://{SECRET_IN_URL}#frag", f"http://host/{SECRET_IN_URL}\n", f"http://host:{SECRET_IN_URL}"]
+
+
+@pytest.mark.parametrize("url", MALFORMED_ENDPOINTS, ids=range(len(MALFORMED_ENDPOINTS)))
+def test_a_malformed_endpoint_is_refused_without_repeating_it(capsys, monkeypatch, tmp_path, url):
+    """botocore's 'Invalid endpoint: <URL>' came as a traceback that printed the whole string; a secret pasted
+    into it (a token in the query or path) reached the terminal and the logs."""
+    env = clean_env(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", SPOTTUNE_STORE_BACKEND="s3",
+                    SPOTTUNE_S3_BUCKET="models", SPOTTUNE_S3_ENDPOINT_URL=url, SPOTTUNE_S3_MAX_ATTEMPTS="1")
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "models", "list", "fashion"], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "SPOTTUNE_S3_ENDPOINT_URL" in r.stderr and "malformed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and SECRET_IN_URL not in r.stdout + r.stderr, r.stderr
+    monkeypatch.setenv("SPOTTUNE_REMOTE_ENDPOINT_URL", url)
+    with pytest.raises(ConfigError, match="malformed endpoint URL") as err:
+        RemoteSettings.resolve(Params().remote)
+    assert SECRET_IN_URL not in str(err.value) and str(err.value).count("\n") == 1, str(err.value)
+
+
+def test_the_store_never_repeats_an_endpoint_that_botocore_refuses(monkeypatch):
+    """Belt and braces below the settings: whatever botocore refuses as an endpoint, the StoreError shows
+    scheme and host at most."""
+    from spottune.config import StoreSettings
+    from spottune.store import S3Backend
+
+    settings = StoreSettings.model_construct(**{**StoreSettings(store_backend="s3", s3_bucket="models").model_dump(),
+                                                "s3_endpoint_url": f"http://exa mple.org/{SECRET_IN_URL}"})
+    with pytest.raises(StoreError, match="malformed") as err:
+        S3Backend(settings)
+    assert SECRET_IN_URL not in str(err.value) and "http://exa" in str(err.value)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing bucket", "closed endpoint", "wrong credentials"])
 def test_dvc_push_to_a_wrong_remote_names_bucket_and_endpoint(moto_servers, tmp_path, case):

@@ -719,9 +719,15 @@ class ArtifactStore:
             return None
         try:
             pointer = json.loads(got[0])
-            _check_name("version", pointer["version"])
-        except (ValueError, KeyError, TypeError, StoreError) as e:
-            raise IntegrityError(f"{self.backend.url(key)} is not a valid production pointer: {e}") from None
+            _check_pointer_entry(pointer, "")
+            history = pointer.get("history", [])
+            if not isinstance(history, list):
+                raise ValueError(f"history is a {type(history).__name__}, not a list")
+            for i, entry in enumerate(history):
+                _check_pointer_entry(entry, f"history[{i}]: ")
+        except (ValueError, KeyError, TypeError, AttributeError, StoreError) as e:
+            raise IntegrityError(f"{self.backend.url(key)} is not a valid production pointer: "
+                                 f"{type(e).__name__ + ' ' if isinstance(e, KeyError) else ''}{e}") from None
         return pointer, got[1]
 
     def _gate_of(self, name: str, version: str) -> dict[str, Any]:
@@ -912,6 +918,15 @@ class ArtifactStore:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _check_pointer_entry(entry: Any, where: str) -> None:
+    """A pointer, or one entry of its history: a valid version and a sha256 (what promote and rollback use)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}expected an object, got {type(entry).__name__}")
+    _check_name("version", entry["version"])
+    if not isinstance(entry.get("manifest_sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["manifest_sha256"]):
+        raise ValueError(f"{where}manifest_sha256 of {entry['version']} is not a sha256")
 
 
 def _history_entry(pointer: dict[str, Any]) -> dict[str, Any]:

@@ -265,6 +265,37 @@ def test_a_rollback_from_a_named_version_is_safe_to_repeat(store, finished_run, 
     assert store.production(NAME)["version"] == "v2"
 
 
+@pytest.mark.parametrize("tamper", [
+    lambda p: {**p, "history": [{"version": p["history"][0]["version"]}]},
+    lambda p: {**p, "history": [{**p["history"][0], "manifest_sha256": None}]},
+    lambda p: {**p, "history": [{**p["history"][0], "version": "../v0"}]},
+    lambda p: {**p, "history": [3]},
+    lambda p: {**p, "history": "v1"},
+    lambda p: {k: v for k, v in p.items() if k != "manifest_sha256"},
+], ids=["no-manifest-sha", "sha-null", "version-climbs", "entry-not-object", "history-not-list", "pointer-no-sha"])
+def test_a_tampered_pointer_history_is_an_integrity_error_not_a_key_error(store, finished_run, other_run, tamper,
+                                                                           capsys, monkeypatch):
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.publish(other_run, NAME, "v2", gate=PASS)
+    store.promote(NAME, "v1")
+    store.promote(NAME, "v2")
+    key = store.model_key(NAME, "production.json")
+    pointer = json.loads(store.backend.get_bytes(key)[0])
+    store.backend.put_bytes(key, json.dumps(tamper(pointer)).encode())
+    for action in (lambda: store.rollback(NAME), lambda: store.promote(NAME, "v1"), lambda: store.production(NAME)):
+        with pytest.raises(IntegrityError, match="production.json is not a valid production pointer"):
+            action()
+    if isinstance(store.backend, LocalBackend):  # the command line: one line, exit 2
+        from spottune.cli import main
+
+        monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "local")
+        monkeypatch.setenv("SPOTTUNE_STORE_ROOT", str(store.backend.root))
+        assert main(["rollback", NAME]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "not a valid production pointer" in err, err
+    assert [a["action"] for a in store.audit_trail(NAME)] == ["promote", "promote"]
+
+
 def test_a_version_that_failed_the_gate_never_becomes_production(store, finished_run, other_run):
     store.publish(finished_run, NAME, "v1", gate=PASS)
     store.promote(NAME, "v1")

@@ -467,6 +467,60 @@ def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid
     assert sorted(p.name for p in a_dir.iterdir()) == [] and not list(tmp_path.glob(".*tmp*"))
 
 
+def special_files(tmp_path: Path) -> dict[str, Path]:
+    """A directory, a FIFO and (as root) a character device like /dev/null, each a would-be manifest path."""
+    import os
+    import stat as stat_
+
+    made = {"directory": tmp_path / "as-dir.csv", "FIFO": tmp_path / "as-fifo.csv"}
+    made["directory"].mkdir()
+    os.mkfifo(made["FIFO"])
+    if os.geteuid() == 0:
+        made["character device"] = tmp_path / "null"
+        os.mknod(made["character device"], stat_.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own
+    return made
+
+
+def test_prepare_refuses_a_manifest_path_that_is_not_a_regular_file(capsys, tree, tmp_path):
+    """`--set prepare.manifest=/dev/null` as root replaced /dev/null with a regular file (rename over it).
+    Here on a device node of our own, a FIFO and a directory: refused, left as they were, no *.tmp."""
+    import stat as stat_
+
+    params = params_file(tmp_path, tree)
+    for kind, path in special_files(tmp_path).items():
+        before = path.lstat()
+        code, text = cli(capsys, "prepare", "--params", params, "--set", f"prepare.manifest={path}")
+        assert code == 2 and f"prepare.manifest {path} is a{'n' if kind[0] in 'aeiou' else ''} {kind}" in text, text
+        assert text.count("\n") == 1, text
+        after = path.lstat()
+        assert stat_.S_IFMT(after.st_mode) == stat_.S_IFMT(before.st_mode) and after.st_ino == before.st_ino
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*/*.tmp"))
+    from spottune.data.manifest import build_manifest, write_manifest
+    from spottune.config import PrepareParams
+
+    with pytest.raises(ConfigError, match="FIFO"):
+        write_manifest(build_manifest(tree, PrepareParams()), tmp_path / "as-fifo.csv")
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_leaves_no_temporary_file(capsys, tree, tmp_path):
+    import os
+
+    bad = tree / "train" / "bag" / os.fsdecode(b"photo-\xff\xfe.png")
+    shutil.copyfile(next((tree / "train" / "bag").glob("*.png")), bad)
+    params = params_file(tmp_path, tree)
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 2 and "not UTF-8" in text and "photo-\\udcff\\udcfe.png" in text and text.count("\n") == 1, text
+    assert not (tmp_path / "prepared" / "manifest.csv").exists()
+    assert not list(tmp_path.rglob("*.tmp")), list(tmp_path.rglob("*.tmp"))
+
+    from spottune.data.manifest import ManifestRow, write_manifest
+
+    rows = [ManifestRow(f"train/bag/{bad.name}", "bag", "train", 28, 28, "L", 10, "0" * 64)]
+    with pytest.raises(DataError, match="not UTF-8"):
+        write_manifest(rows, tmp_path / "direct" / "manifest.csv")
+    assert list((tmp_path / "direct").iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # params.yaml and --set fuzzing: a Params or a ConfigError naming the key, never anything else
 

@@ -86,11 +86,24 @@ def scan_tree(root: Path) -> list[tuple[str, str, str | None]]:
                     found.append((f.relative_to(root).as_posix(), class_dir.name, split))
     if not found:
         raise DataError(f"{root}: no image files in class folders (expected ROOT/train/CLASS/*.png or ROOT/CLASS/*.png)")
+    undecodable = [ascii(rel) for rel, _, _ in found if not _utf8(rel)]
+    if undecodable:
+        raise DataError(f"{root}: {len(undecodable)} file name(s) are not UTF-8 (the manifest is UTF-8 text): rename "
+                        f"them: {', '.join(undecodable[:20])}")
     escaping = outside_links(root, [root / rel for rel, _, _ in found])
     if escaping:
         raise DataError(f"{root}: {len(escaping)} file(s) are symlinks that lead outside the data directory "
                         f"(copy them into it instead): {', '.join(escaping[:20])}")
     return sorted(found)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name (as os gives it: undecodable bytes as surrogates) is valid UTF-8 text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _held_out(paths: list[str], fraction: float, rng: random.Random) -> set[str]:
@@ -165,16 +178,27 @@ def build_manifest(root: Path, params: PrepareParams) -> list[ManifestRow]:
 
 
 def write_manifest(rows: list[ManifestRow], path: Path) -> None:
-    """CSV with a fixed column order and row order; written to a temporary name, then renamed."""
-    path = Path(path)
+    """CSV with a fixed column order and row order; written to a temporary name, then renamed.
+
+    The manifest must be a regular file or not exist yet (a rename over /dev/null, run as root, made it
+    a regular file); the temporary file is removed on every error.
+    """
+    from spottune.outputs import output_file
+
+    path = output_file(Path(path), "prepare.manifest")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+        tmp.replace(path)
+    except UnicodeEncodeError:
+        raise DataError(f"{path}: a file name or label is not UTF-8 text; nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:

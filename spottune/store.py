@@ -38,6 +38,7 @@ import re
 import socket
 import struct
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -271,6 +272,13 @@ class S3Backend:
 
             raise StoreMisconfigured(f"cannot use the S3 endpoint {shown_endpoint(settings.s3_endpoint_url)} with region "
                                      f"{settings.s3_region!r}: botocore refused it as malformed") from None
+        # Multipart uploads this backend started and has not seen finish: an upload cut off by an outage
+        # leaves its parts stored (and billed) until aborted, and s3transfer's own abort fails when the
+        # endpoint is down at that moment. They are aborted, best effort, when the upload fails and again
+        # before the next upload (a retry), so a publish that ends well leaves no orphan parts.
+        self._open_uploads: dict[str, str] = {}  # upload id -> key
+        self._uploads_lock = threading.Lock()
+        self.client.meta.events.register("after-call.s3.CreateMultipartUpload", self._upload_started)
         mb = 1024 * 1024
         self.transfer = TransferConfig(
             multipart_threshold=settings.s3_multipart_threshold_mb * mb,
@@ -324,9 +332,46 @@ class S3Backend:
     def check(self) -> None:
         self._call("reach", None, lambda: self.client.head_bucket(Bucket=self.bucket))
 
+    def _upload_started(self, parsed: dict[str, Any] | None = None, **_: Any) -> None:
+        if parsed and parsed.get("UploadId") and parsed.get("Key"):
+            with self._uploads_lock:
+                self._open_uploads[str(parsed["UploadId"])] = str(parsed["Key"])
+
+    def abort_open_uploads(self) -> list[str]:
+        """Abort every multipart upload this backend started that did not finish; best effort (an endpoint
+        still down keeps them for the next call). Returns the keys whose uploads are gone now."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        with self._uploads_lock:
+            pending = dict(self._open_uploads)
+        done = []
+        for upload_id, key in pending.items():
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
+                    continue  # access denied, throttled, ...: try again next time
+            except BotoCoreError:
+                continue  # unreachable: try again next time
+            with self._uploads_lock:
+                self._open_uploads.pop(upload_id, None)
+            done.append(key)
+        return done
+
     def put_file(self, key: str, src: Path, sha256: str) -> None:
-        self._call("upload to", key, lambda: self.client.upload_file(
-            str(src), self.bucket, key, Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256}}))
+        self.abort_open_uploads()  # an earlier attempt's leftovers, now that the endpoint may be back
+        with self._uploads_lock:
+            before = set(self._open_uploads)
+        try:
+            self._call("upload to", key, lambda: self.client.upload_file(
+                str(src), self.bucket, key, Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256}}))
+        except BaseException:
+            self.abort_open_uploads()
+            raise
+        with self._uploads_lock:  # completed: the upload this call started is no longer open
+            for upload_id in set(self._open_uploads) - before:
+                if self._open_uploads[upload_id] == key:
+                    del self._open_uploads[upload_id]
 
     def put_bytes(self, key: str, data: bytes, *, if_match: str | None = None, if_absent: bool = False) -> str:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data,

@@ -615,6 +615,49 @@ def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode)
         p.relative_to(tmp_path).as_posix(): oct(mode) for p in files}
 
 
+def test_a_multipart_upload_cut_off_by_an_outage_is_aborted_and_leaves_no_parts(moto, finished_run):
+    """The weights (> 5 MiB) go up in 5 MiB parts. The endpoint drops while a part is sent and is still down
+    when s3transfer tries to abort the upload, so its parts stay stored (and billed) with no object. The
+    store aborts its unfinished uploads when the upload fails and again before the next one (the retry):
+    once the publish succeeds, the bucket holds no multipart upload."""
+    import boto3
+    from botocore.exceptions import EndpointConnectionError
+
+    bucket = new_bucket(moto)
+    store = open_store(s3_settings(moto, bucket))
+    backend = store.backend
+    assert isinstance(backend, S3Backend) and (finished_run / "model.safetensors").stat().st_size > 5 * 1024 * 1024
+    state = {"parts": 0, "fail_from_part": 2, "abort_down": True}
+
+    def part(**_: Any) -> None:
+        state["parts"] += 1
+        if state["parts"] >= state["fail_from_part"]:  # the connection drops while this part is sent
+            raise EndpointConnectionError(endpoint_url=moto.url)
+
+    def abort(**_: Any) -> None:
+        if state["abort_down"]:
+            raise EndpointConnectionError(endpoint_url=moto.url)
+
+    backend.client.meta.events.register("before-call.s3.UploadPart", part)
+    backend.client.meta.events.register("before-call.s3.AbortMultipartUpload", abort)
+    s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
+
+    with pytest.raises(StoreError, match="model.safetensors.*unreachable"):
+        store.publish(finished_run, NAME, "v1", gate=PASS)
+    [orphan] = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])  # the outage hid every abort
+    assert orphan["Key"] == store.version_key(NAME, "v1", "model.safetensors")
+
+    state.update(fail_from_part=10**9, abort_down=False)  # the endpoint is back: the retry publishes
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    store.verify_version(NAME, "v1")
+
+    state.update(parts=0, fail_from_part=2)  # a part fails with the endpoint up: aborted at once
+    with pytest.raises(StoreError):
+        store.publish(finished_run, NAME, "v2", gate=PASS)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
 def test_run_layout_matches_training():
     """store.py repeats the run's file names and model format to publish without importing torch."""
     from spottune import store

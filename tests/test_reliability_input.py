@@ -443,7 +443,7 @@ def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid
 
     validate = ("validate", "--params", params)
     refused(*validate, "--out-dir", tmp_path / "report", "--metrics", a_dir, words=f"--metrics {a_dir} is a directory")
-    refused(*validate, "--out-dir", a_file, words=f"--out-dir {a_file} is not a regular file, not a directory")
+    refused(*validate, "--out-dir", a_file, words=f"--out-dir {a_file} is a regular file, not a directory")
     refused(*validate, "--out-dir", tmp_path / "report", "--metrics", tmp_path / too_long, words="over the file system's limit")
     refused(*validate, "--out-dir", tmp_path / too_long / "x", words="--out-dir")
     refused(*validate, "--out-dir", tmp_path / "report", "--metrics", a_file / "m.json", words=f"{a_file} is not a directory")
@@ -457,7 +457,7 @@ def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid
     code, text = cli(capsys, "train", "--params", params, "--out", run, "--metrics", tmp_path / ("t" * 235 + ".json"),
                      "--set", f"data.manifest={tmp_path / 'prepared' / 'manifest.csv'}")
     assert code == 0 and (tmp_path / ("t" * 235 + ".json")).is_file(), text
-    refused("train", "--params", params, "--out", a_file, words=f"--out {a_file} is not a regular file, not a directory")
+    refused("train", "--params", params, "--out", a_file, words=f"--out {a_file} is a regular file, not a directory")
     refused("evaluate", run, "--out", a_dir, words=f"--out {a_dir} is a directory")
     refused("export-backbone", run, "--out", a_dir, words=f"--out {a_dir} is a directory")
     refused("compare", run, run, "--report", a_dir, words=f"--report {a_dir} is a directory")

@@ -8,7 +8,6 @@ retrain after a failure has to produce the same files, or the store would refuse
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from typing import Any
 
@@ -112,14 +111,3 @@ def retrain_report(comparison_md: str, comparison: dict[str, Any], gate: Gate, d
         if png:
             lines += ["", f"![tuned fraction per class and block](data:image/png;base64,{base64.b64encode(png).decode()})"]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def version_id(weights_sha256: str, gate: Gate, report: str, data_version: str) -> str:
-    """The store version: 12 hex of the weights' sha256, then 6 of everything published beside them.
-
-    A re-run of the same retrain maps to the same version (publishing is then a no-op), while the
-    same weights judged by another gate (or with another report) become a new version instead of
-    clashing with the one already stored.
-    """
-    extra = json.dumps({"gate": gate.to_json(), "report": report, "data": data_version}, sort_keys=True)
-    return f"{weights_sha256[:12]}-{hashlib.sha256(extra.encode()).hexdigest()[:6]}"

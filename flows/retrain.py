@@ -377,15 +377,15 @@ def check_store(store_settings: StoreSettings) -> str:
 def publish(project: Path, store_settings: StoreSettings, name: str, verdict: Gate, data_version: str,
             report_path: Path) -> dict[str, Any]:
     """Upload SpotTune's run (candidate when the gate failed). Idempotent: a retry sends only what is missing."""
-    from flows.report import version_id
-    from spottune.store import WEIGHTS, open_store, sha256_file
+    from spottune.store import open_store
 
     logger = get_run_logger()
     run = project / CANDIDATE_RUN
-    version = version_id(sha256_file(run / WEIGHTS), verdict, report_path.read_text(), data_version)
     store = open_store(store_settings)
-    result = store.publish(run, name, version, gate=verdict, data_version=data_version, report=report_path,
+    # the version is the store's content_version: weights, metrics, gate verdict, report and data version
+    result = store.publish(run, name, gate=verdict, data_version=data_version, report=report_path,
                            log=logger.info)
+    version = result.version
     logger.info("%s %s: %s", name, version, "already published, unchanged" if result.already_published else
                 f"{len(result.uploaded)} files uploaded, {len(result.skipped)} already there")
     return {"version": result.version, "manifest_sha256": result.manifest_sha256, "uploaded": result.uploaded,

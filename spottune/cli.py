@@ -21,6 +21,7 @@ from pathlib import Path
 
 from spottune.config import BACKBONES, METHODS, RuntimeSettings, load_params
 from spottune.errors import SpotTuneError
+from spottune.outputs import output_dir, output_file
 
 
 def _params(args: argparse.Namespace):
@@ -44,6 +45,7 @@ def _write_json(path: Path | None, obj) -> None:
 def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.data.sources import DATASET_CARD, materialise
 
+    output_dir(args.out, "--out")
     remote = None
     if args.track or args.push:  # validate the remote settings before any work
         from spottune.config import RemoteSettings
@@ -63,6 +65,7 @@ def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 def cmd_prepare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
+    output_file(params.prepare.manifest, "prepare.manifest")
     from spottune.data.manifest import build_manifest, split_counts, write_manifest
     rows = build_manifest(params.data.root, params.prepare)
     write_manifest(rows, params.prepare.manifest)
@@ -74,6 +77,8 @@ def cmd_prepare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
+    output_dir(args.out_dir, "--out-dir")
+    output_file(args.metrics, "--metrics")
     from spottune.data.validation import expected_classes, validate_manifest, write_reports
     from spottune.errors import DataError
 
@@ -104,6 +109,9 @@ def cmd_remote(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
+    output_dir(args.out, "--out")
+    output_file(args.metrics, "--metrics")
+    output_file(args.plots, "--plots")
     from spottune.errors import CheckpointError
     from spottune.training import fit
 
@@ -133,6 +141,7 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 def cmd_export_backbone(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.training import export_backbone
 
+    output_file(args.out, "--out")
     info = export_backbone(args.run, args.out)
     print(f"{info['path']}: {info['backbone']} weights ({info['tensors']} tensors) from {args.run}; "
           f"use it with --set model.weights={info['path']}")
@@ -142,6 +151,7 @@ def cmd_export_backbone(args: argparse.Namespace, runtime: RuntimeSettings) -> i
 def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.evaluate import evaluate_run
 
+    output_file(args.out, "--out")
     result = evaluate_run(args.run, runtime, data_root=args.data_root, split=args.split)
     text = json.dumps(result["metrics"], indent=2)
     if args.out:
@@ -157,6 +167,9 @@ def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.evaluate import compare_runs, comparison_markdown
     from spottune.training import write_json
 
+    for option, path in (("--report", args.report), ("--json", args.json), ("--metrics", args.metrics)):
+        output_file(path, option)
+    output_dir(args.plots_dir, "--plots-dir")
     comparison = compare_runs(args.baseline, args.candidate, runtime, data_root=args.data_root)
     report = comparison_markdown(comparison)
     if args.report:
@@ -371,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        if e.filename is None:  # not about a path the user named: a bug or the machine, keep the traceback
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130

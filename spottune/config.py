@@ -50,6 +50,42 @@ def refuse_url_credentials(url: str | None) -> str | None:
     return url
 
 
+_NETLOC = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+REGION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def check_endpoint_url(url: str | None) -> str | None:
+    """An S3 endpoint: http(s)://HOST[:PORT][/PATH] and nothing else (botocore refused the rest with a bare
+    ValueError that repeated the whole string). The message never repeats the URL: what is malformed in
+    it may be a secret pasted there."""
+    if url is None:
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        parts = None
+    if parts is not None and parts.username is not None:
+        refuse_url_credentials(url)
+    if (parts is None or parts.scheme not in ("http", "https") or not _NETLOC.fullmatch(parts.netloc)
+            or parts.query or parts.fragment or "#" in url or "?" in url or not url.isprintable() or " " in url):
+        raise ValueError("malformed endpoint URL: expected http(s)://HOST[:PORT][/PATH] (the value is not shown)")
+    return url
+
+
+def shown_endpoint(url: Any) -> str:
+    """scheme://host of an endpoint for a message, or '(not shown)': never the rest, which may hold a secret."""
+    try:
+        parts = urlsplit(str(url))
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+    except ValueError:
+        return "(not shown)"
+    host = _NETLOC.match(netloc)
+    if parts.scheme in ("http", "https") and host:
+        return f"{parts.scheme}://{host.group('host')}"
+    return "(not shown)"
+
+
 def redact_url_credentials(text: str) -> str:
     """'http://user:secret@host' -> 'http://***@host' anywhere in text: messages never echo a secret."""
     return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@", r"\1***@", text)
@@ -150,7 +186,7 @@ class OptimParams(_Section):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_milestones: tuple[int, ...] = Field((), description="epochs at which 'step' multiplies the lr by gamma")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="torch's generators take 64-bit seeds")
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs float32)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
@@ -197,9 +233,10 @@ class RemoteParams(_Section):
                             description="s3://BUCKET/PREFIX; None: no remote (env SPOTTUNE_REMOTE_URL overrides)")
     endpoint_url: str | None = Field(None, pattern=r"^https?://",
                                      description="S3-compatible endpoint; None: AWS (env SPOTTUNE_REMOTE_ENDPOINT_URL overrides)")
-    region: str | None = None
+    region: str | None = Field(None, pattern=REGION_PATTERN)
 
-    _no_credentials = field_validator("url", "endpoint_url")(refuse_url_credentials)
+    _no_credentials = field_validator("url")(refuse_url_credentials)
+    _endpoint_shape = field_validator("endpoint_url")(check_endpoint_url)
 
 
 class Params(_Section):
@@ -273,6 +310,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = "" if e["type"] == "missing" else f" (got {_shown(e.get('input'))})"
+        if key.endswith("endpoint_url"):  # any part of a malformed URL may be a secret pasted into it
+            got = ""
         lines.append(f"  {key}: {msg}{got}")
     return "\n".join(lines)
 
@@ -304,14 +343,30 @@ def parse_override(pair: str) -> tuple[str, Any]:
         raise ConfigError(f"override {printable(key)}: value {_shown(raw)} is not valid YAML ({e})") from None
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: ten levels of nested aliases (a 'billion laughs'
+    document of a few hundred bytes) expand to billions of nodes once validated or shown in a message.
+    Parameters never need them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias" if isinstance(event, yaml.AliasEvent) else "anchor"
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML {kind} {'*' if kind == 'alias' else '&'}{printable(str(event.anchor))} at line "
+                f"{event.start_mark.line + 1}: anchors and aliases are not allowed in parameters (write the values out)",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def safe_yaml(text: str) -> Any:
-    """yaml.safe_load, with every way it fails as one ValueError.
+    """yaml.safe_load without anchors and aliases, with every way it fails as one ValueError.
 
     PyYAML's constructors raise plain ValueError/KeyError/TypeError for well-formed YAML with bad
     content ('2001-13-45' is a timestamp with month 13; '!!int x', '!!bool x'), not only YAMLError.
     """
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ValueError(getattr(e, "problem", None) or str(e).splitlines()[0]) from None
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
@@ -388,8 +443,9 @@ class StoreSettings(BaseSettings):
                               description="key prefix inside the bucket (or the local folder)")
     s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name")
     s3_endpoint_url: str | None = Field(None, pattern=r"^https?://", description="S3-compatible endpoint (default: AWS)")
-    s3_region: str | None = Field(None, min_length=1, description="S3 region; unset: AWS_REGION, then boto3's chain "
-                                  "(AWS_DEFAULT_REGION, the profile's region), as the AWS SDKs do")
+    s3_region: str | None = Field(None, pattern=REGION_PATTERN, description="S3 region (letters, digits, '-' and "
+                                  "'_'); unset: AWS_REGION, then boto3's chain (AWS_DEFAULT_REGION, the profile's "
+                                  "region), as the AWS SDKs do")
     s3_multipart_threshold_mb: int = Field(64, ge=5, description="files above this size upload in parts")
     s3_multipart_chunksize_mb: int = Field(16, ge=5, description="size of one part (S3's minimum is 5 MiB)")
     s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode, backoff)")
@@ -398,7 +454,14 @@ class StoreSettings(BaseSettings):
     model_cache_dir: Path | None = Field(None, description="where fetched model versions are kept (one folder per "
                                          "version); default $XDG_CACHE_HOME/spottune/models or ~/.cache/spottune/models")
 
-    _no_credentials = field_validator("s3_endpoint_url")(refuse_url_credentials)
+    _endpoint_shape = field_validator("s3_endpoint_url")(check_endpoint_url)
+
+    @field_validator("store_prefix")
+    @classmethod
+    def _prefix_stays_inside(cls, value: str) -> str:
+        if any(p in (".", "..") for p in value.split("/")):
+            raise ValueError("a prefix may not hold '.' or '..' parts (it would climb out of the store)")
+        return value
 
     @model_validator(mode="after")
     def _bucket_for_s3(self) -> StoreSettings:

@@ -7,6 +7,7 @@ name, fsync, rename) and read with `torch.load(weights_only=True)`: no code runs
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import random
 import socket
@@ -260,7 +261,10 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
 
 def _temporary_prefix(path: Path) -> str:
     """Temporary names carry host and pid, so a later writer can tell which ones were left by a dead process."""
-    return f".{path.name}.tmp-{socket.gethostname()}-"
+    name = path.name
+    if len(os.fsencode(name)) > 120:  # a long (valid) name must still leave room for ".tmp-host-pid"
+        name = f"{name[:30]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
+    return f".{name}.tmp-{socket.gethostname()[:60]}-"
 
 
 def _pid_running(pid: int) -> bool:

@@ -38,6 +38,7 @@ import re
 import socket
 import struct
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ WEIGHTS = "model.safetensors"
 VERSION_FILES: tuple[str, ...] = (
     WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
 )
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` also matches before a final newline
 # A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
 # Repeated here so publishing needs no torch import; a test checks they agree.
 RUN_FILES: tuple[str, str, str] = (WEIGHTS, "model.json", "metrics.json")
@@ -155,6 +156,7 @@ class LocalBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a store file is as open() would make it
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -225,6 +227,20 @@ class LocalBackend:
         return out
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc/self/status; else set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class S3Backend:
     """S3-compatible object storage through boto3 (imported here only, so the CLI starts without it).
 
@@ -249,7 +265,20 @@ class S3Backend:
             read_timeout=settings.s3_read_timeout_s,
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else {},
         )
-        self.client = boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        try:
+            self.client = boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+        except ValueError:  # botocore's "Invalid endpoint: <the whole URL>": never repeat what may hold a secret
+            from spottune.config import shown_endpoint
+
+            raise StoreMisconfigured(f"cannot use the S3 endpoint {shown_endpoint(settings.s3_endpoint_url)} with region "
+                                     f"{settings.s3_region!r}: botocore refused it as malformed") from None
+        # Multipart uploads this backend started and has not seen finish: an upload cut off by an outage
+        # leaves its parts stored (and billed) until aborted, and s3transfer's own abort fails when the
+        # endpoint is down at that moment. They are aborted, best effort, when the upload fails and again
+        # before the next upload (a retry), so a publish that ends well leaves no orphan parts.
+        self._open_uploads: dict[str, str] = {}  # upload id -> key
+        self._uploads_lock = threading.Lock()
+        self.client.meta.events.register("after-call.s3.CreateMultipartUpload", self._upload_started)
         mb = 1024 * 1024
         self.transfer = TransferConfig(
             multipart_threshold=settings.s3_multipart_threshold_mb * mb,
@@ -303,9 +332,46 @@ class S3Backend:
     def check(self) -> None:
         self._call("reach", None, lambda: self.client.head_bucket(Bucket=self.bucket))
 
+    def _upload_started(self, parsed: dict[str, Any] | None = None, **_: Any) -> None:
+        if parsed and parsed.get("UploadId") and parsed.get("Key"):
+            with self._uploads_lock:
+                self._open_uploads[str(parsed["UploadId"])] = str(parsed["Key"])
+
+    def abort_open_uploads(self) -> list[str]:
+        """Abort every multipart upload this backend started that did not finish; best effort (an endpoint
+        still down keeps them for the next call). Returns the keys whose uploads are gone now."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        with self._uploads_lock:
+            pending = dict(self._open_uploads)
+        done = []
+        for upload_id, key in pending.items():
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
+                    continue  # access denied, throttled, ...: try again next time
+            except BotoCoreError:
+                continue  # unreachable: try again next time
+            with self._uploads_lock:
+                self._open_uploads.pop(upload_id, None)
+            done.append(key)
+        return done
+
     def put_file(self, key: str, src: Path, sha256: str) -> None:
-        self._call("upload to", key, lambda: self.client.upload_file(
-            str(src), self.bucket, key, Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256}}))
+        self.abort_open_uploads()  # an earlier attempt's leftovers, now that the endpoint may be back
+        with self._uploads_lock:
+            before = set(self._open_uploads)
+        try:
+            self._call("upload to", key, lambda: self.client.upload_file(
+                str(src), self.bucket, key, Config=self.transfer, ExtraArgs={"Metadata": {"sha256": sha256}}))
+        except BaseException:
+            self.abort_open_uploads()
+            raise
+        with self._uploads_lock:  # completed: the upload this call started is no longer open
+            for upload_id in set(self._open_uploads) - before:
+                if self._open_uploads[upload_id] == key:
+                    del self._open_uploads[upload_id]
 
     def put_bytes(self, key: str, data: bytes, *, if_match: str | None = None, if_absent: bool = False) -> str:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data,
@@ -406,6 +472,18 @@ class PublishResult:
     already_published: bool
 
 
+def content_version(entries: dict[str, dict[str, Any]]) -> str:
+    """The default version of a set of files: 12 hex of the weights' sha256, then 6 hex of the sha256 of
+    every published file (metrics.json with its timings, model.json, gate, report, data version, ...).
+
+    The same files always give the same version (re-publishing is a no-op), while identical weights
+    published with anything else (a forced retrain's new timings, another clone's run) get a version of
+    their own instead of clashing with the one already stored.
+    """
+    digests = {f: e["sha256"] for f, e in sorted(entries.items())}
+    return f"{entries[WEIGHTS]['sha256'][:12]}-{_sha256_bytes(_dump(digests))[:6]}"
+
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -432,9 +510,19 @@ def default_actor() -> str:
 
 
 def _check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
         raise StoreError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (at most 128)")
     return value
+
+
+def check_prefix(prefix: str) -> str:
+    """A key prefix: '/'-separated names, no leading '/', no empty, '.' or '..' segment (S3 keys would
+    otherwise read as paths that climb out of the prefix for any tool that maps them to folders)."""
+    if prefix and (prefix.startswith("/") or any(p in ("", ".", "..") for p in prefix.split("/"))
+                   or not all(re.fullmatch(r"[A-Za-z0-9._-]+", p) for p in prefix.split("/"))):
+        raise StoreError(f"invalid store prefix {prefix!r}: use names of letters, digits, '.', '_' or '-' separated "
+                         "by '/', without a leading '/', empty parts, '.' or '..'")
+    return prefix
 
 
 def _dump(obj: Any) -> bytes:
@@ -472,7 +560,7 @@ class ArtifactStore:
 
     def __init__(self, backend: Backend, prefix: str = "") -> None:
         self.backend = backend
-        self.prefix = prefix.strip("/")
+        self.prefix = check_prefix(prefix)
 
     # keys -------------------------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -570,8 +658,8 @@ class ArtifactStore:
         Idempotent: files already stored with the right sha256 are skipped, so re-running after a
         failure mid-upload only sends what is missing. A version whose manifest already exists is
         left as it is when its files are the same, and refused when they differ. The version
-        defaults to the first 12 hex digits of the weights' sha256, so the same run always maps to
-        the same version. The gate's verdict is one of the files: a failed gate makes a candidate
+        defaults to `content_version`: 12 hex of the weights' sha256 and 6 of every published file,
+        so the same files always map to the same version and other content never clashes with it. The gate's verdict is one of the files: a failed gate makes a candidate
         that `promote` will always refuse.
         """
         from tempfile import TemporaryDirectory
@@ -580,7 +668,7 @@ class ArtifactStore:
         with TemporaryDirectory(prefix="spottune-publish-") as tmp:
             files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report)
             entries = {f: {"sha256": sha256_file(p), "size": p.stat().st_size} for f, p in files.items()}
-            version = _check_name("version", version or entries[WEIGHTS]["sha256"][:12])
+            version = _check_name("version", version or content_version(entries))
             existing = self._existing_manifest(name, version)
             if existing is not None:
                 return self._same_or_refuse(name, version, existing, entries)
@@ -683,9 +771,15 @@ class ArtifactStore:
             return None
         try:
             pointer = json.loads(got[0])
-            _check_name("version", pointer["version"])
-        except (ValueError, KeyError, TypeError, StoreError) as e:
-            raise IntegrityError(f"{self.backend.url(key)} is not a valid production pointer: {e}") from None
+            _check_pointer_entry(pointer, "")
+            history = pointer.get("history", [])
+            if not isinstance(history, list):
+                raise ValueError(f"history is a {type(history).__name__}, not a list")
+            for i, entry in enumerate(history):
+                _check_pointer_entry(entry, f"history[{i}]: ")
+        except (ValueError, KeyError, TypeError, AttributeError, StoreError) as e:
+            raise IntegrityError(f"{self.backend.url(key)} is not a valid production pointer: "
+                                 f"{type(e).__name__ + ' ' if isinstance(e, KeyError) else ''}{e}") from None
         return pointer, got[1]
 
     def _gate_of(self, name: str, version: str) -> dict[str, Any]:
@@ -876,6 +970,15 @@ class ArtifactStore:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _check_pointer_entry(entry: Any, where: str) -> None:
+    """A pointer, or one entry of its history: a valid version and a sha256 (what promote and rollback use)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}expected an object, got {type(entry).__name__}")
+    _check_name("version", entry["version"])
+    if not isinstance(entry.get("manifest_sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["manifest_sha256"]):
+        raise ValueError(f"{where}manifest_sha256 of {entry['version']} is not a sha256")
 
 
 def _history_entry(pointer: dict[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("publish", help="upload a finished run to the artifact store as a model version")
     p.add_argument("run", type=Path, help="finished run directory")
     p.add_argument("--name", required=True, help="model name in the store")
-    p.add_argument("--version", default=None, help="version (default: first 12 hex digits of the weights' sha256)")
+    p.add_argument("--version", default=None, help="version (default: 12 hex of the weights' sha256, then 6 of all published files)")
     p.add_argument("--data-version", default=None, help="the data.dvc md5 the run was trained on")
     p.add_argument("--report", type=Path, default=None, help="evaluation report (Markdown) to publish with it")
     p.add_argument("--candidate-only", action="store_true",

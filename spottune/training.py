@@ -196,6 +196,24 @@ def save_model(model: TransferModel, params: Params, classes: list[str], run: Ru
     write_json(run.model_card, {"format": MODEL_FORMAT, "params": params.model_dump(mode="json"), "classes": classes})
 
 
+def read_model_card(path: Path) -> dict[str, Any]:
+    """A run's model.json, checked for the shape load_model needs: CheckpointError naming the file otherwise."""
+    try:
+        card = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a readable model card ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
+        got = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise CheckpointError(f"{path}: unknown format {str(got)[:100]!r}, expected {MODEL_FORMAT}")
+    params, classes = card.get("params"), card.get("classes")
+    if not isinstance(params, dict) or not isinstance(params.get("model", {}), dict):
+        raise CheckpointError(f"{path}: 'params' must be a mapping of sections (with 'model' a mapping)")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: 'classes' must be a non-empty list of class names")
+    return card
+
+
 def load_model(run_dir: Path) -> tuple[TransferModel, Params, list[str]]:
     """Rebuild a trained model from its run directory; no pretrained download, no pickle."""
     from safetensors.torch import load_file
@@ -203,11 +221,9 @@ def load_model(run_dir: Path) -> tuple[TransferModel, Params, list[str]]:
     run = RunDir(run_dir)
     if not run.model_card.is_file() or not run.weights.is_file():
         raise CheckpointError(f"{run.root} holds no finished model (model.json and model.safetensors)")
-    card = json.loads(run.model_card.read_text())
-    if card.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{run.model_card}: unknown format {card.get('format')!r}, expected {MODEL_FORMAT}")
+    card = read_model_card(run.model_card)
     raw = card["params"]
-    raw["model"] = {**raw["model"], "weights": "none"}  # the saved state holds every weight
+    raw["model"] = {**raw.get("model", {}), "weights": "none"}  # the saved state holds every weight
     params = validate_params(raw, str(run.model_card))
     model = build_model(params, len(card["classes"]), pretrained=False)
     try:

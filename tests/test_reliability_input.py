@@ -11,6 +11,7 @@ test_store.py. This file adds what those do not.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -295,6 +296,77 @@ def test_an_empty_data_directory_is_refused_and_nothing_is_written(capsys, tmp_p
         build_datasets(DataParams(root=root, image_size=32), seed=0)
 
 
+def snapshot_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_overwrite_refuses_a_source_inside_the_output_or_an_output_inside_the_source(fashion_root, tmp_path):
+    """`spottune data SRC --out OUT --overwrite` removed OUT as a whole: with SRC inside OUT that deleted the
+    source and everything beside it. Refused before anything is deleted or written, as is OUT inside SRC."""
+    work = tmp_path / "work"
+    src = real_tree(fashion_root, work / "incoming", {c: c for c in FASHION}, train=2, test=1)
+    (work / "notes.txt").write_text("unrelated, must survive\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link-to-work").symlink_to(work)
+    cases = [(src, work), (src, tmp_path / "link-to-work"), (src, src), (work, work / "incoming" / "copy"),
+             (work, work / "new" / "deeper"), (tmp_path / "work.partial", work)]
+    (tmp_path / "work.partial").mkdir()
+    shutil.copytree(src / "train", tmp_path / "work.partial" / "train")
+    before = snapshot_tree(tmp_path)
+    for source, out in cases:
+        r = subprocess.run([sys.executable, "-m", "spottune.cli", "data", str(source), "--out", str(out), "--overwrite"],
+                           cwd=tmp_path / "elsewhere", env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "inside" in r.stderr and "nothing was written or deleted" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert snapshot_tree(tmp_path) == before, (source, out)
+        assert not (work / "new").exists() and not list(tmp_path.rglob("*.partial/dataset.json"))
+    assert cli_ok(["data", str(src), "--out", str(tmp_path / "elsewhere" / "copy"), "--overwrite"], tmp_path)
+
+
+def cli_ok(argv: list[str], cwd: Path) -> bool:
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], cwd=cwd, env=clean_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return True
+
+
+def test_data_from_class_folders_alone_gets_seeded_test_and_val_splits_and_trains(capsys, fashion_root, tmp_path):
+    """`spottune data DIR` with DIR/CLASS/* (no train/ or test/): the dataset holds train/ only, and prepare
+    gave 0 test images, validate failed and training said 'no test images'. prepare now carves test
+    (prepare.test_fraction) and val (prepare.val_fraction) per class from train/, seeded."""
+    src = tmp_path / "photos"
+    for c in FASHION:
+        (src / c).mkdir(parents=True)
+        for f in sorted((fashion_root / "train" / c).glob("*.png"))[:10]:
+            shutil.copyfile(f, src / c / f.name)
+    out = tmp_path / "data" / "photos"
+    code, text = cli(capsys, "data", src, "--out", out)
+    assert code == 0, text
+    params = params_file(tmp_path, out, prepare={"test_fraction": 0.2, "val_fraction": 0.25, "seed": 3})
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 0 and "8 test" in text, text
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open()))
+    per_split = {s: {c: sum(1 for r in rows if r["split"] == s and r["label"] == c) for c in FASHION}
+                 for s in ("train", "val", "test")}
+    assert per_split == {"train": dict.fromkeys(FASHION, 6), "val": dict.fromkeys(FASHION, 2),
+                         "test": dict.fromkeys(FASHION, 2)}, per_split
+    first = manifest.read_bytes()
+    assert cli(capsys, "prepare", "--params", params)[0] == 0 and manifest.read_bytes() == first, "seeded"
+    (tmp_path / "other").mkdir()
+    params_other_seed = params_file(tmp_path / "other", out, prepare={"manifest": str(tmp_path / "other.csv"), "seed": 4,
+                                                                       "test_fraction": 0.2, "val_fraction": 0.25})
+    assert cli(capsys, "prepare", "--params", params_other_seed)[0] == 0
+    assert (tmp_path / "other.csv").read_bytes() != first
+
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert code == 0 and "passed" in text, text
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
+    assert code == 0, text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["images"] == 2 * len(FASHION)
+
+
 def test_a_split_without_images_fails_validation_and_training_names_it(capsys, tree, tmp_path):
     for f in (tree / "test").rglob("*.png"):
         f.unlink()
@@ -306,6 +378,147 @@ def test_a_split_without_images_fails_validation_and_training_names_it(capsys, t
     code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
     assert code == 2 and "no test images" in text and str(manifest) in text, text
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed files written by earlier stages: a run's model.json, a manifest
+
+
+@pytest.mark.parametrize("card", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]", b'{"format": "spottune-model/1"}',
+                                  b'{"format": "spottune-model/1", "params": "x", "classes": ["a"]}',
+                                  b'{"format": "spottune-model/1", "params": {"model": 3}, "classes": ["a"]}',
+                                  b'{"format": "spottune-model/1", "params": {}, "classes": "abc"}', b'{"format": {}}'],
+                         ids=["not-json", "not-utf8", "a-list", "no-params", "params-not-a-mapping",
+                              "model-not-a-mapping", "classes-not-a-list", "format-not-a-string"])
+def test_a_malformed_model_json_is_one_line_naming_it(capsys, tmp_path, card):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"\x00" * 16)
+    (run / "model.json").write_bytes(card)
+    for command in (["evaluate", run], ["export-backbone", run, "--out", tmp_path / "b.safetensors"]):
+        code, text = cli(capsys, *command)
+        assert code == 2 and text.startswith(f"error: {run / 'model.json'}") and text.count("\n") == 1, text
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+@pytest.mark.parametrize("tamper, words", [
+    (lambda lines: lines[:2] + [lines[2].replace(",28,28,", ",wide,28,", 1)] + lines[3:], ["line 3", "width 'wide'"]),
+    (lambda lines: lines[:4] + [lines[4].replace(",28,28,L,", ",28,28,L,1.5e3x", 1)] + lines[5:], ["line 5", "bytes"]),
+    (lambda lines: lines[:2] + [lines[2].replace("bag", "b\udcffag", 1)] + lines[3:], ["not UTF-8"]),
+], ids=["width-not-an-integer", "bytes-not-an-integer", "not-utf8"])
+def test_a_manifest_with_a_bad_field_is_one_line_naming_it(capsys, tree, tmp_path, tamper, words):
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    lines = manifest.read_text().split("\n")
+    assert ",28,28,L," in lines[2] and ",28,28,L," in lines[4]
+    manifest.write_bytes("\n".join(tamper(lines)).encode("utf-8", "surrogateescape"))
+    for command in (["validate", "--params", params, "--out-dir", tmp_path / "report"],
+                    ["train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}"]):
+        code, text = cli(capsys, *command)
+        assert code == 2 and text.startswith(f"error: {manifest}") and text.count("\n") == 1, text
+        assert all(w in text for w in words), text
+    assert not (tmp_path / "run").exists() and not (tmp_path / "report").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths: a directory where a file is expected, long names
+
+
+def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid_names_work(capsys, tree, tmp_path):
+    """An existing directory given where a file is expected (or a file where a directory is), or a name over
+    the file system's limit, is refused in one line before any work; a 240-character name (valid) works:
+    its temporary name used to exceed the limit and fail with a traceback after the work was done."""
+    params = params_file(tmp_path, tree)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    a_dir, a_file = tmp_path / "a-dir", tmp_path / "a-file"
+    a_dir.mkdir()
+    a_file.write_text("keep\n")
+    long_name, too_long = "m" * 235 + ".json", "m" * 300 + ".json"
+
+    def refused(*args: Any, words: str) -> None:
+        code, text = cli(capsys, *args)
+        assert code == 2 and text.startswith("error: ") and text.count("\n") == 1 and words in text, text
+        assert "Traceback" not in text
+
+    validate = ("validate", "--params", params)
+    refused(*validate, "--out-dir", tmp_path / "report", "--metrics", a_dir, words=f"--metrics {a_dir} is a directory")
+    refused(*validate, "--out-dir", a_file, words=f"--out-dir {a_file} is a regular file, not a directory")
+    refused(*validate, "--out-dir", tmp_path / "report", "--metrics", tmp_path / too_long, words="over the file system's limit")
+    refused(*validate, "--out-dir", tmp_path / too_long / "x", words="--out-dir")
+    refused(*validate, "--out-dir", tmp_path / "report", "--metrics", a_file / "m.json", words=f"{a_file} is not a directory")
+    assert not (tmp_path / "report").exists() and a_file.read_text() == "keep\n"
+    code, text = cli(capsys, *validate, "--out-dir", tmp_path / "report", "--metrics", tmp_path / long_name)
+    assert code == 0 and json.loads((tmp_path / long_name).read_text())["success"], text
+
+    run = tmp_path / "run"
+    refused("train", "--params", params, "--out", run, "--plots", a_dir, words="--plots")
+    assert not run.exists()
+    code, text = cli(capsys, "train", "--params", params, "--out", run, "--metrics", tmp_path / ("t" * 235 + ".json"),
+                     "--set", f"data.manifest={tmp_path / 'prepared' / 'manifest.csv'}")
+    assert code == 0 and (tmp_path / ("t" * 235 + ".json")).is_file(), text
+    refused("train", "--params", params, "--out", a_file, words=f"--out {a_file} is a regular file, not a directory")
+    refused("evaluate", run, "--out", a_dir, words=f"--out {a_dir} is a directory")
+    refused("export-backbone", run, "--out", a_dir, words=f"--out {a_dir} is a directory")
+    refused("compare", run, run, "--report", a_dir, words=f"--report {a_dir} is a directory")
+    refused("compare", run, run, "--json", tmp_path / too_long, words="--json")
+    code, text = cli(capsys, "compare", run, run, "--report", tmp_path / ("r" * 237 + ".md"))
+    assert code == 0 and (tmp_path / ("r" * 237 + ".md")).read_text().startswith("#"), text
+    assert sorted(p.name for p in a_dir.iterdir()) == [] and not list(tmp_path.glob(".*tmp*"))
+
+
+def special_files(tmp_path: Path) -> dict[str, Path]:
+    """A directory, a FIFO and (as root) a character device like /dev/null, each a would-be manifest path."""
+    import os
+    import stat as stat_
+
+    made = {"directory": tmp_path / "as-dir.csv", "FIFO": tmp_path / "as-fifo.csv"}
+    made["directory"].mkdir()
+    os.mkfifo(made["FIFO"])
+    if os.geteuid() == 0:
+        made["character device"] = tmp_path / "null"
+        os.mknod(made["character device"], stat_.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own
+    return made
+
+
+def test_prepare_refuses_a_manifest_path_that_is_not_a_regular_file(capsys, tree, tmp_path):
+    """`--set prepare.manifest=/dev/null` as root replaced /dev/null with a regular file (rename over it).
+    Here on a device node of our own, a FIFO and a directory: refused, left as they were, no *.tmp."""
+    import stat as stat_
+
+    params = params_file(tmp_path, tree)
+    for kind, path in special_files(tmp_path).items():
+        before = path.lstat()
+        code, text = cli(capsys, "prepare", "--params", params, "--set", f"prepare.manifest={path}")
+        assert code == 2 and f"prepare.manifest {path} is a{'n' if kind[0] in 'aeiou' else ''} {kind}" in text, text
+        assert text.count("\n") == 1, text
+        after = path.lstat()
+        assert stat_.S_IFMT(after.st_mode) == stat_.S_IFMT(before.st_mode) and after.st_ino == before.st_ino
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*/*.tmp"))
+    from spottune.data.manifest import build_manifest, write_manifest
+    from spottune.config import PrepareParams
+
+    with pytest.raises(ConfigError, match="FIFO"):
+        write_manifest(build_manifest(tree, PrepareParams()), tmp_path / "as-fifo.csv")
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_leaves_no_temporary_file(capsys, tree, tmp_path):
+    import os
+
+    bad = tree / "train" / "bag" / os.fsdecode(b"photo-\xff\xfe.png")
+    shutil.copyfile(next((tree / "train" / "bag").glob("*.png")), bad)
+    params = params_file(tmp_path, tree)
+    code, text = cli(capsys, "prepare", "--params", params)
+    assert code == 2 and "not UTF-8" in text and "photo-\\udcff\\udcfe.png" in text and text.count("\n") == 1, text
+    assert not (tmp_path / "prepared" / "manifest.csv").exists()
+    assert not list(tmp_path.rglob("*.tmp")), list(tmp_path.rglob("*.tmp"))
+
+    from spottune.data.manifest import ManifestRow, write_manifest
+
+    rows = [ManifestRow(f"train/bag/{bad.name}", "bag", "train", 28, 28, "L", 10, "0" * 64)]
+    with pytest.raises(DataError, match="not UTF-8"):
+        write_manifest(rows, tmp_path / "direct" / "manifest.csv")
+    assert list((tmp_path / "direct").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +623,43 @@ def test_cli_set_with_a_broken_value_exits_2_naming_the_key(capsys, tmp_path, pa
     assert not (tmp_path / "run").exists()
 
 
+def alias_bomb(levels: int = 10) -> str:
+    """A params.yaml of a few hundred bytes whose data.root expands to 10**levels strings ('billion laughs')."""
+    lines = ["bomb:", '  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\ndata:\n  root: *l{levels - 1}\n"
+
+
+def test_a_yaml_alias_bomb_in_params_is_refused_in_seconds_naming_the_file(tmp_path):
+    """Before: pydantic's error held the value and its repr was built in full before being cut: minutes,
+    then MemoryError. Anchors and aliases are refused as the file is read."""
+    path = tmp_path / "params.yaml"
+    path.write_text(alias_bomb())
+    assert len(path.read_bytes()) < 1_000
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "prepare", "--params", str(path)], cwd=tmp_path,
+                       env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+    assert "aliases are not allowed" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "prepared").exists()
+    with pytest.raises(ConfigError, match="anchor &a at line 1"):
+        load_params(None, ["optim.epochs=&a 3"])
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**63), str(-(2**63) - 1)])
+def test_an_out_of_range_seed_is_refused_naming_the_key_and_the_extremes_train(capsys, tree, tmp_path, seed):
+    """torch's generators take 64-bit seeds: optim.seed=99999999999999999999999 was accepted, then training
+    died with a traceback ('Overflow when unpacking long'). Refused before any work; both extremes train."""
+    params = params_file(tmp_path, tree, data={"manifest": None, "val_fraction": 0.25})
+    code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"optim.seed={seed}")
+    assert code == 2 and "optim.seed" in text and "Traceback" not in text and not (tmp_path / "run").exists(), text
+    for extreme in (2**63 - 1, -(2**63)) if seed == str(2**63) else ():
+        code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / f"run{extreme}",
+                         "--set", f"optim.seed={extreme}")
+        assert code == 0 and (tmp_path / f"run{extreme}" / "model.safetensors").is_file(), text
+
+
 def test_flow_command_line_set_with_a_broken_value_exits_2_naming_the_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(tmp_path), "--set", "optim.epochs=[1, 2"],
                        cwd=PROJECT, env=clean_env(PREFECT_HOME=str(tmp_path / "prefect")), capture_output=True, text=True,
@@ -507,6 +757,65 @@ def test_credentials_in_an_endpoint_url_are_refused_without_being_repeated(capsy
         code, text = cli(capsys, "remote", "--params", repo / "params.yaml")
         assert code == 2 and not leaks(text) and "credentials in the URL" in text, text
         assert (repo / ".dvc" / "config").read_bytes() == config and not (repo / ".dvc" / "config.local").exists()
+
+
+@pytest.mark.parametrize("region", ["../../x", "us-east-1/../../x", "eu west", "", "x" * 100, "a\nb"])
+def test_a_region_of_the_wrong_shape_is_refused_naming_the_variable(capsys, monkeypatch, tmp_path, region):
+    """SPOTTUNE_S3_REGION=../../x was accepted (it becomes part of AWS hostnames and signatures) and
+    SPOTTUNE_REMOTE_REGION=../../x was written to .dvc/config.local."""
+    from spottune.store_cli import store_settings
+
+    monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
+    monkeypatch.setenv("SPOTTUNE_S3_BUCKET", "models")
+    monkeypatch.setenv("SPOTTUNE_S3_REGION", region)
+    with pytest.raises(ConfigError, match="SPOTTUNE_S3_REGION"):
+        store_settings()
+    monkeypatch.setenv("SPOTTUNE_REMOTE_REGION", region)
+    with pytest.raises(ConfigError, match="region"):
+        RemoteSettings.resolve(Params().remote)
+    repo = new_pipeline_repo(tmp_path / "repo")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("SPOTTUNE_REMOTE_URL", "s3://models/dvcstore")
+    code, text = cli(capsys, "remote", "--params", repo / "params.yaml")
+    assert code == 2 and "region" in text and not (repo / ".dvc" / "config.local").exists(), text
+    for ok in ("us-east-1", "eu-west-1", "default", "zg_1"):
+        monkeypatch.setenv("SPOTTUNE_S3_REGION", ok)
+        assert store_settings().s3_region == ok
+
+
+SECRET_IN_URL = f"sk-{uuid.uuid4().hex}"
+MALFORMED_ENDPOINTS = [f"http://exa mple.org:9000/{SECRET_IN_URL}", f"http://[::1/{SECRET_IN_URL}",
+                       f"http://host:99999/{SECRET_IN_URL}", f"http://host/?X-Amz-Credential={SECRET_IN_URL}",
+                       f"https://{SECRET_IN_URL}#frag", f"http://host/{SECRET_IN_URL}\n", f"http://host:{SECRET_IN_URL}"]
+
+
+@pytest.mark.parametrize("url", MALFORMED_ENDPOINTS, ids=range(len(MALFORMED_ENDPOINTS)))
+def test_a_malformed_endpoint_is_refused_without_repeating_it(capsys, monkeypatch, tmp_path, url):
+    """botocore's 'Invalid endpoint: <URL>' came as a traceback that printed the whole string; a secret pasted
+    into it (a token in the query or path) reached the terminal and the logs."""
+    env = clean_env(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", SPOTTUNE_STORE_BACKEND="s3",
+                    SPOTTUNE_S3_BUCKET="models", SPOTTUNE_S3_ENDPOINT_URL=url, SPOTTUNE_S3_MAX_ATTEMPTS="1")
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "models", "list", "fashion"], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "SPOTTUNE_S3_ENDPOINT_URL" in r.stderr and "malformed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and SECRET_IN_URL not in r.stdout + r.stderr, r.stderr
+    monkeypatch.setenv("SPOTTUNE_REMOTE_ENDPOINT_URL", url)
+    with pytest.raises(ConfigError, match="malformed endpoint URL") as err:
+        RemoteSettings.resolve(Params().remote)
+    assert SECRET_IN_URL not in str(err.value) and str(err.value).count("\n") == 1, str(err.value)
+
+
+def test_the_store_never_repeats_an_endpoint_that_botocore_refuses(monkeypatch):
+    """Belt and braces below the settings: whatever botocore refuses as an endpoint, the StoreError shows
+    scheme and host at most."""
+    from spottune.config import StoreSettings
+    from spottune.store import S3Backend
+
+    settings = StoreSettings.model_construct(**{**StoreSettings(store_backend="s3", s3_bucket="models").model_dump(),
+                                                "s3_endpoint_url": f"http://exa mple.org/{SECRET_IN_URL}"})
+    with pytest.raises(StoreError, match="malformed") as err:
+        S3Backend(settings)
+    assert SECRET_IN_URL not in str(err.value) and "http://exa" in str(err.value)
 
 
 @pytest.mark.slow

@@ -110,7 +110,7 @@ def test_publish_verifies_every_file_and_writes_the_manifest_last(store, finishe
     result = store.publish(finished_run, NAME, gate=PASS, data_version="0123456789abcdef0123456789abcdef",
                            report=tmp_path / "report.md")
 
-    assert result.version == sha256_file(finished_run / "model.safetensors")[:12]
+    assert result.version.startswith(sha256_file(finished_run / "model.safetensors")[:12] + "-")
     assert recorder.writes[-1] == store.version_key(NAME, result.version, MANIFEST)
     assert version_keys(store, result.version) == expected_keys(store, result.version)
     manifest, _ = store.read_manifest(NAME, result.version)
@@ -130,6 +130,28 @@ def test_publish_verifies_every_file_and_writes_the_manifest_last(store, finishe
         b = store.backend.inner
         etag = b.client.head_object(Bucket=b.bucket, Key=store.version_key(NAME, result.version, "model.safetensors"))["ETag"]
         assert "-" in etag, etag
+
+
+def test_identical_weights_with_other_metrics_publish_as_a_distinct_version(store, finished_run, tmp_path):
+    """A forced retrain (or another clone sharing the store) gives the same weights but new timings in
+    metrics.json: its default version differs, so it publishes instead of clashing with the first; the
+    same files again are still a no-op."""
+    retrained = tmp_path / "retrained"
+    shutil.copytree(finished_run, retrained)
+    metrics = json.loads((retrained / "metrics.json").read_text())
+    metrics["retimed"] = {"images_per_second": 1234.5}
+    (retrained / "metrics.json").write_text(json.dumps(metrics))
+
+    first = store.publish(finished_run, NAME, gate=PASS)
+    second = store.publish(retrained, NAME, gate=PASS)
+    assert not second.already_published and second.version != first.version
+    assert second.version[:12] == first.version[:12] == sha256_file(finished_run / "model.safetensors")[:12]
+    rows = {r.version: r for r in store.list_versions(NAME)}
+    assert set(rows) == {first.version, second.version} and all(r.complete for r in rows.values())
+    assert store.publish(finished_run, NAME, gate=PASS).already_published
+    assert store.publish(retrained, NAME, gate=PASS).version == second.version
+    store.promote(NAME, second.version)
+    assert store.production(NAME)["version"] == second.version
 
 
 def test_a_corrupted_object_is_refused_by_fetch_and_promote(store, finished_run, tmp_path):
@@ -190,6 +212,37 @@ def test_a_rollback_from_a_named_version_is_safe_to_repeat(store, finished_run, 
     with pytest.raises(PromotionRefused, match="production is v2, not v9"):
         store.rollback(NAME, expect_current="v9")
     assert store.production(NAME)["version"] == "v2"
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: {**p, "history": [{"version": p["history"][0]["version"]}]},
+    lambda p: {**p, "history": [{**p["history"][0], "manifest_sha256": None}]},
+    lambda p: {**p, "history": [{**p["history"][0], "version": "../v0"}]},
+    lambda p: {**p, "history": [3]},
+    lambda p: {**p, "history": "v1"},
+    lambda p: {k: v for k, v in p.items() if k != "manifest_sha256"},
+], ids=["no-manifest-sha", "sha-null", "version-climbs", "entry-not-object", "history-not-list", "pointer-no-sha"])
+def test_a_tampered_pointer_history_is_an_integrity_error_not_a_key_error(store, finished_run, other_run, tamper,
+                                                                           capsys, monkeypatch):
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.publish(other_run, NAME, "v2", gate=PASS)
+    store.promote(NAME, "v1")
+    store.promote(NAME, "v2")
+    key = store.model_key(NAME, "production.json")
+    pointer = json.loads(store.backend.get_bytes(key)[0])
+    store.backend.put_bytes(key, json.dumps(tamper(pointer)).encode())
+    for action in (lambda: store.rollback(NAME), lambda: store.promote(NAME, "v1"), lambda: store.production(NAME)):
+        with pytest.raises(IntegrityError, match="production.json is not a valid production pointer"):
+            action()
+    if isinstance(store.backend, LocalBackend):  # the command line: one line, exit 2
+        from spottune.cli import main
+
+        monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "local")
+        monkeypatch.setenv("SPOTTUNE_STORE_ROOT", str(store.backend.root))
+        assert main(["rollback", NAME]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "not a valid production pointer" in err, err
+    assert [a["action"] for a in store.audit_trail(NAME)] == ["promote", "promote"]
 
 
 def test_a_version_that_failed_the_gate_never_becomes_production(store, finished_run, other_run):
@@ -461,6 +514,97 @@ def test_local_backend_refuses_keys_that_climb_out(tmp_path):
         backend.put_bytes("models/../../etc/x", b"x")
     with pytest.raises(StoreError, match="invalid model name"):
         ArtifactStore(backend).model_key("../x")
+
+
+def test_names_and_versions_with_a_trailing_newline_are_refused(store, finished_run):
+    """`$` matches before a final newline: names and versions are checked with fullmatch."""
+    for name, version in (("fashion\n", "v1"), (NAME, "v1\n"), ("fashion\nx", "v1")):
+        with pytest.raises(StoreError, match="invalid (model name|version)"):
+            store.publish(finished_run, name, version, gate=PASS)
+    with pytest.raises(StoreError, match="invalid version"):
+        store.promote(NAME, "v1\n")
+    assert store.backend.list_sizes(store.prefix + "/" if store.prefix else "") == {}
+
+
+@pytest.mark.parametrize("prefix", ["../esc", "team/../../esc", "./x", "a//b", "/abs"])
+def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, finished_run, tmp_path, prefix):
+    """SPOTTUNE_STORE_PREFIX=../esc was accepted and written as S3 keys ('../esc/models/...')."""
+    from support import clean_env
+
+    bucket = new_bucket(moto)
+    env = clean_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true",
+                    SPOTTUNE_STORE_BACKEND="s3", SPOTTUNE_S3_BUCKET=bucket, SPOTTUNE_S3_ENDPOINT_URL=moto.url,
+                    SPOTTUNE_STORE_PREFIX=prefix)
+    r = subprocess.run([sys.executable, "-m", "spottune.cli", "publish", str(finished_run), "--name", NAME],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "SPOTTUNE_STORE_PREFIX" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 2, r.stderr
+    with pytest.raises(StoreError, match="invalid store prefix"):
+        ArtifactStore(LocalBackend(tmp_path / "store"), prefix)
+    import boto3
+
+    assert boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").list_objects_v2(
+        Bucket=bucket).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode):
+    """Atomic writes go through mkstemp (always 0600): a shared store read by a serving user or a backup
+    could not read them. Files get 0666 & ~umask, as any other file the process creates."""
+    from support import clean_env
+
+    env = clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"))
+    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"], ["promote", NAME, "v1"]):
+        r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path, umask=umask)
+        assert r.returncode == 0, r.stderr
+    files = [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file() and ".locks" not in p.parts]
+    assert len(files) == len(VERSION_FILES) + 3  # the version's files, its manifest, production.json, one audit record
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tmp_path).as_posix(): oct(mode) for p in files}
+
+
+def test_a_multipart_upload_cut_off_by_an_outage_is_aborted_and_leaves_no_parts(moto, finished_run):
+    """The weights (> 5 MiB) go up in 5 MiB parts. The endpoint drops while a part is sent and is still down
+    when s3transfer tries to abort the upload, so its parts stay stored (and billed) with no object. The
+    store aborts its unfinished uploads when the upload fails and again before the next one (the retry):
+    once the publish succeeds, the bucket holds no multipart upload."""
+    import boto3
+    from botocore.exceptions import EndpointConnectionError
+
+    bucket = new_bucket(moto)
+    store = open_store(s3_settings(moto, bucket))
+    backend = store.backend
+    assert isinstance(backend, S3Backend) and (finished_run / "model.safetensors").stat().st_size > 5 * 1024 * 1024
+    state = {"parts": 0, "fail_from_part": 2, "abort_down": True}
+
+    def part(**_: Any) -> None:
+        state["parts"] += 1
+        if state["parts"] >= state["fail_from_part"]:  # the connection drops while this part is sent
+            raise EndpointConnectionError(endpoint_url=moto.url)
+
+    def abort(**_: Any) -> None:
+        if state["abort_down"]:
+            raise EndpointConnectionError(endpoint_url=moto.url)
+
+    backend.client.meta.events.register("before-call.s3.UploadPart", part)
+    backend.client.meta.events.register("before-call.s3.AbortMultipartUpload", abort)
+    s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
+
+    with pytest.raises(StoreError, match="model.safetensors.*unreachable"):
+        store.publish(finished_run, NAME, "v1", gate=PASS)
+    [orphan] = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])  # the outage hid every abort
+    assert orphan["Key"] == store.version_key(NAME, "v1", "model.safetensors")
+
+    state.update(fail_from_part=10**9, abort_down=False)  # the endpoint is back: the retry publishes
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    store.verify_version(NAME, "v1")
+
+    state.update(parts=0, fail_from_part=2)  # a part fails with the endpoint up: aborted at once
+    with pytest.raises(StoreError):
+        store.publish(finished_run, NAME, "v2", gate=PASS)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 def test_run_layout_matches_training():

@@ -4,7 +4,8 @@
 
 `path` is relative to the data root (POSIX separators), so a manifest stays valid when the tree
 moves. Splits come from the tree (ROOT/train, ROOT/val, ROOT/test) where it has them, and are
-carved per class with a seeded permutation where it does not: the same tree and the same
+carved per class with a seeded permutation where it does not (test from the pool of class folders,
+or from train/ when there is no test/; val from train when there is no val/): the same tree and the same
 `prepare` params always give the same manifest, byte for byte.
 
 Nothing here decodes pixels: width, height and mode come from the file header (cheap, and safe
@@ -85,11 +86,24 @@ def scan_tree(root: Path) -> list[tuple[str, str, str | None]]:
                     found.append((f.relative_to(root).as_posix(), class_dir.name, split))
     if not found:
         raise DataError(f"{root}: no image files in class folders (expected ROOT/train/CLASS/*.png or ROOT/CLASS/*.png)")
+    undecodable = [ascii(rel) for rel, _, _ in found if not _utf8(rel)]
+    if undecodable:
+        raise DataError(f"{root}: {len(undecodable)} file name(s) are not UTF-8 (the manifest is UTF-8 text): rename "
+                        f"them: {', '.join(undecodable[:20])}")
     escaping = outside_links(root, [root / rel for rel, _, _ in found])
     if escaping:
         raise DataError(f"{root}: {len(escaping)} file(s) are symlinks that lead outside the data directory "
                         f"(copy them into it instead): {', '.join(escaping[:20])}")
     return sorted(found)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name (as os gives it: undecodable bytes as surrogates) is valid UTF-8 text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _held_out(paths: list[str], fraction: float, rng: random.Random) -> set[str]:
@@ -99,17 +113,22 @@ def _held_out(paths: list[str], fraction: float, rng: random.Random) -> set[str]
     return set(order[: int(round(len(order) * fraction))]) if fraction > 0 else set()
 
 
-def assign_splits(files: list[tuple[str, str, str | None]], params: PrepareParams) -> dict[str, str]:
+def assign_splits(files: list[tuple[str, str, str | None]], params: PrepareParams,
+                  has_test: bool | None = None) -> dict[str, str]:
     """path -> split. Stratified: every class gives the same fraction, drawn with a per-class seed.
 
-    Keeps the tree's own test/ and val/ when present; carves test from a pool (no split folders)
-    with `test_fraction`, then val from train with `val_fraction` when the tree has no val/.
+    Keeps the tree's own test/ and val/ when present; carves test with `test_fraction` from a pool
+    (no split folders) or, when the tree has no test/ folder (has_test False; default: no file is in
+    test), from train/ (what `spottune data` makes of class folders alone), then val from train with
+    `val_fraction` when the tree has no val/.
     """
     by_class: dict[str, list[str]] = defaultdict(list)
     split_of: dict[str, str] = {}
     has_val = any(s == "val" for _, _, s in files)
+    if has_test is None:
+        has_test = any(s == "test" for _, _, s in files)
     for path, label, split in files:
-        if split is None:
+        if split is None or (split == "train" and not has_test):
             by_class[label].append(path)
         else:
             split_of[path] = split
@@ -150,7 +169,7 @@ def build_manifest(root: Path, params: PrepareParams) -> list[ManifestRow]:
     """Every image under `root` with its label, split, header fields, size and sha256."""
     root = Path(root)
     files = scan_tree(root)
-    split_of = assign_splits(files, params)
+    split_of = assign_splits(files, params, has_test=(root / "test").is_dir())
     rows = []
     for rel, label, _ in files:
         width, height, mode, size, digest = describe_file(root / rel)
@@ -159,16 +178,27 @@ def build_manifest(root: Path, params: PrepareParams) -> list[ManifestRow]:
 
 
 def write_manifest(rows: list[ManifestRow], path: Path) -> None:
-    """CSV with a fixed column order and row order; written to a temporary name, then renamed."""
-    path = Path(path)
+    """CSV with a fixed column order and row order; written to a temporary name, then renamed.
+
+    The manifest must be a regular file or not exist yet (a rename over /dev/null, run as root, made it
+    a regular file); the temporary file is removed on every error.
+    """
+    from spottune.outputs import output_file
+
+    path = output_file(Path(path), "prepare.manifest")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+        tmp.replace(path)
+    except UnicodeEncodeError:
+        raise DataError(f"{path}: a file name or label is not UTF-8 text; nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
@@ -176,16 +206,31 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path} (write it with `spottune prepare`)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise DataError(f"{path}: columns {reader.fieldnames} differ from {list(COLUMNS)}")
-        as_int = lambda v: int(v) if v not in ("", None) else None  # noqa: E731
-        return [
-            ManifestRow(r["path"], r["label"], r["split"], as_int(r["width"]), as_int(r["height"]), r["mode"] or None,
-                        int(r["bytes"] or 0), r["sha256"])
-            for r in reader
-        ]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != COLUMNS:
+                raise DataError(f"{path}: columns {reader.fieldnames} differ from {list(COLUMNS)}")
+
+            def as_int(r: dict[str, str | None], column: str) -> int | None:
+                value = r.get(column)
+                if value in ("", None):
+                    return None
+                try:
+                    return int(value)
+                except ValueError:
+                    raise DataError(f"{path}, line {reader.line_num}: {column} {value[:50]!r} is not an integer "
+                                    "(write the manifest again with `spottune prepare`)") from None
+
+            return [
+                ManifestRow(r["path"], r["label"], r["split"], as_int(r, "width"), as_int(r, "height"),
+                            r["mode"] or None, as_int(r, "bytes") or 0, r["sha256"])
+                for r in reader
+            ]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): write the manifest again with `spottune prepare`") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV manifest ({e})") from None
 
 
 def split_counts(rows: list[ManifestRow]) -> dict[str, dict[str, int]]:

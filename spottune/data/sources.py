@@ -62,6 +62,7 @@ def materialise(
 ) -> dict[str, int]:
     """Write `source` as an ImageFolder tree at `out`; return images written per split."""
     out = Path(out)
+    _refuse_nested(source, out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError(f"{out} already holds data; pass --overwrite to replace it")
     folder = _folder_source(source)
@@ -83,6 +84,35 @@ def materialise(
     _write_card(staging, source, classes, counts, seed, train_per_class, test_per_class)
     _publish(staging, out)
     return counts
+
+
+def _source_dir(source: str) -> Path | None:
+    """The directory a folder or decathlon: source is read from; None for the array sources."""
+    if source.startswith("decathlon:"):
+        task_path = Path(source.split(":", 1)[1])
+        return task_path.parent / "data" / task_path.name
+    if source in ("fashion-mnist", "digits", "mnist") or source.startswith("torchvision:"):
+        return None
+    return Path(source) if Path(source).is_dir() else None
+
+
+def _refuse_nested(source: str, out: Path) -> None:
+    """Refuse, before anything is deleted, an output that holds the source or lies inside it.
+
+    `--overwrite` removes OUT (and OUT.partial) as a whole: with the source inside it, the source and
+    everything beside it went; with OUT inside the source, the copy would read its own output.
+    """
+    src = _source_dir(source)
+    if src is None:
+        return
+    src_real, out_real = src.resolve(), out.resolve()
+    for target in (out_real, out_real.with_name(out_real.name + ".partial")):
+        if src_real == target or src_real.is_relative_to(target):
+            raise DataError(f"source {src} lies inside the output {target}: --out must be a folder outside the "
+                            "source (it is replaced as a whole); nothing was written or deleted")
+        if target.is_relative_to(src_real):
+            raise DataError(f"output {target} lies inside the source {src}: --out must be a folder outside the "
+                            "source; nothing was written or deleted")
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -101,10 +101,13 @@ def comparison_markdown(c: dict[str, Any]) -> str:
         lines += [
             "",
             f"Routing: {cand['tuned_blocks_per_image']:.2f} of {len(fr)} blocks run their tuned copy per image on average.",
+            f"Per image: {mixed_blocks(fr)} of {len(fr)} blocks send between 5% and 95% of the test images to their "
+            "tuned copy (mixed blocks; none means a per-block choice, the same for every image).",
             "",
             "| block | " + " | ".join(str(i) for i in range(len(fr))) + " |",
             "|---|" + "---|" * len(fr),
             "| tuned fraction | " + " | ".join(f"{x:.2f}" for x in fr) + " |",
+            "| less common branch | " + " | ".join(f"{min(x, 1 - x):.2f}" for x in fr) + " |",
         ]
     return "\n".join(lines) + "\n"
 
@@ -155,7 +158,13 @@ def comparison_metrics(c: dict[str, Any]) -> dict[str, Any]:
     }
     if "tuned_blocks_per_image" in cand:
         out[cand["method"]]["tuned_blocks_per_image"] = cand["tuned_blocks_per_image"]
+        out[cand["method"]]["mixed_blocks"] = mixed_blocks(cand["tuned_fraction_per_block"])
     return out
+
+
+def mixed_blocks(tuned_fraction_per_block: list[float]) -> int:
+    """Blocks whose routing differs between images: 5% to 95% of them take the tuned copy."""
+    return sum(0.05 <= f <= 0.95 for f in tuned_fraction_per_block)
 
 
 def routing_rows(c: dict[str, Any]) -> list[dict[str, Any]]:

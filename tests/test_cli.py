@@ -40,7 +40,12 @@ def test_train_evaluate_compare_predict(fashion_root, tmp_path):
     comparison = json.loads((tmp_path / "comparison.json").read_text())
     assert comparison["candidate"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert 0.0 <= comparison["mcnemar"]["p_value"] <= 1.0
-    assert "# spottune vs finetune" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "# spottune vs finetune" in report
+    fractions = metrics["test"]["tuned_fraction_per_block"]
+    assert metrics["test"]["mixed_blocks"] == sum(0.05 <= f <= 0.95 for f in fractions)
+    assert f"Per image: {metrics['test']['mixed_blocks']} of 16 blocks" in report
+    assert "| less common branch | " + " | ".join(f"{min(f, 1 - f):.2f}" for f in fractions) in report
 
     images = sorted((fashion_root / "test" / "trouser").glob("*.png"))[:2]
     r = spottune("predict", "--run", runs / "spottune", "--json", *images)

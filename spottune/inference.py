@@ -10,7 +10,7 @@ import io
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from spottune.errors import DataError
 
@@ -32,29 +32,6 @@ def image_paths(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
         else:
             raise DataError(f"{path} does not exist")
-
-
-def open_image(source: str | Path | BinaryIO, name: str, max_pixels: int | None = None):
-    """An RGB image; DataError when it does not decode, and ImageTooLarge (from its header, before
-    decoding) when it has more than max_pixels pixels (default: Pillow's Image.MAX_IMAGE_PIXELS)."""
-    from PIL import Image
-
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    try:
-        with Image.open(source) as img:
-            width, height = img.size
-            if limit and width * height > limit:
-                raise ImageTooLarge(f"refused image {name}: {width}x{height} pixels exceeds the limit of "
-                                    f"{limit} (a decompression bomb?)")
-            return img.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"refused image {name}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot decode image {name}: {e}") from None
-
-
-class ImageTooLarge(DataError):
-    """More pixels than allowed: refused from the header."""
 
 
 class Predictor:
@@ -96,6 +73,8 @@ class Predictor:
         """One row per image ({path, label, probability, top, [tuned_blocks]}), batch by batch, in order."""
         import torch
 
+        from spottune.data.loaders import load_rgb
+
         pending: deque[list[str]] = deque()
 
         def batches() -> Iterator[torch.Tensor]:
@@ -104,7 +83,7 @@ class Predictor:
                 if path is not None:
                     chunk.append(path)
                 if chunk and (path is None or len(chunk) == batch_size):
-                    tensors = [self.transform(open_image(p, str(p))) for p in chunk]
+                    tensors = [self.transform(load_rgb(str(p))) for p in chunk]
                     pending.append([str(p) for p in chunk])
                     chunk = []
                     yield self.setup.images(torch.stack(tensors))
@@ -128,4 +107,7 @@ def _with_end(items: Iterable[Path]) -> Iterator[Path | None]:
 
 
 def read_upload(data: bytes, name: str, max_pixels: int | None = None):
+    """An uploaded image's bytes as an RGB image (open_image: bombs refused from the header)."""
+    from spottune.data.loaders import open_image
+
     return open_image(io.BytesIO(data), name, max_pixels)

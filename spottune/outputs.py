@@ -44,14 +44,20 @@ def _check_names(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: {anchor} is not a directory")
 
 
-def output_file(path: Path | str | None, what: str) -> Path | None:
-    """`path` when a file can be written there; ConfigError naming `what` (an option or key) otherwise."""
-    if path is None:
-        return None
+def _named_path(path: Path | str, what: str) -> Path:
+    """`path` as a Path whose every name a file system takes; ConfigError naming `what` otherwise."""
     path = Path(path)
     if "\x00" in str(path):
         raise ConfigError(f"{what} {str(path)!r}: the path holds a NUL byte")
     _check_names(path, what)
+    return path
+
+
+def output_file(path: Path | str | None, what: str) -> Path | None:
+    """`path` when a file can be written there; ConfigError naming `what` (an option or key) otherwise."""
+    if path is None:
+        return None
+    path = _named_path(path, what)
     try:
         mode = os.stat(path).st_mode  # follows a link: what a write would reach
     except FileNotFoundError:
@@ -67,10 +73,7 @@ def output_dir(path: Path | str | None, what: str) -> Path | None:
     """`path` when a directory can be made or used there; ConfigError naming `what` otherwise."""
     if path is None:
         return None
-    path = Path(path)
-    if "\x00" in str(path):
-        raise ConfigError(f"{what} {str(path)!r}: the path holds a NUL byte")
-    _check_names(path, what)
+    path = _named_path(path, what)
     if os.path.exists(path) and not path.is_dir():
         raise ConfigError(f"{what} {path} is {_kind(os.stat(path).st_mode)}, not a directory")
     return path

@@ -608,7 +608,7 @@ def test_a_multipart_upload_cut_off_by_an_outage_is_aborted_and_leaves_no_parts(
 
 
 def test_run_layout_matches_training():
-    """store.py repeats the run's file names and model format to publish without importing torch."""
+    """spottune.store repeats the run's file names and model format to publish without importing torch."""
     from spottune import store
     from spottune.training import MODEL_FORMAT, RunDir
 

@@ -1,0 +1,137 @@
+"""The store's values and checks: file names and formats, Gate, VersionInfo, PublishResult,
+name and prefix checks, canonical JSON, content_version and the safetensors header check."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import socket
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from spottune.errors import StoreError
+from spottune.store.errors import IntegrityError
+from spottune.store.hashing import sha256_bytes
+
+STORE_FORMAT = "spottune-store/1"
+MANIFEST = "MANIFEST.json"
+GATE = "gate.json"
+WEIGHTS = "model.safetensors"
+VERSION_FILES: tuple[str, ...] = (
+    WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
+)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` also matches before a final newline
+# A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
+# Repeated here so publishing needs no torch import; a test checks they agree.
+RUN_FILES: tuple[str, str, str] = (WEIGHTS, "model.json", "metrics.json")
+RUN_MODEL_FORMAT = "spottune-model/1"
+HISTORY_LIMIT = 100
+CAS_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The promotion gate's verdict for one version, recorded in its gate.json (and so in its manifest)."""
+
+    passed: bool
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reason": self.reason, "details": self.details}
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One row of `list_versions`."""
+
+    version: str
+    complete: bool
+    gate_passed: bool | None
+    production: bool
+    created_at: str | None = None
+    method: str | None = None
+    backbone: str | None = None
+    test_accuracy: float | None = None
+    data_version: str | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    manifest_sha256: str
+    uploaded: list[str]
+    skipped: list[str]
+    already_published: bool
+
+
+def content_version(entries: dict[str, dict[str, Any]]) -> str:
+    """The default version of a set of files: 12 hex of the weights' sha256, then 6 hex of the sha256 of
+    every published file (metrics.json with its timings, model.json, gate, report, data version, ...).
+
+    The same files always give the same version (re-publishing is a no-op), while identical weights
+    published with anything else (a forced retrain's new timings, another clone's run) get a version of
+    their own instead of clashing with the one already stored.
+    """
+    digests = {f: e["sha256"] for f, e in sorted(entries.items())}
+    return f"{entries[WEIGHTS]['sha256'][:12]}-{sha256_bytes(_dump(digests))[:6]}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def default_actor() -> str:
+    """user@host of this process: who promoted, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
+        raise StoreError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (at most 128)")
+    return value
+
+
+def check_prefix(prefix: str) -> str:
+    """A key prefix: '/'-separated names, no leading '/', no empty, '.' or '..' segment (S3 keys would
+    otherwise read as paths that climb out of the prefix for any tool that maps them to folders)."""
+    if prefix and (prefix.startswith("/") or any(p in ("", ".", "..") for p in prefix.split("/"))
+                   or not all(re.fullmatch(r"[A-Za-z0-9._-]+", p) for p in prefix.split("/"))):
+        raise StoreError(f"invalid store prefix {prefix!r}: use names of letters, digits, '.', '_' or '-' separated "
+                         "by '/', without a leading '/', empty parts, '.' or '..'")
+    return prefix
+
+
+def _dump(obj: Any) -> bytes:
+    """Canonical JSON: the same content always gives the same bytes, hence the same sha256."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a safetensors file (a pickle renamed, a truncated file) before upload.
+
+    Reads only the header: 8-byte little-endian length, then that many bytes of JSON. No torch needed.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise IntegrityError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or 8 + n > size:
+            raise IntegrityError(f"{path} is not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise IntegrityError(f"{path} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise IntegrityError(f"{path} is not a safetensors file (header is not a mapping)")

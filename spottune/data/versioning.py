@@ -59,7 +59,7 @@ def configure_remote(remote: RemoteSettings, repo: Path) -> bool:
 
 def describe_remote(remote: RemoteSettings) -> str:
     """'DVC remote 'storage' s3://bucket/prefix at http://host:port' for messages: where, never who."""
-    from spottune.config import redact_url_credentials
+    from spottune.endpoints import redact_url_credentials
 
     if remote.url is None:
         return "the default DVC remote of .dvc/config"

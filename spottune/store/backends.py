@@ -193,7 +193,7 @@ class S3Backend:
         try:
             self.client = boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
         except ValueError:  # botocore's "Invalid endpoint: <the whole URL>": never repeat what may hold a secret
-            from spottune.config import shown_endpoint
+            from spottune.endpoints import shown_endpoint
 
             raise StoreMisconfigured(f"cannot use the S3 endpoint {shown_endpoint(settings.s3_endpoint_url)} with region "
                                      f"{settings.s3_region!r}: botocore refused it as malformed") from None

@@ -444,8 +444,13 @@ def _finished(runs: list[dict] | None) -> list[dict]:
 
 
 def paired_difference(a_runs: list[dict], b_runs: list[dict], samples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean over seeds of accuracy(b) - accuracy(a), with a paired bootstrap CI over test images."""
+    """Mean over seeds of accuracy(b) - accuracy(a), with the pipeline's paired bootstrap CI over test
+    images, so both report one statistic. It resamples each image's count of right answers over the
+    seeds (whole numbers: an exact zero stays zero), then divides by the number of seeds."""
     import numpy as np
+    import torch
+
+    from spottune.evaluate import bootstrap_difference
 
     seeds = sorted({r["seed"] for r in a_runs} & {r["seed"] for r in b_runs})
     a = {r["seed"]: r for r in a_runs}
@@ -453,12 +458,12 @@ def paired_difference(a_runs: list[dict], b_runs: list[dict], samples: int = 200
     for s in seeds:
         if a[s]["test_labels_sha256"] != b[s]["test_labels_sha256"]:
             raise ValueError(f"{a[s]['key']} and {b[s]['key']} were tested on different images")
-    diff = np.mean([_correct(b[s]).astype(float) - _correct(a[s]).astype(float) for s in seeds], axis=0)
-    rng = np.random.default_rng(seed)
-    boot = np.sort(diff[rng.integers(0, len(diff), (samples, len(diff)))].mean(1))
+    a_right = torch.from_numpy(np.sum([_correct(a[s]) for s in seeds], axis=0))
+    b_right = torch.from_numpy(np.sum([_correct(b[s]) for s in seeds], axis=0))
+    boot = bootstrap_difference(a_right, b_right, samples=samples, seed=seed)
     per_seed = [float(_correct(b[s]).mean() - _correct(a[s]).mean()) for s in seeds]
-    return {"difference": float(diff.mean()), "ci_low": float(boot[int(0.025 * samples)]),
-            "ci_high": float(boot[int(0.975 * samples) - 1]), "seeds": len(seeds),
+    return {"difference": boot["difference"] / len(seeds), "ci_low": boot["ci_low"] / len(seeds),
+            "ci_high": boot["ci_high"] / len(seeds), "seeds": len(seeds),
             "wins": sum(d > 0 for d in per_seed), "losses": sum(d < 0 for d in per_seed)}
 
 

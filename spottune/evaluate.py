@@ -49,8 +49,10 @@ def mcnemar_exact(a_correct: torch.Tensor, b_correct: torch.Tensor) -> dict[str,
 
 def bootstrap_difference(a_correct: torch.Tensor, b_correct: torch.Tensor, *, samples: int = 2000, seed: int = 0,
                          level: float = 0.95) -> dict[str, float]:
-    """Paired bootstrap confidence interval of accuracy(b) - accuracy(a)."""
-    diff = b_correct.float() - a_correct.float()
+    """Paired bootstrap confidence interval of accuracy(b) - accuracy(a). Each tensor holds one score per
+    test image: whether it was right (or, in the benchmark, how many seeds got it right). Float64, so the
+    mean difference is not rounded through float32."""
+    diff = b_correct.double() - a_correct.double()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(diff), (samples, len(diff)), generator=g)
     means = diff[idx].mean(1).sort().values

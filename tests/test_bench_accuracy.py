@@ -74,6 +74,34 @@ def test_paired_difference_refuses_different_test_images():
     assert same["difference"] == -1.0 and same["losses"] == 1
 
 
+def test_paired_difference_is_the_pipelines_bootstrap_over_seeds():
+    """The benchmark's CI is spottune.evaluate's bootstrap on per-image counts over the seeds, scaled."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from spottune.evaluate import bootstrap_difference
+
+    bench = _bench()
+    rng = np.random.default_rng(1)
+    right = {(m, s): rng.random(300) < p for m, p in (("a", 0.7), ("b", 0.8)) for s in (0, 1, 2)}
+
+    def run(method: str, seed: int) -> dict:
+        bits = base64.b64encode(np.packbits(right[method, seed]).tobytes()).decode()
+        return {"seed": seed, "key": f"{method}{seed}", "test_labels_sha256": "x", "test": {"images": 300},
+                "test_correct_bits": bits}
+
+    got = bench.paired_difference([run("a", s) for s in range(3)], [run("b", s) for s in range(3)], seed=4)
+    counts = {m: torch.from_numpy(sum(right[m, s].astype(np.int64) for s in range(3))) for m in "ab"}
+    want = bootstrap_difference(counts["a"], counts["b"], seed=4)
+    assert got["seeds"] == 3 and got["wins"] + got["losses"] == 3
+    for key in ("difference", "ci_low", "ci_high"):
+        assert got[key] == pytest.approx(want[key] / 3)
+    assert got["difference"] == pytest.approx(np.mean([right["b", s].mean() - right["a", s].mean() for s in range(3)]))
+    assert got["ci_low"] < got["difference"] < got["ci_high"]
+
+
 def test_written_tables_keep_the_hand_written_reading(tmp_path):
     bench = _bench()
     doc = tmp_path / "results.md"

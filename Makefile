@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lock clean serve deploy
+.PHONY: setup run test test-fast lock clean serve deploy
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,12 @@ deploy: $(VENV)/.installed
 		$(PIPELINE_ENV) $(BIN)/prefect work-pool create spottune-cpu --type process
 	$(PIPELINE_ENV) SPOTTUNE_PROJECT_DIR="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 
+# The whole suite (CI). test-fast leaves out the tests that train and the GPU ones (markers: tests/conftest.py).
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu"
 
 lock: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'

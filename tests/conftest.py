@@ -1,4 +1,12 @@
-"""Shared fixtures: small real datasets materialised once per test session, tiny run settings."""
+"""Shared fixtures: small real datasets materialised once per test session, tiny run settings, one real
+finished run and a moto S3 server per session. Helpers live in support.py.
+
+Markers (registered in pyproject.toml; `make test` runs them all, `make test-fast` skips slow and gpu):
+  slow         the test itself trains: fit(), `spottune train` to the end, a DVC training stage, a flow
+               run or the benchmark (the session's one tiny `finished_run` is shared setup, not this)
+  integration  a real external part runs: dvc, the moto S3 server, Prefect's server, uvicorn
+  gpu          CUDA code paths; skipped here without a GPU (pytest_collection_modifyitems)
+A missing optional package skips through support.requires, a missing GPU through the marker."""
 
 from __future__ import annotations
 
@@ -12,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from support import MotoServer
+from support import MotoServer, dummy_aws_env
 
 os.environ.setdefault("SPOTTUNE_PROGRESS", "false")
 
@@ -43,6 +51,17 @@ def _prefect_console_follows_stderr():
     for handler in {h for l in loggers for h in l.handlers if isinstance(h, handlers.PrefectConsoleHandler)}:
         if not isinstance(handler.stream, _CurrentStderr):  # not setStream: it would flush the closed stream
             handler.stream = handler.console.file = _CurrentStderr()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped where torch sees no CUDA device (CI has none)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
 def _hypothesis_profiles() -> None:
@@ -140,18 +159,7 @@ def other_run(finished_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def moto(tmp_path_factory) -> Iterator[MotoServer]:
     """A moto S3 server process, with dummy credentials in boto3's standard chain (environment)."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                                            "AWS_ENDPOINT_URL_S3"]}
-    for k in saved:
-        os.environ.pop(k, None)
-    os.environ.update(env)
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with dummy_aws_env():
+        server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+        yield server
+        server.stop()

@@ -1,4 +1,6 @@
-"""Helpers shared by the integration tests: a moto S3 server process, and throwaway pipeline repos."""
+"""Helpers shared by the tests, each defined here once: child processes (`sh`, `dvc`, `clean_env`), a moto
+S3 server process and a client of the tests' own for its buckets, throwaway git + DVC pipeline repos,
+Prefect's test server, and `requires` (the one way a test skips for a missing package)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,29 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
+# Credentials moto accepts (unless told to check them), for boto3's standard chain: the environment only.
+DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
+             "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+_OTHER_AWS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def requires(*modules: str) -> None:
+    """Skip the calling test, or the whole module when called at its top, unless every module can be
+    imported. find_spec only, so nothing is imported early (Prefect must not be imported before
+    PREFECT_HOME is set). Tests marked `gpu` skip without CUDA by their marker (conftest.py)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (pip install -e '.[test]')", allow_module_level=True)
 
 
 def free_port() -> int:
@@ -33,9 +52,9 @@ class MotoServer:
         port: restart a server on the address of one that was stopped or killed."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        with open(log, "wb") as out:  # the server keeps its own copy of the file
+            self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                         stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -55,21 +74,48 @@ class MotoServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._log.close()
 
     def kill(self) -> None:
         """SIGKILL, as a crashed host: connections are refused at once, and everything moto held is lost."""
         self.proc.send_signal(signal.SIGCONT)
         self.proc.kill()
         self.proc.wait()
-        self._log.close()
+
+
+@contextlib.contextmanager
+def dummy_aws_env() -> Iterator[None]:
+    """DUMMY_AWS in this process's environment, and no other AWS setting of the machine, for the block."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in _OTHER_AWS:
+            mp.delenv(k, raising=False)
+        for k, v in DUMMY_AWS.items():
+            mp.setenv(k, v)
+        yield
+
+
+def s3_client(url: str):
+    """The tests' own boto3 client for a moto server: explicit credentials, whatever the environment holds
+    (and never the code under test)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing", aws_session_token=None)
+
+
+def new_bucket(url: str) -> str:
+    """A bucket with a fresh name on the server at url."""
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    s3_client(url).create_bucket(Bucket=bucket)
+    return bucket
+
+
+def bucket_names(url: str) -> set[str]:
+    return {b["Name"] for b in s3_client(url).list_buckets()["Buckets"]}
 
 
 def snapshot_bucket(url: str, bucket: str) -> dict[str, bytes]:
-    """Every object of a bucket, read through a client of its own (not the code under test)."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    """Every object of a bucket, read through the tests' own client."""
+    s3 = s3_client(url)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for o in page.get("Contents", [])]
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
@@ -77,9 +123,7 @@ def snapshot_bucket(url: str, bucket: str) -> dict[str, bytes]:
 
 def restore_bucket(url: str, bucket: str, objects: dict[str, bytes]) -> None:
     """Create the bucket on a fresh (in-memory) moto server and put a snapshot back, as durable storage keeps it."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3 = s3_client(url)
     s3.create_bucket(Bucket=bucket)
     for key, data in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=data)
@@ -97,6 +141,13 @@ def new_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:
     for name in ("config", ".gitignore"):
         shutil.copy(PROJECT / ".dvc" / name, path / ".dvc" / name)
     return path
+
+
+def git_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:
+    """new_pipeline_repo() with `git init` done (branch main): what `dvc` and the flow run in."""
+    repo = new_pipeline_repo(path, with_flows=with_flows)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    return repo
 
 
 def set_params(repo: Path, **sections: dict) -> None:
@@ -121,12 +172,30 @@ def clean_env(**extra: str) -> dict[str, str]:
     }
 
 
+def sh(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True,
+       timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a tool as a child process (clean_env() unless env is given); ok=True asserts it succeeded,
+    showing its output."""
+    r = subprocess.run(list(args), cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def spottune(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m spottune.cli ARGS` as a child process (clean_env() unless env is given), output captured."""
+    return subprocess.run([sys.executable, "-m", "spottune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env or clean_env(), cwd=cwd, timeout=600)
+
+
+def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env, ok=ok)
+
+
 @contextlib.contextmanager
 def prefect_test_server(home: Path, log_level: str = "WARNING") -> Iterator[str]:
     """Prefect's test server with PREFECT_HOME at `home`; yields its API URL. Prefect is imported only here,
     after PREFECT_HOME is set, so it never reads or writes the user's own ~/.prefect."""
-    import pytest
-
     env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
            "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": log_level}

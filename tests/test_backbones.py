@@ -8,13 +8,15 @@ import torch
 from spottune.errors import CheckpointError, ConfigError
 from spottune.models.backbones import build_backbone, input_normalization
 
+from support import requires
+
 IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
 def _photo(array, size: int, name: str) -> torch.Tensor:
-    from spottune.data.loaders import build_transform
     from PIL import Image
 
+    from spottune.data.loaders import build_transform
     from spottune.engine import DeviceSetup
 
     setup = DeviceSetup.resolve("cpu", amp=False, channels_last=False, normalization=input_normalization(name))
@@ -22,7 +24,9 @@ def _photo(array, size: int, name: str) -> torch.Tensor:
 
 
 def test_efficientnet_lite0_imagenet_head_sees_the_cat_offline():
-    skimage_data = pytest.importorskip("skimage.data")
+    requires("skimage")
+    from skimage import data as skimage_data
+
     backbone = build_backbone("efficientnet_lite0", "imagenet", 224)
     for part in (backbone.stem, backbone.blocks, backbone.neck, backbone.classifier):
         part.eval()

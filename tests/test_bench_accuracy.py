@@ -132,6 +132,7 @@ def test_pool_workers_fork_their_data_loaders_and_take_one_gpu_each():
     assert (method, gpu, threads) == ("fork", "1", "1")
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_is_recorded_and_never_chosen(tmp_path):
     """A scale too large for a method is a result of the grid (kept, never chosen), not a crash of the benchmark."""
     bench = _bench()

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from support import spottune
 
 TINY = ["--set", "data.image_size=32", "--set", "optim.epochs=1", "--set", "optim.max_steps_per_epoch=3"]
 
 
-def spottune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false"}
-    return subprocess.run([sys.executable, "-m", "spottune.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
-
-
+@pytest.mark.slow
 def test_train_evaluate_compare_predict(fashion_root, tmp_path):
     runs = tmp_path / "runs"
     for method in ("finetune", "spottune"):
@@ -89,6 +84,7 @@ def test_unreadable_image_stops_training_without_a_checkpoint(fashion_root, tmp_
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_silently(fashion_root, tmp_path):
     args = ["train", "--method", "linear", "--out", tmp_path / "run", "--set", f"data.root={fashion_root}", *TINY]
     assert spottune(*args).returncode == 0
@@ -97,6 +93,7 @@ def test_existing_run_is_not_overwritten_silently(fashion_root, tmp_path):
     assert spottune(*args, "--overwrite").returncode == 0
 
 
+@pytest.mark.slow
 def test_resume_unfinished_continues_matching_runs_and_restarts_the_others(fashion_root, tmp_path):
     """What a retried pipeline stage runs: resume an unfinished run made with the same params, start
     over when its params differ, and retrain a finished run from scratch."""
@@ -115,7 +112,7 @@ def test_resume_unfinished_continues_matching_runs_and_restarts_the_others(fashi
     r = spottune(*base, "--resume-unfinished", "--set", "optim.lr_head=0.5")  # other params: start over
     assert r.returncode == 0 and "cannot resume" in r.stderr and "optim.lr_head" in r.stderr, r.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [h["lr"]["head"] for h in metrics["history"]][0] == 0.5
+    assert metrics["history"][0]["lr"]["head"] == 0.5
 
 
 def test_library_imports_no_orchestration_package():

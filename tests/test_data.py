@@ -31,7 +31,7 @@ def test_materialise_is_deterministic_and_refuses_to_overwrite(tmp_path):
     a = materialise("digits", tmp_path / "a", train_per_class=5, test_per_class=3, seed=1, log=lambda _: None)
     b = materialise("digits", tmp_path / "b", train_per_class=5, test_per_class=3, seed=1, log=lambda _: None)
     assert a == b == {"train": 50, "test": 30}
-    names = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))  # noqa: E731
+    names = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
     assert names(tmp_path / "a") == names(tmp_path / "b")
     with pytest.raises(DataError, match="overwrite"):
         materialise("digits", tmp_path / "a", log=lambda _: None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,38 +15,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("dvc")
-pytestmark = pytest.mark.slow
+from support import (
+    MotoServer,
+    clean_env,
+    dvc,
+    git_pipeline_repo,
+    requires,
+    s3_client,
+    set_params,
+    sh,
+)
 
-from support import PROJECT, MotoServer, new_pipeline_repo, set_params  # noqa: E402
-BIN = Path(sys.executable).parent
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SPOTTUNE_REMOTE_"))}
-    return env | {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
-        "SPOTTUNE_PROGRESS": "false", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org", "NO_PROXY": "127.0.0.1",
-        "no_proxy": "127.0.0.1", **extra,
-    }
-
-
-def sh(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(args), cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
-    if ok:
-        assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env, ok=ok)
-
-
-def new_repo(path: Path) -> Path:
-    repo = new_pipeline_repo(path)
-    sh("git", "init", "-q", "-b", "main", cwd=repo)
-    return repo
+requires("dvc")
+pytestmark = pytest.mark.integration  # real dvc in a temporary git repository
 
 
 def ran(result: subprocess.CompletedProcess) -> set[str]:
@@ -61,7 +41,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory) -> Path:
-    repo = new_repo(tmp_path_factory.mktemp("clone") / "repo")
+    repo = git_pipeline_repo(tmp_path_factory.mktemp("clone") / "repo")
     sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
        "--train-per-class", "12", "--test-per-class", "6", "--track", cwd=repo)
     assert (repo / "data.dvc").is_file()
@@ -73,6 +53,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.mark.slow
 def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipeline_repo):
     repo = pipeline_repo
     first = dvc("repro", cwd=repo)
@@ -103,6 +84,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipel
     assert (html / "index.html").is_file() and "val_accuracy" in (html / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_same_params_give_identical_evaluation_metrics(pipeline_repo):
     repo = pipeline_repo
     sh("git", "checkout", "-q", "params.yaml", cwd=repo)
@@ -116,6 +98,7 @@ def test_same_params_give_identical_evaluation_metrics(pipeline_repo):
     assert after == before
 
 
+@pytest.mark.slow
 def test_exp_run_with_a_param_override(pipeline_repo):
     repo = pipeline_repo
     sh("git", "checkout", "-q", ".", cwd=repo)
@@ -150,14 +133,11 @@ def s3_server(tmp_path):
 
 
 def test_push_then_pull_from_s3_gives_identical_bytes(s3_server, tmp_path):
-    import boto3
-
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    s3 = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
-                      region_name="us-east-1")
+    s3 = s3_client(s3_server)
     s3.create_bucket(Bucket="spottune-data")
-    env = _env(**creds, SPOTTUNE_REMOTE_URL="s3://spottune-data/dvcstore", SPOTTUNE_REMOTE_ENDPOINT_URL=s3_server)
-    repo = new_repo(tmp_path / "repo")
+    env = clean_env(**creds, SPOTTUNE_REMOTE_URL="s3://spottune-data/dvcstore", SPOTTUNE_REMOTE_ENDPOINT_URL=s3_server)
+    repo = git_pipeline_repo(tmp_path / "repo")
     sh(sys.executable, "-m", "spottune.cli", "data", "digits", "--out", "data/digits", "--train-per-class", "5",
        "--test-per-class", "3", "--push", cwd=repo, env=env)
     config = (repo / ".dvc" / "config").read_text() + (repo / ".dvc" / "config.local").read_text()

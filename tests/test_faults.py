@@ -28,11 +28,21 @@ from typing import Any
 import pytest
 import yaml
 
-from support import PROJECT, MotoServer, clean_env, new_pipeline_repo, restore_bucket, set_params, snapshot_bucket
-
 from spottune.config import StoreSettings
 from spottune.errors import StoreError
 from spottune.store import MANIFEST, VERSION_FILES, ArtifactStore, Gate, open_store
+
+from support import (
+    PROJECT,
+    MotoServer,
+    clean_env,
+    dummy_aws_env,
+    git_pipeline_repo,
+    new_bucket,
+    restore_bucket,
+    set_params,
+    snapshot_bucket,
+)
 
 NAME = "digits"
 PASS = Gate(True, "beats finetune")
@@ -213,8 +223,7 @@ def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
 
 @pytest.fixture
 def pipeline_repo(tmp_path) -> Path:
-    repo = new_pipeline_repo(tmp_path / "repo")
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    repo = git_pipeline_repo(tmp_path / "repo")
     made = subprocess.run([sys.executable, "-m", "spottune.cli", "data", "digits", "--out", "data/digits",
                            "--train-per-class", "12", "--test-per-class", "6"], cwd=repo, env=child_env(),
                           capture_output=True, text=True)
@@ -225,6 +234,7 @@ def pipeline_repo(tmp_path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_retried_training_stage_resumes_from_the_last_checkpoint(pipeline_repo, runtime, monkeypatch):
     """What the retrain flow runs on a retry: `dvc repro train_spottune` again. DVC must not delete the
     checkpoint of the killed run (the stage's output is persistent) and the stage resumes from it."""
@@ -275,13 +285,7 @@ def test_a_retried_training_stage_resumes_from_the_last_checkpoint(pipeline_repo
 @pytest.fixture(scope="module")
 def aws() -> Iterator[None]:
     """Dummy credentials in boto3's standard chain (environment) and nothing else from this machine."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(k, raising=False)
-        for k, v in env.items():
-            mp.setenv(k, v)
+    with dummy_aws_env():
         yield
 
 
@@ -359,6 +363,7 @@ def count_attempts(store: ArtifactStore) -> list[str]:
     return sent
 
 
+@pytest.mark.integration
 def test_s3_killed_mid_upload_retries_then_names_the_endpoint_and_a_rerun_completes_once(outage, finished_run):
     settings = s3_settings(outage.server.url, outage.bucket)
     store = open_store(settings)
@@ -389,6 +394,7 @@ def test_s3_killed_mid_upload_retries_then_names_the_endpoint_and_a_rerun_comple
     assert store.promote(NAME, "v1")["version"] == "v1"
 
 
+@pytest.mark.integration
 def test_s3_killed_between_two_parts_of_the_weights_fails_clearly_and_a_rerun_completes(outage, finished_run):
     """The crash lands inside one object: after the first part of the multipart weights upload arrived."""
     settings = s3_settings(outage.server.url, outage.bucket, s3_max_attempts=2)
@@ -417,6 +423,7 @@ def test_s3_killed_between_two_parts_of_the_weights_fails_clearly_and_a_rerun_co
     assert store.promote(NAME, "v1")["manifest_sha256"] == again.manifest_sha256
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("crash_at", ["verify", "audit"])
 def test_s3_killed_mid_promotion_never_leaves_an_unverified_or_unaudited_production(outage, finished_run, crash_at):
     """verify: the server dies while promote hashes the version's files (before the pointer moves).
@@ -428,9 +435,9 @@ def test_s3_killed_mid_promotion_never_leaves_an_unverified_or_unaudited_product
     store.promote(NAME, "v1", actor="alice@ci")
     audit_prefix = store.model_key(NAME, "audit") + "/"
     if crash_at == "verify":
-        when = lambda op, key: op == "iter_chunks" and key.endswith("v2/model.safetensors")  # noqa: E731
+        when = lambda op, key: op == "iter_chunks" and key.endswith("v2/model.safetensors")
     else:
-        when = lambda op, key: op == "put_bytes" and key.startswith(audit_prefix)  # noqa: E731
+        when = lambda op, key: op == "put_bytes" and key.startswith(audit_prefix)
     crashing = ArtifactStore(FaultAt(store.backend, when, outage.crash), store.prefix)
 
     with pytest.raises(StoreError, match=f"endpoint {outage.server.url} is unreachable") as failed:
@@ -469,16 +476,14 @@ PROMOTER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_promotions_from_two_processes_at_once_serialise_and_are_both_audited(backend, finished_run, tmp_path,
                                                                               request):
     if backend == "s3":
         request.getfixturevalue("aws")
         server = MotoServer(tmp_path / "moto.log")
         request.addfinalizer(server.stop)
-        bucket = f"models-{uuid.uuid4().hex[:12]}"
-        restore_bucket(server.url, bucket, {})
-        settings = s3_settings(server.url, bucket)
+        settings = s3_settings(server.url, new_bucket(server.url))
     else:
         settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
     store = open_store(settings)
@@ -532,6 +537,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.integration
 def test_a_flow_killed_holding_the_gpu_slot_does_not_block_the_next_on_the_temporary_server(tmp_path):
     """SIGKILL while a flow holds the GPU slot, with Prefect's temporary server (no PREFECT_API_URL), whose
     leases die with it: the next flow gives that slot back and runs, instead of waiting for ever; a flow

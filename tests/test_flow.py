@@ -9,9 +9,7 @@ report, publish and promote steps differ; so do the runs that Prefect starts thr
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,61 +22,38 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.importorskip("dvc")
-if importlib.util.find_spec("prefect") is None:  # not imported here: PREFECT_HOME is set first (prefect_api)
-    pytest.skip("prefect is not installed", allow_module_level=True)
+from support import (
+    PROJECT,
+    MotoServer,
+    clean_env,
+    dummy_aws_env,
+    git_pipeline_repo,
+    new_bucket,
+    prefect_test_server,
+    requires,
+    set_params,
+    sh,
+)
 
-from support import PROJECT, MotoServer, new_pipeline_repo, set_params  # noqa: E402
+requires("dvc", "prefect")  # Prefect is not imported here: PREFECT_HOME is set first (prefect_api)
+pytestmark = pytest.mark.integration  # Prefect's test server, real dvc, moto; `slow`: the tests that train
 BIN = Path(sys.executable).parent
 NAME = "fashion-test"
 TRAINING = {"optim.max_steps_per_epoch": 1}  # one run's override, repeated so later runs retrain nothing
 sys.path.insert(0, str(PROJECT))  # `flows` is not an installed package: it runs from the repository root
 
 
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SPOTTUNE_REMOTE_", "PREFECT_API"))}
-    return env | {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
-        "SPOTTUNE_PROGRESS": "false", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org", "NO_PROXY": "127.0.0.1",
-        "no_proxy": "127.0.0.1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra,
-    }
-
-
-def sh(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(args), cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def new_repo(path: Path) -> Path:
-    repo = new_pipeline_repo(path, with_flows=True)
-    sh("git", "init", "-q", "-b", "main", cwd=repo)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory) -> Iterator[str]:
     """Prefect's test server (one per module) with its own PREFECT_HOME; yields its API URL."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
-           "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        from prefect.settings import PREFECT_API_URL
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=60):
-            yield str(PREFECT_API_URL.value())
+    with prefect_test_server(tmp_path_factory.mktemp("prefect-home")) as api:
+        yield api
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC repository with this project's pipeline and flows, tiny data and tiny params."""
-    repo = new_repo(tmp_path_factory.mktemp("clone") / "repo")
+    repo = git_pipeline_repo(tmp_path_factory.mktemp("clone") / "repo", with_flows=True)
     sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
        "--train-per-class", "12", "--test-per-class", "6", "--track", cwd=repo)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
@@ -127,6 +102,7 @@ def task_run_names(flow_run_name_or_id: Any = None) -> list[str]:
     return [r.name for r in runs]
 
 
+@pytest.mark.slow
 def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     r = first_run
     assert r["promoted"] and r["gate_passed"] and r["status"].startswith("promoted"), r["status"]
@@ -156,6 +132,7 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     assert (project / "reports" / "routing_per_class.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_report_is_a_prefect_artifact(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -165,6 +142,7 @@ def test_report_is_a_prefect_artifact(first_run):
     assert arts and arts[0].type == "markdown" and "Which blocks SpotTune tunes" in arts[0].data
 
 
+@pytest.mark.slow
 def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first_run, project, local_store):
     from flows.retrain import retrain
     from spottune.store import PromotionRefused
@@ -184,6 +162,7 @@ def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first
     assert r["version"][:12] == first_run["version"][:12] and r["version"] != first_run["version"]
 
 
+@pytest.mark.slow
 def test_a_bad_override_fails_before_any_work(first_run, project):
     from flows.retrain import retrain
     from spottune.errors import ConfigError
@@ -202,31 +181,22 @@ def test_a_bad_override_fails_before_any_work(first_run, project):
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory) -> Iterator[str]:
     """moto's S3 server as a child process on a free loopback port; dummy credentials in the env."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    url = server.url
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-                mp.delenv(k, raising=False)
-            for k, v in env.items():
-                mp.setenv(k, v)
+        with dummy_aws_env(), pytest.MonkeyPatch.context() as mp:
             mp.setenv("NO_PROXY", "127.0.0.1")
-            yield url
+            yield server.url
     finally:
         server.stop()
 
 
+@pytest.mark.slow
 def test_rerun_after_an_upload_failure_neither_duplicates_nor_corrupts(first_run, project, moto_url, monkeypatch):
-    import boto3
-
     import flows.retrain as flows_retrain
     from spottune.config import StoreSettings
     from spottune.store import MANIFEST, VERSION_FILES, S3Backend, open_store
 
-    bucket = f"models-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    bucket = new_bucket(moto_url)
     for k, v in {"SPOTTUNE_STORE_BACKEND": "s3", "SPOTTUNE_S3_BUCKET": bucket, "SPOTTUNE_S3_ENDPOINT_URL": moto_url,
                  "SPOTTUNE_STORE_PREFIX": "team/spottune", "SPOTTUNE_S3_MAX_ATTEMPTS": "1"}.items():
         monkeypatch.setenv(k, v)
@@ -273,7 +243,7 @@ def test_rerun_after_an_upload_failure_neither_duplicates_nor_corrupts(first_run
 
 
 def prefect_cli(*args: str, cwd: Path, api: str, **env: str) -> subprocess.CompletedProcess:
-    return sh(str(BIN / "prefect"), *args, cwd=cwd, env=_env(PREFECT_API_URL=api, **env))
+    return sh(str(BIN / "prefect"), *args, cwd=cwd, env=clean_env(PREFECT_API_URL=api, **env))
 
 
 def read_deployment(name: str):
@@ -283,7 +253,6 @@ def read_deployment(name: str):
         return client.read_deployment_by_name(name)
 
 
-@pytest.mark.slow
 def test_prefect_yaml_deploys_the_weekly_schedule_on_a_process_pool(prefect_api, project):
     prefect_cli("work-pool", "create", "spottune-cpu", "--type", "process", cwd=project, api=prefect_api)
     prefect_cli("--no-prompt", "deploy", "--all", cwd=project, api=prefect_api, SPOTTUNE_PROJECT_DIR=str(project))
@@ -303,10 +272,10 @@ def test_prefect_yaml_deploys_the_weekly_schedule_on_a_process_pool(prefect_api,
 def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_api, project, local_store, tmp_path):
     from prefect.deployments import run_deployment
 
-    log = open(tmp_path / "serve.log", "wb")
-    env = _env(PREFECT_API_URL=prefect_api)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    env = clean_env(PREFECT_API_URL=prefect_api)
+    with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own copy of the file
+        proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -329,7 +298,6 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
     store = open_local(local_store)
     pointer = store.production(NAME)
     assert pointer["version"] != first_run["version"]
@@ -371,20 +339,20 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
 
     # make deploy: the pool unless it exists, then prefect.yaml's deployments
     if subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", "spottune-cpu"], cwd=project,
-                      env=_env(PREFECT_API_URL=prefect_api), capture_output=True).returncode != 0:
+                      env=clean_env(PREFECT_API_URL=prefect_api), capture_output=True).returncode != 0:
         prefect_cli("work-pool", "create", "spottune-cpu", "--type", "process", cwd=project, api=prefect_api)
     prefect_cli("--no-prompt", "deploy", "--all", cwd=project, api=prefect_api, SPOTTUNE_PROJECT_DIR=str(project))
     deployment = read_deployment("retrain/weekly")
     assert deployment.work_pool_name == "spottune-cpu"
 
     log_path = tmp_path / "worker.log"
-    log = open(log_path, "wb")
     # the worker asks for scheduled runs every second instead of every 10 (CI time) and logs at INFO (the
     # runs it submits); nothing else differs
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "spottune-cpu"], cwd=project,
-                              env=_env(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
-                                       PREFECT_LOGGING_LEVEL="INFO"),
-                              stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the file
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "spottune-cpu"], cwd=project,
+                                  env=clean_env(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
+                                                PREFECT_LOGGING_LEVEL="INFO"),
+                                  stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:
         overrides = {**TRAINING, "gate.margin": -0.25}
@@ -403,7 +371,6 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
         assert run.state.is_completed(), (run.state, log_path.read_text()[-3000:])
     finally:
         stop(worker)
-        log.close()
     print(f"worker started, run triggered and completed in {time.monotonic() - started:.0f} s")
     # the worker, not this process, ran it: the pool's run, which the worker's log says it submitted
     assert run.deployment_id == deployment.id and run.work_pool_name == "spottune-cpu"

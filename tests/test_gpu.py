@@ -13,7 +13,7 @@ from spottune.config import validate_params
 from spottune.engine import DeviceSetup, train_one_epoch
 from spottune.models import build_model
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.gpu  # skipped without CUDA (conftest.py)
 
 
 def _model(backbone="efficientnet_lite0", weights="imagenet", size=64):

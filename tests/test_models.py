@@ -373,14 +373,14 @@ def test_recompute_frozen_keeps_nothing_of_the_frozen_branch_for_the_backward():
     for recompute in (False, True):
         model = _spottune("resnet50", "none", recompute_frozen=recompute).train()
         block_outputs = []
-        hooks = [b.register_forward_hook(lambda m, i, o: block_outputs.append(o.numel() * o.element_size()))
+        hooks = [b.register_forward_hook(lambda m, i, o, sizes=block_outputs: sizes.append(o.numel() * o.element_size()))
                  for b in model.tuned_blocks]
-        saved[recompute], out = _saved_activation_bytes(model, lambda: model(x, d.clone().requires_grad_(True)))
+        saved[recompute], out = _saved_activation_bytes(model, lambda net=model: net(x, d.clone().requires_grad_(True)))
         out.logits.sum().backward()  # the recomputing backward runs
         for h in hooks:
             h.remove()
-        tuned_only, _ = _saved_activation_bytes(model, lambda: _through(model.stem, model.tuned_blocks, model.neck,
-                                                                        model.head, x))
+        tuned_only, _ = _saved_activation_bytes(model, lambda net=model: _through(net.stem, net.tuned_blocks, net.neck,
+                                                                                  net.head, x))
     routed = sum(n for n, column in zip(block_outputs, d.T) if column.any())
     mixed = sum(n for n, column in zip(block_outputs, d.T) if 0 < column.sum() < len(column))
     # Where images disagree the block's output is a new tensor (the next block keeps it), not F~ itself.

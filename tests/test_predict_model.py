@@ -7,24 +7,17 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
-from support import store_env
-
 from spottune.config import StoreSettings
 from spottune.store import WEIGHTS, Gate, open_store, sha256_file
 
+from support import new_bucket, shifted_run, spottune, store_env
+
 NAME = "fashion"
 PASS = Gate(True, "test")
-
-
-def spottune(*args, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spottune.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 @pytest.fixture
@@ -42,11 +35,8 @@ def images(fashion_root, tmp_path) -> Path:
 def _settings(backend: str, tmp_path: Path, request) -> StoreSettings:
     if backend == "local":
         return StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
-    import boto3
-
     moto = request.getfixturevalue("moto")
-    bucket = f"models-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=bucket)
+    bucket = new_bucket(moto.url)
     return StoreSettings(store_backend="s3", s3_bucket=bucket, s3_endpoint_url=moto.url, store_prefix="team")
 
 
@@ -55,7 +45,7 @@ def _rows(r: subprocess.CompletedProcess) -> list[dict]:
     return json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_predict_by_name_fetches_once_and_reuses_the_verified_cache(backend, finished_run, images, tmp_path, request):
     settings = _settings(backend, tmp_path, request)
     store = open_store(settings)
@@ -104,7 +94,6 @@ def test_predict_by_name_fetches_once_and_reuses_the_verified_cache(backend, fin
 
 
 def test_predict_by_version_latest_and_clear_errors(finished_run, images, tmp_path):
-    from support import shifted_run
 
     settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
     store = open_store(settings)

@@ -30,11 +30,24 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from support import PROJECT, MotoServer, clean_env, free_port, new_pipeline_repo, prefect_test_server, set_params
-
 from spottune.cli import main
 from spottune.config import Params, RemoteSettings, load_params, validate_params
 from spottune.errors import ConfigError, DataError, StoreError
+
+from support import (
+    PROJECT,
+    MotoServer,
+    bucket_names,
+    clean_env,
+    free_port,
+    git_pipeline_repo,
+    new_bucket,
+    new_pipeline_repo,
+    prefect_test_server,
+    set_params,
+    sh,
+    snapshot_bucket,
+)
 
 FASHION = ("bag", "coat", "sandal", "trouser")
 sys.path.insert(0, str(PROJECT))  # `flows` is not an installed package: it runs from the repository root
@@ -250,6 +263,7 @@ def test_materialise_makes_odd_label_names_safe_or_refuses_them(fashion_root, tm
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
+@pytest.mark.slow
 def test_odd_label_names_survive_prepare_validate_and_training(capsys, fashion_root, tmp_path, monkeypatch):
     """A tree used as it is (no `spottune data`): the labels pass through the CSV manifest, GX, the loaders
     and the model card unchanged, and no label is ever run by a shell."""
@@ -330,6 +344,7 @@ def cli_ok(argv: list[str], cwd: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_data_from_class_folders_alone_gets_seeded_test_and_val_splits_and_trains(capsys, fashion_root, tmp_path):
     """`spottune data DIR` with DIR/CLASS/* (no train/ or test/): the dataset holds train/ only, and prepare
     gave 0 test images, validate failed and training said 'no test images'. prepare now carves test
@@ -425,6 +440,7 @@ def test_a_manifest_with_a_bad_field_is_one_line_naming_it(capsys, tree, tmp_pat
 # Output paths: a directory where a file is expected, long names
 
 
+@pytest.mark.slow
 def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid_names_work(capsys, tree, tmp_path):
     """An existing directory given where a file is expected (or a file where a directory is), or a name over
     the file system's limit, is refused in one line before any work; a 240-character name (valid) works:
@@ -495,8 +511,8 @@ def test_prepare_refuses_a_manifest_path_that_is_not_a_regular_file(capsys, tree
         after = path.lstat()
         assert stat_.S_IFMT(after.st_mode) == stat_.S_IFMT(before.st_mode) and after.st_ino == before.st_ino
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*/*.tmp"))
-    from spottune.data.manifest import build_manifest, write_manifest
     from spottune.config import PrepareParams
+    from spottune.data.manifest import build_manifest, write_manifest
 
     with pytest.raises(ConfigError, match="FIFO"):
         write_manifest(build_manifest(tree, PrepareParams()), tmp_path / "as-fifo.csv")
@@ -647,7 +663,8 @@ def test_a_yaml_alias_bomb_in_params_is_refused_in_seconds_naming_the_file(tmp_p
         load_params(None, ["optim.epochs=&a 3"])
 
 
-@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**63), str(-(2**63) - 1)])
+@pytest.mark.parametrize("seed", ["99999999999999999999999", pytest.param(str(2**63), marks=pytest.mark.slow),
+                                  str(-(2**63) - 1)])
 def test_an_out_of_range_seed_is_refused_naming_the_key_and_the_extremes_train(capsys, tree, tmp_path, seed):
     """torch's generators take 64-bit seeds: optim.seed=99999999999999999999999 was accepted, then training
     died with a traceback ('Overflow when unpacking long'). Refused before any work; both extremes train."""
@@ -699,15 +716,6 @@ def moto_servers(tmp_path_factory) -> Iterator[tuple[MotoServer, MotoServer]]:
         s.stop()
 
 
-def new_bucket(url: str) -> str:
-    import boto3
-
-    bucket = f"models-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
-                 aws_secret_access_key="x").create_bucket(Bucket=bucket)
-    return bucket
-
-
 def bad_store_cases(moto_servers) -> dict[str, tuple[dict[str, str], list[str]]]:
     """case -> (SPOTTUNE_* store variables, words the error must hold)."""
     open_, strict = moto_servers
@@ -722,6 +730,7 @@ def bad_store_cases(moto_servers) -> dict[str, tuple[dict[str, str], list[str]]]
     }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["missing bucket", "closed endpoint", "wrong credentials"])
 def test_store_misconfiguration_is_one_clear_line_without_secrets(moto_servers, tmp_path, case):
     variables, words = bad_store_cases(moto_servers)[case]
@@ -818,7 +827,7 @@ def test_the_store_never_repeats_an_endpoint_that_botocore_refuses(monkeypatch):
     assert SECRET_IN_URL not in str(err.value) and "http://exa" in str(err.value)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["missing bucket", "closed endpoint", "wrong credentials"])
 def test_dvc_push_to_a_wrong_remote_names_bucket_and_endpoint(moto_servers, tmp_path, case):
     variables, _ = bad_store_cases(moto_servers)[case]
@@ -847,18 +856,15 @@ TRAINING = {"optim.max_steps_per_epoch": 1}
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory) -> Path:
     """A git + DVC repository with this project's pipeline and flows on tiny real data (as in test_flow.py)."""
-    repo = new_pipeline_repo(tmp_path_factory.mktemp("secrets") / "repo", with_flows=True)
-    env = clean_env()
-    for args in (["git", "init", "-q", "-b", "main"],
-                 [sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
-                  "--train-per-class", "8", "--test-per-class", "4", "--track"]):
-        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=600)
+    repo = git_pipeline_repo(tmp_path_factory.mktemp("secrets") / "repo", with_flows=True)
+    sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
+       "--train-per-class", "8", "--test-per-class", "4", "--track", cwd=repo, timeout=600)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
                data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
                optim={"epochs": 1, "max_steps_per_epoch": 2}, gate={"margin": -1.0, "floor": 0.0},
                publish={"model_name": NAME, "promote": True})
-    for args in (["git", "add", "."], ["git", "commit", "-q", "-m", "tiny pipeline"]):
-        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+    sh("git", "add", ".", cwd=repo)
+    sh("git", "commit", "-q", "-m", "tiny pipeline", cwd=repo)
     return repo
 
 
@@ -887,18 +893,15 @@ def s3_flow_env(moto_servers, monkeypatch, tmp_path) -> dict[str, str]:
     return env
 
 
-def bucket_objects(url: str, bucket: str) -> dict[str, bytes]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
-    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
-
-
 def prefect_records(flow_run_id: Any) -> dict[str, str]:
     """What Prefect's API holds about one flow run: parameters, logs, task runs, artifacts (as JSON text)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
     from prefect.logging.handlers import APILogHandler
 
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect"):
@@ -921,7 +924,7 @@ def prefect_records(flow_run_id: Any) -> dict[str, str]:
             "artifacts": "\n".join(a.model_dump_json() for a in artifacts)}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("case, attempts", [("missing bucket", 1), ("wrong credentials", 1), ("closed endpoint", 4)])
 def test_flow_checks_the_store_first_retries_only_what_may_recover_and_promotes_nothing(
         flow_project, prefect_server, moto_servers, s3_flow_env, monkeypatch, case, attempts):
@@ -929,13 +932,14 @@ def test_flow_checks_the_store_first_retries_only_what_may_recover_and_promotes_
 
     The store is reached before any work: a wrong bucket or credential fails at once (a retry cannot
     fix it), an unreachable endpoint is retried with backoff, then the flow gives up naming it."""
-    import flows.retrain as flows_retrain
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    import flows.retrain as flows_retrain
+
     variables, words = bad_store_cases(moto_servers)[case]
     good = s3_flow_env["SPOTTUNE_S3_BUCKET"]
-    before = bucket_objects(moto_servers[0].url, good)
+    before = snapshot_bucket(moto_servers[0].url, good)
     for k, v in variables.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(flows_retrain, "check_store", flows_retrain.check_store.with_options(retry_delay_seconds=[0.1, 0.2, 0.4]))
@@ -948,11 +952,12 @@ def test_flow_checks_the_store_first_retries_only_what_may_recover_and_promotes_
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert [t.name.rsplit("-", 1)[0] for t in tasks] == ["check-store"], "nothing ran before the store was reached"
     assert tasks[0].run_count == attempts
-    assert bucket_objects(moto_servers[0].url, good) == before, "nothing written to the store"
-    assert "no-such-bucket" not in {b["Name"] for b in _buckets(moto_servers[0].url)}
+    assert snapshot_bucket(moto_servers[0].url, good) == before, "nothing written to the store"
+    assert "no-such-bucket" not in bucket_names(moto_servers[0].url)
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_planted_credentials_reach_no_log_file_parameter_artifact_or_object(
         flow_project, prefect_server, moto_servers, s3_flow_env, capfd):
     from flows.retrain import retrain
@@ -990,8 +995,8 @@ def test_planted_credentials_reach_no_log_file_parameter_artifact_or_object(
         if Path(prefect_server["db"] + suffix).is_file():
             scan(f"prefect database{suffix}", Path(prefect_server["db"] + suffix).read_bytes())
     url = moto_servers[0].url
-    store_objects = bucket_objects(url, s3_flow_env["SPOTTUNE_S3_BUCKET"])
-    dvc_objects = bucket_objects(url, s3_flow_env["SPOTTUNE_REMOTE_URL"][5:].split("/")[0])
+    store_objects = snapshot_bucket(url, s3_flow_env["SPOTTUNE_S3_BUCKET"])
+    dvc_objects = snapshot_bucket(url, s3_flow_env["SPOTTUNE_REMOTE_URL"][5:].split("/")[0])
     for key, data in {**store_objects, **dvc_objects}.items():
         scan(f"s3 {key}", data)
 
@@ -999,10 +1004,3 @@ def test_planted_credentials_reach_no_log_file_parameter_artifact_or_object(
     assert len(dvc_objects) >= 80 and scanned > 100 and Path(prefect_server["db"]).is_file()
     assert (flow_project / ".dvc" / "config.local").read_text().count(url) == 1
     assert found == {}, f"planted credentials found in: {found}"
-
-
-def _buckets(url: str) -> list[dict[str, Any]]:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
-                        aws_secret_access_key="x").list_buckets()["Buckets"]

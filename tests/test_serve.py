@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import free_port, shifted_run, store_env
-
 from spottune.config import StoreSettings
 from spottune.store import WEIGHTS, Gate, open_store
+
+from support import free_port, new_bucket, shifted_run, store_env
 
 NAME = "fashion"
 PASS = Gate(True, "test")
@@ -91,9 +91,10 @@ def served(finished_run, tmp_path_factory) -> Iterator[tuple[Server, StoreSettin
 
 @pytest.fixture(scope="module")
 def sample(fashion_root) -> Path:
-    return sorted((fashion_root / "test" / "trouser").glob("*.png"))[0]
+    return min((fashion_root / "test" / "trouser").glob("*.png"))
 
 
+@pytest.mark.integration
 def test_health_and_model_describe_the_production_version(served, finished_run):
     server, settings = served
     assert server.client.get("/health").json() == {"status": "ok", "version": "v1"}
@@ -111,6 +112,7 @@ def test_health_and_model_describe_the_production_version(served, finished_run):
     assert set(info["files"]) >= {WEIGHTS, "model.json", "gate.json"}
 
 
+@pytest.mark.integration
 def test_predict_a_real_png_as_the_run_does(served, finished_run, sample):
     from spottune.inference import Predictor
 
@@ -133,6 +135,7 @@ def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+@pytest.mark.integration
 def test_bad_uploads_get_4xx_json_errors(served, sample):
     server, _ = served
 
@@ -161,14 +164,12 @@ def test_bad_uploads_get_4xx_json_errors(served, sample):
     assert server.predict(sample).status_code == 200
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_a_newly_promoted_version_is_served_without_restart(backend, finished_run, sample, tmp_path, request):
     if backend == "s3":
-        import boto3
-
         moto = request.getfixturevalue("moto")
-        bucket = f"models-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=bucket)
+        bucket = new_bucket(moto.url)
         settings = StoreSettings(store_backend="s3", s3_bucket=bucket, s3_endpoint_url=moto.url, store_prefix="team")
     else:
         settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")

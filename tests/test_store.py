@@ -16,20 +16,28 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from support import MotoServer, free_port
-
 from spottune.config import StoreSettings
 from spottune.errors import SpotTuneError, StoreError
 from spottune.store import (
-    MANIFEST, VERSION_FILES, ArtifactStore, Gate, IntegrityError, LocalBackend, PromotionRefused, S3Backend,
-    load_production_model, open_store, sha256_file,
+    MANIFEST,
+    VERSION_FILES,
+    ArtifactStore,
+    Gate,
+    IntegrityError,
+    LocalBackend,
+    PromotionRefused,
+    S3Backend,
+    load_production_model,
+    open_store,
+    sha256_file,
 )
+
+from support import MotoServer, clean_env, free_port, new_bucket, s3_client
 
 NAME = "fashion"
 PASS = Gate(True, "beats finetune")
@@ -44,20 +52,12 @@ def s3_settings(moto: MotoServer, bucket: str, **kw: Any) -> StoreSettings:
                          s3_multipart_threshold_mb=5, s3_multipart_chunksize_mb=5, s3_max_attempts=2, **kw)
 
 
-def new_bucket(moto: MotoServer) -> str:
-    import boto3
-
-    bucket = f"models-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return bucket
-
-
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
 def store(request, tmp_path) -> ArtifactStore:
     if request.param == "local":
         return open_store(StoreSettings(store_backend="local", store_root=tmp_path / "artifacts"))
     moto = request.getfixturevalue("moto")
-    return open_store(s3_settings(moto, new_bucket(moto)))
+    return open_store(s3_settings(moto, new_bucket(moto.url)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +416,7 @@ def test_a_tampered_manifest_cannot_name_files_outside_the_version(store, finish
 # S3 only: clear errors and an outage mid-upload
 
 
+@pytest.mark.integration
 def test_s3_misconfiguration_gives_a_clear_error(moto, monkeypatch):
     with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
         open_store(s3_settings(moto, "no-such-bucket"))
@@ -428,10 +429,11 @@ def test_s3_misconfiguration_gives_a_clear_error(moto, monkeypatch):
         open_store(s3_settings(moto, "models"))
 
 
+@pytest.mark.integration
 def test_s3_outage_mid_upload_then_republish(moto, finished_run):
     """The server process is paused (SIGSTOP) after two files: the publish fails with a clear error,
     nothing is complete, and after the server resumes a re-run finishes the version exactly once."""
-    settings = s3_settings(moto, new_bucket(moto), s3_read_timeout_s=0.5, s3_connect_timeout_s=0.5)
+    settings = s3_settings(moto, new_bucket(moto.url), s3_read_timeout_s=0.5, s3_connect_timeout_s=0.5)
     store = open_store(settings.model_copy(update={"s3_max_attempts": 1}))
 
     def pause_after_two(done: int) -> None:
@@ -455,14 +457,14 @@ def test_s3_outage_mid_upload_then_republish(moto, finished_run):
 # CLI commands (wired through register) and import hygiene
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
+@pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp_path, monkeypatch, capsys, request):
     from spottune.store_cli import register
 
     if backend == "s3":
         moto = request.getfixturevalue("moto")
         monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "s3")
-        monkeypatch.setenv("SPOTTUNE_S3_BUCKET", new_bucket(moto))
+        monkeypatch.setenv("SPOTTUNE_S3_BUCKET", new_bucket(moto.url))
         monkeypatch.setenv("SPOTTUNE_S3_ENDPOINT_URL", moto.url)
     else:
         monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "local")
@@ -526,12 +528,12 @@ def test_names_and_versions_with_a_trailing_newline_are_refused(store, finished_
     assert store.backend.list_sizes(store.prefix + "/" if store.prefix else "") == {}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("prefix", ["../esc", "team/../../esc", "./x", "a//b", "/abs"])
 def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, finished_run, tmp_path, prefix):
     """SPOTTUNE_STORE_PREFIX=../esc was accepted and written as S3 keys ('../esc/models/...')."""
-    from support import clean_env
 
-    bucket = new_bucket(moto)
+    bucket = new_bucket(moto.url)
     env = clean_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true",
                     SPOTTUNE_STORE_BACKEND="s3", SPOTTUNE_S3_BUCKET=bucket, SPOTTUNE_S3_ENDPOINT_URL=moto.url,
                     SPOTTUNE_STORE_PREFIX=prefix)
@@ -541,9 +543,7 @@ def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, fini
     assert len(r.stderr.strip().splitlines()) == 2, r.stderr
     with pytest.raises(StoreError, match="invalid store prefix"):
         ArtifactStore(LocalBackend(tmp_path / "store"), prefix)
-    import boto3
-
-    assert boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").list_objects_v2(
+    assert s3_client(moto.url).list_objects_v2(
         Bucket=bucket).get("KeyCount") == 0
 
 
@@ -551,7 +551,6 @@ def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, fini
 def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode):
     """Atomic writes go through mkstemp (always 0600): a shared store read by a serving user or a backup
     could not read them. Files get 0666 & ~umask, as any other file the process creates."""
-    from support import clean_env
 
     env = clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"))
     for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"], ["promote", NAME, "v1"]):
@@ -564,15 +563,15 @@ def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode)
         p.relative_to(tmp_path).as_posix(): oct(mode) for p in files}
 
 
+@pytest.mark.integration
 def test_a_multipart_upload_cut_off_by_an_outage_is_aborted_and_leaves_no_parts(moto, finished_run):
     """The weights (> 5 MiB) go up in 5 MiB parts. The endpoint drops while a part is sent and is still down
     when s3transfer tries to abort the upload, so its parts stay stored (and billed) with no object. The
     store aborts its unfinished uploads when the upload fails and again before the next one (the retry):
     once the publish succeeds, the bucket holds no multipart upload."""
-    import boto3
     from botocore.exceptions import EndpointConnectionError
 
-    bucket = new_bucket(moto)
+    bucket = new_bucket(moto.url)
     store = open_store(s3_settings(moto, bucket))
     backend = store.backend
     assert isinstance(backend, S3Backend) and (finished_run / "model.safetensors").stat().st_size > 5 * 1024 * 1024
@@ -589,7 +588,7 @@ def test_a_multipart_upload_cut_off_by_an_outage_is_aborted_and_leaves_no_parts(
 
     backend.client.meta.events.register("before-call.s3.UploadPart", part)
     backend.client.meta.events.register("before-call.s3.AbortMultipartUpload", abort)
-    s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1")
+    s3 = s3_client(moto.url)
 
     with pytest.raises(StoreError, match="model.safetensors.*unreachable"):
         store.publish(finished_run, NAME, "v1", gate=PASS)
@@ -682,10 +681,11 @@ def test_s3_requests_are_signed_for_the_region_of_the_environment(env, expected,
         recorder.server.server_close()
 
 
+@pytest.mark.integration
 def test_s3_store_works_against_moto_with_the_region_from_aws_region(moto, monkeypatch):
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
-    store = open_store(s3_settings(moto, new_bucket(moto)))
+    store = open_store(s3_settings(moto, new_bucket(moto.url)))
     assert store.backend.client.meta.region_name == "eu-west-3"
     store.backend.put_bytes("probe.txt", b"hello")
     assert store.backend.get_bytes("probe.txt")[0] == b"hello"

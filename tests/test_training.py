@@ -26,6 +26,7 @@ def _loader(root, params):
                        generator=torch.Generator().manual_seed(0)), len(splits.classes)
 
 
+@pytest.mark.slow
 def test_training_changes_tuned_head_policy_and_never_the_frozen_branch(fashion_root, tiny_params):
     params = tiny_params(fashion_root, optim={"lr_policy": 0.1})
     loader, n = _loader(fashion_root, params)
@@ -50,6 +51,7 @@ def test_training_changes_tuned_head_policy_and_never_the_frozen_branch(fashion_
     assert len(policy_grads) == 4 and all(g > 0 for g in policy_grads)
 
 
+@pytest.mark.slow
 def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
     k = 4
     params = tiny_params(digits_root, model={"backbone": "resnet26", "weights": "none"},
@@ -76,6 +78,7 @@ def test_global_k_pulls_tuned_blocks_per_image_to_k(digits_root, tiny_params):
     assert abs(per_image - k) < 1.0, per_image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spottune", "l2sp"])
 def test_resume_gives_identical_weights(fashion_root, tiny_params, runtime, tmp_path, method):
     from safetensors.torch import load_file
@@ -94,6 +97,7 @@ def test_resume_gives_identical_weights(fashion_root, tiny_params, runtime, tmp_
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_params(fashion_root, tiny_params, runtime, tmp_path):
     from spottune.errors import CheckpointError
     from spottune.training import fit
@@ -120,6 +124,7 @@ def test_short_real_run_beats_chance_by_a_wide_margin(fashion_root, tiny_params,
         assert len(fractions) == 16 and all(0.0 <= f <= 1.0 for f in fractions)
 
 
+@pytest.mark.slow
 def test_exported_backbone_is_the_trained_network(digits_root, tiny_params, runtime, tmp_path):
     """A ResNet-26 trained from scratch by the pipeline, exported, rebuilt through model.weights,
     predicts exactly what the run predicts (the source task's head included)."""

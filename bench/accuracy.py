@@ -505,8 +505,8 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
                 row.append(f"{m:.2f} ± {s:.2f} (n={len(ok)}{note}) [{runs[0]['lr_scale']:g}]")
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         baseline = "finetune" if "finetune" in suite.methods else next(iter(suite.methods))
-        lines += ["", f"Paired difference against `{baseline}` (percentage points): mean over seeds, 95% bootstrap "
-                  "CI over test images, seeds won / lost.", ""]
+        lines += ["", (f"Paired difference against `{baseline}` (percentage points): mean over seeds, 95% "
+                       "bootstrap CI over test images, seeds won / lost."), ""]
         lines += _difference_table(cells, suite_name, [m for m in suite.methods if m != baseline], targets,
                                    (suite_name, baseline))
         if suite.reference:
@@ -522,9 +522,9 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
                     runs = _finished(cells.get((suite_name, t, method)))
                     vals.append(f"{_mean_std([r['test']['tuned_blocks_per_image'] for r in runs])[0]:.1f}" if runs else "–")
                 lines.append(f"| {method} | " + " | ".join(vals) + " |")
-            lines += ["", "How per image the routing is: blocks where 5-95% of test images tune (mixed blocks), "
-                      "mean over seeds; in brackets the largest share of test images that take a block's less "
-                      "common branch.", ""]
+            lines += ["", ("How per image the routing is: blocks where 5-95% of test images tune (mixed blocks), "
+                           "mean over seeds; in brackets the largest share of test images that take a block's less "
+                           "common branch."), ""]
             lines += ["| method | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
             for method in routed:
                 vals = []
@@ -541,8 +541,8 @@ def report_markdown(done: dict[str, dict], profile: Profile, figure_dir: Path | 
     runs = list(done.values())
     devices = sorted({r["device"] for r in runs})
     gpu_seconds = sum(r["wall_seconds"] for r in runs)
-    lines += [f"{len(runs)} runs on {', '.join(devices)}; {gpu_seconds / 3600:.2f} process-hours in all "
-              f"(runs share GPUs, so wall time is less: see the command log below).", ""]
+    lines += [(f"{len(runs)} runs on {', '.join(devices)}; {gpu_seconds / 3600:.2f} process-hours in all "
+               "(runs share GPUs, so wall time is less: see the command log below)."), ""]
     return "\n".join(lines)
 
 
@@ -578,7 +578,8 @@ def summary(done: dict[str, dict], profile: Profile, suite_name: str = "lite0") 
             "mixed_blocks": _mean_std([_mixed_blocks(r) for r in b])[0],
             "blocks": len(b[0]["test"]["tuned_fraction_per_block"]),
         }
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,  # no git: no commit
+                            check=False).stdout.strip() or None
     return {"suite": suite_name, "targets": targets, "commit": commit}
 
 

@@ -56,11 +56,12 @@ def routing_block_table(classes: list[str], matrix: list[list[float]]) -> str:
     header = " " * width + " | " + "".join(f"{b % 10}" for b in range(n))
     lines = [header, "-" * len(header)]
     for name, row in zip(classes, matrix):
-        cells = "".join(SHADES[min(len(SHADES) - 1, int(round(v * (len(SHADES) - 1))))] for v in row)
+        cells = "".join(SHADES[min(len(SHADES) - 1, round(v * (len(SHADES) - 1)))] for v in row)
         lines.append(f"{name:>{width}} | {cells}  ({sum(row):.1f} tuned)")
     legend = "  ".join(f"'{s}' ~{i / (len(SHADES) - 1):.2f}" for i, s in enumerate(SHADES))
-    return "\n".join(["```text", *lines, "```", "", f"Shade = fraction of the class's test images that run the "
-                      f"block's tuned copy: {legend}. Block digits are block index mod 10."])
+    shade = (f"Shade = fraction of the class's test images that run the block's tuned copy: {legend}. "
+             "Block digits are block index mod 10.")
+    return "\n".join(["```text", *lines, "```", "", shade])
 
 
 def routing_heatmap_png(classes: list[str], matrix: list[list[float]]) -> bytes | None:

@@ -17,7 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from spottune.endpoints import REGION_PATTERN, check_endpoint_url, redact_url_credentials, refuse_url_credentials
+from spottune.endpoints import (
+    REGION_PATTERN,
+    check_endpoint_url,
+    redact_url_credentials,
+    refuse_url_credentials,
+)
 from spottune.errors import ConfigError
 
 Backbone = Literal[
@@ -311,7 +316,7 @@ def safe_yaml(text: str) -> Any:
     content ('2001-13-45' is a timestamp with month 13; '!!int x', '!!bool x'), not only YAMLError.
     """
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         raise ValueError(getattr(e, "problem", None) or str(e).splitlines()[0]) from None
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:

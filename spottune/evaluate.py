@@ -88,10 +88,10 @@ def comparison_markdown(c: dict[str, Any]) -> str:
         f"| test top-1 | {base['accuracy']:.4f} | {cand['accuracy']:.4f} |",
         f"| test loss | {base['loss']:.4f} | {cand['loss']:.4f} |",
         "",
-        f"Difference ({cand['method']} - {base['method']}): {boot['difference']:+.4f}, "
-        f"{boot['level']:.0%} paired bootstrap CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]; "
-        f"exact McNemar p = {mc['p_value']:.3g} ({mc['b_only']} images only {cand['method']} gets right, "
-        f"{mc['a_only']} only {base['method']}); {base['images']} test images.",
+        (f"Difference ({cand['method']} - {base['method']}): {boot['difference']:+.4f}, "
+         f"{boot['level']:.0%} paired bootstrap CI [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]; "
+         f"exact McNemar p = {mc['p_value']:.3g} ({mc['b_only']} images only {cand['method']} gets right, "
+         f"{mc['a_only']} only {base['method']}); {base['images']} test images."),
         "",
         "| class | " + " | ".join(c["classes"]) + " |",
         "|---|" + "---|" * len(c["classes"]),
@@ -103,8 +103,8 @@ def comparison_markdown(c: dict[str, Any]) -> str:
         lines += [
             "",
             f"Routing: {cand['tuned_blocks_per_image']:.2f} of {len(fr)} blocks run their tuned copy per image on average.",
-            f"Per image: {mixed_blocks(fr)} of {len(fr)} blocks send between 5% and 95% of the test images to their "
-            "tuned copy (mixed blocks; none means a per-block choice, the same for every image).",
+            (f"Per image: {mixed_blocks(fr)} of {len(fr)} blocks send between 5% and 95% of the test images to their "
+             "tuned copy (mixed blocks; none means a per-block choice, the same for every image)."),
             "",
             "| block | " + " | ".join(str(i) for i in range(len(fr))) + " |",
             "|---|" + "---|" * len(fr),

@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from spottune.errors import ConfigError, StoreError
 
@@ -99,7 +100,7 @@ def cached_problem(folder: Path, manifest: dict[str, Any]) -> str | None:
 def fetch_cached(store, resolved: Resolved, cache_dir: Path | None = None,
                  log: Callable[[str], None] = lambda _: None) -> Path:
     """The folder holding the resolved version's verified files: the cache's copy, or a new fetch."""
-    from spottune.store import check_safetensors, WEIGHTS
+    from spottune.store import WEIGHTS, check_safetensors
 
     name, version = resolved.name, resolved.version
     manifest, manifest_sha = store.read_manifest(name, version)

@@ -18,11 +18,12 @@ load is logged and never served (the old one stays; that version is tried again 
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from spottune.errors import ConfigError, SpotTuneError
 
@@ -60,7 +61,7 @@ class ModelHolder:
 
         folder = fetch_cached(self.store, resolved, self.cache_dir, log=self.log)
         predictor = Predictor.from_folder(folder, self.device)
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return Loaded(predictor, resolved, version_metadata(folder), now)
 
     @property
@@ -139,8 +140,8 @@ def create_app(holder: ModelHolder, *, max_upload_bytes: int = 10_000_000, max_p
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from spottune.errors import DataError
     from spottune.data.loaders import ImageTooLarge
+    from spottune.errors import DataError
     from spottune.inference import read_upload
 
     @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests, each defined here once: child processes (`sh`, `dvc`, `clean_env`), a moto
+"""Helpers shared by the tests, each defined here once: child processes (`sh`, `dvc`, `spottune`, `clean_env`), the CLI in-process (`cli`), a moto
 S3 server process and a client of the tests' own for its buckets, throwaway git + DVC pipeline repos,
 Prefect's test server, and `requires` (the one way a test skips for a missing package)."""
 
@@ -188,6 +188,15 @@ def spottune(*args: object, env: dict[str, str] | None = None, cwd: Path | None 
                           env=env or clean_env(), cwd=cwd, timeout=600)
 
 
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    """`spottune ARGS` in this process: exit status and everything it printed."""
+    from spottune.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
 def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, env=env, ok=ok)
 
@@ -216,8 +225,7 @@ def store_env(settings, **extra: str) -> dict[str, str]:
            "SPOTTUNE_STORE_PREFIX": settings.store_prefix}
     if settings.store_backend == "s3":
         env |= {"SPOTTUNE_S3_BUCKET": settings.s3_bucket, "SPOTTUNE_S3_ENDPOINT_URL": settings.s3_endpoint_url,
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+                **DUMMY_AWS}
     return clean_env(**env, **extra)
 
 

@@ -30,7 +30,6 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from spottune.cli import main
 from spottune.config import Params, RemoteSettings, load_params, validate_params
 from spottune.errors import ConfigError, DataError, StoreError
 
@@ -39,6 +38,7 @@ from support import (
     MotoServer,
     bucket_names,
     clean_env,
+    cli,
     free_port,
     git_pipeline_repo,
     new_bucket,
@@ -68,13 +68,6 @@ def real_tree(src: Path, dst: Path, labels: dict[str, str], train: int = 4, test
                 shutil.copyfile(f, folder / f.name)
     (dst / "dataset.json").write_text(json.dumps({"source": "test", "classes": sorted(labels)}))
     return dst
-
-
-def cli(capsys, *args: Any) -> tuple[int, str]:
-    """`spottune ARGS` in this process: exit status and everything it printed."""
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out + out.err
 
 
 def params_file(tmp_path: Path, root: Path, **sections: dict[str, Any]) -> Path:

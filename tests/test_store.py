@@ -37,7 +37,7 @@ from spottune.store import (
     sha256_file,
 )
 
-from support import MotoServer, clean_env, free_port, new_bucket, s3_client
+from support import DUMMY_AWS, MotoServer, clean_env, free_port, new_bucket, s3_client
 
 NAME = "fashion"
 PASS = Gate(True, "beats finetune")
@@ -534,8 +534,7 @@ def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, fini
     """SPOTTUNE_STORE_PREFIX=../esc was accepted and written as S3 keys ('../esc/models/...')."""
 
     bucket = new_bucket(moto.url)
-    env = clean_env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true",
-                    SPOTTUNE_STORE_BACKEND="s3", SPOTTUNE_S3_BUCKET=bucket, SPOTTUNE_S3_ENDPOINT_URL=moto.url,
+    env = clean_env(**DUMMY_AWS, SPOTTUNE_STORE_BACKEND="s3", SPOTTUNE_S3_BUCKET=bucket, SPOTTUNE_S3_ENDPOINT_URL=moto.url,
                     SPOTTUNE_STORE_PREFIX=prefix)
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "publish", str(finished_run), "--name", NAME],
                        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spottune.cli import main
 from spottune.config import PrepareParams
 from spottune.data.manifest import COLUMNS, build_manifest, read_manifest
+
+from support import cli
 
 
 def _params_file(tmp_path: Path, root: Path) -> Path:
@@ -28,17 +29,11 @@ def _params_file(tmp_path: Path, root: Path) -> Path:
     return path
 
 
-def _run(capsys, *args: str) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
 def prepare_and_validate(capsys, tmp_path: Path, root: Path) -> tuple[int, str]:
     params = _params_file(tmp_path, root)
-    code, text = _run(capsys, "prepare", "--params", params)
+    code, text = cli(capsys, "prepare", "--params", params)
     assert code == 0, text
-    return _run(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    return cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
 
 
 @pytest.fixture
@@ -147,8 +142,8 @@ def test_bad_data_fails_naming_the_check_and_the_files(capsys, root, tmp_path, b
 def test_labels_come_from_params_when_given(capsys, root, tmp_path):
     params = _params_file(tmp_path, root)
     params.write_text(params.read_text() + "  classes: [bag, coat]\n")
-    assert _run(capsys, "prepare", "--params", params)[0] == 0
-    code, text = _run(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
     assert code == 2 and "unexpected label(s)" in text and "trouser" in text
 
 

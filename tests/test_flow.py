@@ -74,6 +74,12 @@ def local_store(project, tmp_path_factory) -> Iterator[Path]:
         yield root
 
 
+def local_store_env(root: Path) -> dict[str, str]:
+    """What a child process that runs the flow needs to promote into the local store at root
+    (clean_env() drops every SPOTTUNE_STORE_* variable of this process)."""
+    return {"SPOTTUNE_STORE_BACKEND": "local", "SPOTTUNE_STORE_ROOT": str(root)}
+
+
 def open_local(root: Path):
     from spottune.config import StoreSettings
     from spottune.store import open_store
@@ -272,7 +278,7 @@ def test_prefect_yaml_deploys_the_weekly_schedule_on_a_process_pool(prefect_api,
 def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_api, project, local_store, tmp_path):
     from prefect.deployments import run_deployment
 
-    env = clean_env(PREFECT_API_URL=prefect_api)
+    env = clean_env(PREFECT_API_URL=prefect_api, **local_store_env(local_store))  # the flow runs in that process
     with open(tmp_path / "serve.log", "wb") as log:  # the child keeps its own copy of the file
         proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
@@ -351,7 +357,7 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
     with open(log_path, "wb") as log:  # the child keeps its own copy of the file
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "spottune-cpu"], cwd=project,
                                   env=clean_env(PREFECT_API_URL=prefect_api, PREFECT_WORKER_QUERY_SECONDS="1",
-                                                PREFECT_LOGGING_LEVEL="INFO"),
+                                                PREFECT_LOGGING_LEVEL="INFO", **local_store_env(local_store)),
                                   stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:

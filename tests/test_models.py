@@ -428,6 +428,7 @@ def test_usage_term_is_zero_for_balanced_decided_routing_and_ln2_for_a_per_block
     assert usage_term(undecided) == pytest.approx(math.log(2), abs=1e-4)
 
 
+@pytest.mark.slow  # 100 SGD steps of the policy
 @pytest.mark.parametrize("std,per_image", [(0.0, False), (0.1, True)])
 def test_usage_term_needs_a_symmetry_break(std, per_image):
     """From equal logits for every image the usage term has no gradient; a random last layer breaks the tie."""

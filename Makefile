@@ -38,12 +38,13 @@ deploy: $(VENV)/.installed
 		$(PIPELINE_ENV) $(BIN)/prefect work-pool create spottune-cpu --type process
 	$(PIPELINE_ENV) SPOTTUNE_PROJECT_DIR="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 
-# The whole suite (CI). test-fast leaves out the tests that train and the GPU ones (markers: tests/conftest.py).
+# The whole suite (CI). test-fast leaves out the tests that train, those that start dvc, moto, Prefect or
+# uvicorn, and the GPU ones (markers: tests/conftest.py).
 test: setup
 	$(BIN)/python -m pytest
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not gpu"
+	$(BIN)/python -m pytest -m "not slow and not integration and not gpu"
 
 lock: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -1,7 +1,7 @@
 """Shared fixtures: small real datasets materialised once per test session, tiny run settings, one real
 finished run and a moto S3 server per session. Helpers live in support.py.
 
-Markers (registered in pyproject.toml; `make test` runs them all, `make test-fast` skips slow and gpu):
+Markers (registered in pyproject.toml; `make test` runs them all, `make test-fast` none of them):
   slow         the test itself trains: fit(), `spottune train` to the end, a DVC training stage, a flow
                run or the benchmark (the session's one tiny `finished_run` is shared setup, not this)
   integration  a real external part runs: dvc, the moto S3 server, Prefect's server, uvicorn

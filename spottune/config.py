@@ -66,6 +66,8 @@ class ModelParams(_Section):
     method: Method = "spottune"
     last_k: int = Field(4, ge=1, description="blocks fine-tuned by method 'lastk'")
     l2sp_alpha: float = Field(0.01, ge=0.0, description="L2-SP pull of backbone weights toward pretrained")
+    tuned_l2sp_alpha: float = Field(0.0, ge=0.0, description="spottune: L2-SP pull of the tuned copy toward the "
+                                    "pretrained (frozen) copy, in place of its weight decay; 0: off")
     train_stem: bool = Field(True, description="fine-tune the shared stem (spottune, finetune, l2sp)")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the new head")
 
@@ -95,7 +97,13 @@ class PolicyParams(_Section):
     temperature: float = Field(5.0, gt=0.0)
     temperature_min: float = Field(0.5, gt=0.0)
     temperature_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiplied into the temperature each epoch")
-    eval_decisions: Literal["argmax", "sample"] = "argmax"
+    eval_decisions: Literal["argmax", "sample", "expectation"] = Field(
+        "argmax", description="decisions outside training: 'argmax' (each image runs one branch per block), "
+        "'sample' (a random draw), 'expectation' (each block returns F + p (F~ - F) with the image's probability p "
+        "of tuning: the expected output over training's sampled decisions; both branches run)")
+    noise_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="scale of the Gumbel noise in training decisions: 'constant' 1, or 'cosine' from 1 "
+        "in the first epoch to 0 in the last, so that training ends on the decisions evaluation takes")
     global_k: int | None = Field(None, ge=0, description="global-k variant: target number of tuned blocks")
     k_weight: float = Field(1.0, ge=0.0)
     entropy_weight: float = Field(0.1, ge=0.0)

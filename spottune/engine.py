@@ -130,6 +130,7 @@ def train_one_epoch(
     setup: DeviceSetup,
     *,
     epoch: int,
+    epochs: int = 1,
     max_steps: int | None = None,
     progress: bool = True,
     forward: Callable[[torch.Tensor], Any] | None = None,
@@ -141,7 +142,7 @@ def train_one_epoch(
     """
     forward = model if forward is None else forward
     model.train()
-    model.set_epoch(epoch)
+    model.set_epoch(epoch, epochs)
     stats = RunningStats()
     total = min(len(loader), max_steps) if max_steps else len(loader)
     bar = _progress(loader, f"epoch {epoch}", progress, total)
@@ -227,7 +228,8 @@ def summarise_predictions(p: dict[str, torch.Tensor], num_classes: int) -> dict[
         "images": int(labels.numel()),
     }
     if "decisions" in p:
-        d = p["decisions"]
+        # Expectation decisions are probabilities: the routing is the branch each image leans to (argmax's).
+        d = (p["decisions"] > 0.5).float()
         fraction = d.float().mean(0)
         out["tuned_fraction_per_block"] = fraction.tolist()
         out["tuned_blocks_per_image"] = float(d.sum(1).mean())

@@ -65,7 +65,7 @@ class Predictor:
                       for p, j in zip(top.values[i], top.indices[i])]
             row = {"path": name, "label": ranked[0]["label"], "probability": ranked[0]["probability"], "top": ranked}
             if out.decisions is not None:
-                row["tuned_blocks"] = [int(b) for b in out.decisions[i].nonzero().flatten().tolist()]
+                row["tuned_blocks"] = [int(b) for b in (out.decisions[i] > 0.5).nonzero().flatten().tolist()]
             rows.append(row)
         return rows
 

@@ -142,8 +142,8 @@ def fit(
         if sampler is not None:
             sampler.set_epoch(epoch)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch, forward=forward,
-                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress and dist.is_main)
+        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch, epochs=params.optim.epochs,
+                                      forward=forward, max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress and dist.is_main)
         train_stats["images_per_s"] *= dist.world_size  # every rank trains as many images as this one
         scheduler.step()
         if dist.is_main:

@@ -112,7 +112,8 @@ class RoutingPlan:
 
 class SpotTuneNet(TransferModel):
     def __init__(
-        self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True, dropout: float = 0.0
+        self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True,
+        dropout: float = 0.0, tuned_l2sp_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         self.stem = backbone.stem
@@ -131,6 +132,8 @@ class SpotTuneNet(TransferModel):
         self._modules.update(modules)
         self.policy_params = policy
         self.temperature = policy.temperature
+        self.noise = 1.0  # scale of the Gumbel noise in training decisions (set_epoch)
+        self.tuned_l2sp_alpha = tuned_l2sp_alpha
         self.execution: Execution = "auto"
         self.bucket = 32
         self.fold_frozen_bn = policy.frozen_bn == "pretrained"
@@ -207,7 +210,7 @@ class SpotTuneNet(TransferModel):
         """(B, L) decisions and the policy's (B, L) noise-free probabilities of tuning."""
         logits = self._graphed_policy(images) if self.graph_policy else self.policy(images)
         mode = "gumbel" if self.training else self.policy_params.eval_decisions
-        return sample_decisions(logits, self.temperature, mode), tune_probability(logits)
+        return sample_decisions(logits, self.temperature, mode, self.noise), tune_probability(logits)
 
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
         execution = self._execution()
@@ -244,6 +247,8 @@ class SpotTuneNet(TransferModel):
             yield self._run(*pending, execution)
 
     def _execution(self) -> Execution:
+        if not self.training and self.policy_params.eval_decisions == "expectation":
+            return "mixed"  # fractional decisions: every image runs both branches
         if self.execution != "auto":
             return self.execution
         # Training: both branches see the whole batch (the tuned copy's BN uses its statistics),
@@ -334,9 +339,15 @@ class SpotTuneNet(TransferModel):
         return self._replays_as_graph(x) and not self.policy_params.recompute_frozen
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
-        net = trainable([*self.stem.parameters(), *self.tuned_blocks.parameters(), *self.neck.parameters()])
+        shared = [*self.stem.parameters(), *self.neck.parameters()]
+        net = [{"name": "net", "params": trainable([*shared, *self.tuned_blocks.parameters()]), "lr": optim.lr_net,
+                "weight_decay": optim.weight_decay}]
+        if self.tuned_l2sp_alpha:  # the tuned copy is pulled toward the pretrained weights instead of toward zero
+            net = [{**net[0], "params": trainable(shared)},
+                   {"name": "tuned", "params": trainable(self.tuned_blocks.parameters()), "lr": optim.lr_net,
+                    "weight_decay": 0.0}]
         return [
-            {"name": "net", "params": net, "lr": optim.lr_net, "weight_decay": optim.weight_decay},
+            *net,
             {"name": "head", "params": list(self.head.parameters()), "lr": optim.lr_head, "weight_decay": optim.weight_decay},
             {"name": "policy", "params": list(self.policy.parameters()), "lr": optim.lr_policy,
              "weight_decay": optim.policy_weight_decay},
@@ -344,7 +355,8 @@ class SpotTuneNet(TransferModel):
 
     def regularization(self, output: ModelOutput) -> torch.Tensor | None:
         """Global-k: pull the number of tuned blocks toward k, and each block's tuning rate to 0 or 1.
-        Usage (`usage_weight`): reward decisions that differ between the images of a batch (usage_term)."""
+        Usage (`usage_weight`): reward decisions that differ between the images of a batch (usage_term).
+        L2-SP (`tuned_l2sp_alpha`): alpha/2 ||w~ - w||^2, the tuned copy's distance from the frozen copy."""
         p = self.policy_params
         terms = []
         if p.global_k is not None and output.decisions is not None:
@@ -355,11 +367,18 @@ class SpotTuneNet(TransferModel):
             terms.append(p.k_weight * k_term + p.entropy_weight * entropy)
         if p.usage_weight > 0 and output.tune_probability is not None:
             terms.append(p.usage_weight * usage_term(output.tune_probability))
+        if self.tuned_l2sp_alpha:
+            pairs = zip(self.tuned_blocks.parameters(), self.frozen_blocks.parameters())
+            terms.append(0.5 * self.tuned_l2sp_alpha * sum(((t - f) ** 2).sum() for t, f in pairs if t.requires_grad))
         return sum(terms) if terms else None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, epochs: int = 1) -> None:
         p = self.policy_params
         self.temperature = max(p.temperature_min, p.temperature * math.pow(p.temperature_decay, epoch))
+        if p.noise_schedule == "cosine":
+            self.noise = 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs - 1)))
+        else:
+            self.noise = 1.0
 
 
 def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,11 @@ DEV2 = {
     "expectation-l2sp": {**_PAPER, **_EXPECT, **_SP},
     "t1-expectation": {**_PAPER, **_EXPECT, "policy.temperature": 1.0},
     "usage-expectation": {**_PAPER, **_EXPECT, "policy.usage_weight": 1.0, "policy.init_weight_std": 0.1},
+    # added after the eight above had run: start as fine-tuning (each block tuned with probability 0.9),
+    # so that the frozen copy takes over only where it does better
+    "start-0.9": {**_PAPER, "policy.init_tune_probability": 0.9},
+    "start-0.9-noise-anneal": {**_PAPER, "policy.init_tune_probability": 0.9, **_ANNEAL},
+    "start-0.9-expectation": {**_PAPER, "policy.init_tune_probability": 0.9, **_EXPECT},
 }
 DEV_TARGETS = ("fashion-100", "digits")
 CONFIRM_TARGETS = ("mnist-100", "mnist-1000", "fashion-1000")  # never used to choose a setting

@@ -85,8 +85,10 @@ class Profile:
 
 # A method's settings are `--set` overrides, except `base.lr_*`: a base learning rate (instead of
 # params.yaml's) that the grid scales like the others. An `optim.lr_*` override is fixed, not scaled.
-PAPER = {"policy.temperature": 5.0, "base.lr_policy": 0.01}  # the 2019 paper's policy settings
-LEAD = {"policy.temperature": 1.0, "base.lr_policy": 0.1}  # the study's lead, chosen by suite dev
+PAPER = {"policy.temperature": 5.0, "base.lr_policy": 0.01,  # the 2019 paper's policy settings
+         "policy.init_tune_probability": 0.5}
+LEAD = {"policy.temperature": 1.0, "base.lr_policy": 0.1,  # the study's lead, chosen by suite dev
+        "policy.init_tune_probability": 0.5}
 
 
 def _methods(blocks: int) -> dict[str, dict[str, Any]]:
@@ -96,6 +98,9 @@ def _methods(blocks: int) -> dict[str, dict[str, Any]]:
         "l2sp": {"model.method": "l2sp"},
         "spottune": {"model.method": "spottune"},
         "spottune-k": {"model.method": "spottune", "policy.global_k": blocks // 2},
+        # params.yaml's settings before the second development round (the paper's: every block starts undecided)
+        "spottune-paper": {"model.method": "spottune", **PAPER},
+        "spottune-k-paper": {"model.method": "spottune", "policy.global_k": blocks // 2, **PAPER},
         # the development suite's lead, confirmed here on the targets that did not choose it
         "spottune-lead": {"model.method": "spottune", **LEAD},
         "spottune-k-lead": {"model.method": "spottune", "policy.global_k": blocks // 2, **LEAD},

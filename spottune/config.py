@@ -115,7 +115,7 @@ class PolicyParams(_Section):
         0.0, ge=0.0, le=1.0, description="std of the policy's last layer weights at the start (0: every image "
         "starts with the same logits, and a term that rewards per-image decisions has no gradient there)")
     init_tune_probability: float = Field(
-        0.5, gt=0.0, lt=1.0, description="probability of the tuned copy for every block at the start of training "
+        0.9, gt=0.0, lt=1.0, description="probability of the tuned copy for every block at the start of training "
         "(0.5: undecided; near 1: start as fine-tuning and learn where the frozen copy does better)")
     frozen_bn: Literal["pretrained", "target"] = Field(
         "pretrained", description="statistics the frozen copy's BatchNorm uses in training: 'pretrained' (its own, "

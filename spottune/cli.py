@@ -34,6 +34,21 @@ def _params(args: argparse.Namespace):
     return load_params(path, overrides)
 
 
+def _runtime_settings() -> RuntimeSettings:
+    """RuntimeSettings (SPOTTUNE_DEVICE, ...) from the environment; a bad value is a ConfigError naming the
+    variable (exit 3), not a pydantic traceback."""
+    from pydantic import ValidationError
+
+    from spottune.errors import ConfigError
+
+    try:
+        return RuntimeSettings()
+    except ValidationError as e:
+        lines = ["invalid settings in the environment:"]
+        lines += [f"  SPOTTUNE_{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
 def _write_json(path: Path | None, obj) -> None:
     if path is not None:
         from spottune.training import write_json
@@ -374,24 +389,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code says what kind of failure it met (spottune/errors.py, README).
+
+    argparse exits 2 on a command line that does not parse; bad input exits 3, a failing external
+    service (store, S3, DVC) 4, an unexpected error 1 with its traceback.
+    """
+    from spottune.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+
     args = build_parser().parse_args(argv)
     try:
-        runtime = RuntimeSettings()
-        return args.func(args, runtime)
+        return args.func(args, _runtime_settings())
     except SpotTuneError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
+        return e.exit_code
+    except FloatingPointError as e:  # training diverged: the params (learning rates) must change
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     except OSError as e:
         if e.filename is None:  # not about a path the user named: a bug or the machine, keep the traceback
             raise
         print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def _oversized(root: Path) -> list[str]:
 def test_bad_data_fails_naming_the_check_and_the_files(capsys, root, tmp_path, breakage):
     expected = breakage(root)
     code, text = prepare_and_validate(capsys, tmp_path, root)
-    assert code == 2, text
+    assert code == 3, text
     assert "data validation failed" in text and "Traceback" not in text
     for words in expected:
         assert words in text, f"{words!r} not in:\n{text}"
@@ -149,7 +149,7 @@ def test_labels_come_from_params_when_given(capsys, root, tmp_path):
     params.write_text(params.read_text() + "  classes: [bag, coat]\n")
     assert _run(capsys, "prepare", "--params", params)[0] == 0
     code, text = _run(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
-    assert code == 2 and "unexpected label(s)" in text and "trouser" in text
+    assert code == 3 and "unexpected label(s)" in text and "trouser" in text
 
 
 def test_manifest_with_wrong_columns_is_named(tmp_path):

@@ -127,24 +127,10 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     output_dir(args.out, "--out")
     output_file(args.metrics, "--metrics")
     output_file(args.plots, "--plots")
-    from spottune.errors import CheckpointError
     from spottune.training import fit
 
-    resume, overwrite = args.resume, args.overwrite
-    if args.resume_unfinished:
-        from spottune.training import RunDir
-
-        run = RunDir(args.out)
-        resume = run.checkpoint.is_file() and not run.weights.is_file()
-        overwrite = not resume
-    try:
-        metrics = fit(params, args.out, runtime, resume=resume, overwrite=overwrite,
-                      stop_after_epochs=args.stop_after_epochs)
-    except CheckpointError as e:
-        if not (args.resume_unfinished and resume):
-            raise
-        print(f"cannot resume ({e}): starting over", file=sys.stderr)
-        metrics = fit(params, args.out, runtime, overwrite=True, stop_after_epochs=args.stop_after_epochs)
+    metrics = fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite,
+                  resume_unfinished=args.resume_unfinished, stop_after_epochs=args.stop_after_epochs)
     if metrics is not None and (args.metrics or args.plots):
         from spottune.evaluate import learning_curve, training_metrics
 
@@ -326,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--resume-unfinished", action="store_true",
-                   help="continue OUT's unfinished run (a checkpoint, no model yet) when its params match; else "
+                   help="continue OUT's unfinished run (a checkpoint, no model yet) when its params and data match; else "
                         "start over, replacing what OUT holds (what a retried pipeline stage wants)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="end this invocation after N epochs")

@@ -59,3 +59,96 @@ def test_each_kind_of_failure_has_its_own_exit_code(tmp_path):
                           "e.evaluate_run = broken\nsys.exit(c.main(['evaluate', 'run']))"],
                          capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=120)
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "AssertionError: a bug" in bug.stderr, bug.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume / --resume-unfinished: the same params and the same data, or nothing of the checkpoint
+
+
+def _sliced_run(root: Path, out: Path, tiny_params, runtime):
+    """Params of a 2-epoch linear run on `root`, and its checkpoint after epoch 0 in `out`."""
+    from spottune.training import fit
+
+    params = tiny_params(root, model={"method": "linear"}, optim={"epochs": 2, "max_steps_per_epoch": 1})
+    assert fit(params, out, runtime, stop_after_epochs=1, log=lambda _: None) is None
+    return params
+
+
+def test_resume_refuses_other_data_and_resume_unfinished_starts_over(fashion_root, tiny_params, runtime, tmp_path,
+                                                                       capsys):
+    """Images added under the same data.root, or a class removed: --resume refuses naming what changed,
+    --resume-unfinished starts over (one line); the same data resumes."""
+    from spottune.errors import CheckpointError
+    from spottune.training import fit
+
+    root = tmp_path / "data"
+    shutil.copytree(fashion_root, root)
+    run = tmp_path / "run"
+    params = _sliced_run(root, run, tiny_params, runtime)
+    extra = root / "train" / "coat" / "added.png"
+    shutil.copy(next((root / "train" / "bag").glob("*.png")), extra)
+    with pytest.raises(CheckpointError, match=r"was made with other data: train images \d+ -> \d+$"):
+        fit(params, run, runtime, resume=True, log=lambda _: None)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 0  # refused: nothing changed
+
+    logs: list[str] = []
+    metrics = fit(params, run, runtime, resume_unfinished=True, log=logs.append)
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "other data" in err and err.count("\n") == 1, err
+    assert not any("resuming" in line for line in logs) and [h["epoch"] for h in metrics["history"]] == [0, 1]
+
+    extra.unlink()  # the same data again: a sliced run resumes
+    fit(params, run, runtime, stop_after_epochs=1, overwrite=True, log=lambda _: None)
+    for folder in (root / "train" / "bag", root / "test" / "bag"):
+        shutil.rmtree(folder)
+    with pytest.raises(CheckpointError, match=r"other data: classes removed \['bag'\], added \[\]"):
+        fit(params, run, runtime, resume=True, log=lambda _: None)
+    metrics = fit(params, run, runtime, resume_unfinished=True, log=lambda _: None)
+    assert "bag" not in metrics["classes"] and len(metrics["classes"]) == 9
+
+
+def test_the_same_data_resumes_and_a_checkpoint_without_a_data_record_still_loads(fashion_root, tiny_params,
+                                                                                  runtime, tmp_path):
+    from spottune.engine import save_checkpoint
+    from spottune.training import fit
+
+    run = tmp_path / "run"
+    params = _sliced_run(fashion_root, run, tiny_params, runtime)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["data"]) == {"sha256", "classes", "images"} and len(ckpt["data"]["sha256"]) == 64
+    del ckpt["data"]  # as checkpoints were written before the data was recorded
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    logs: list[str] = []
+    metrics = fit(params, run, runtime, resume=True, log=logs.append)
+    assert any("predates data records" in line for line in logs) and any("resuming" in line for line in logs)
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1]
+
+
+@pytest.mark.parametrize("content,words", [
+    (["not", "a", "checkpoint"], "holds a list, not a mapping"),
+    ({"epoch": 0}, "the key 'model' is missing"),
+    ("broken-epoch", "'epoch' is a str, not an epoch number"),
+    ("broken-model", "does not fit this run"),
+    ("broken-rng", "'rng' lacks"),
+])
+def test_a_malformed_checkpoint_is_one_clear_error_or_a_fresh_start(content, words, fashion_root, tiny_params, runtime,
+                                                                     tmp_path, capsys):
+    from spottune.engine import save_checkpoint
+    from spottune.errors import CheckpointError
+    from spottune.training import fit
+
+    run = tmp_path / "run"
+    params = _sliced_run(fashion_root, run, tiny_params, runtime)
+    good = torch.load(run / "checkpoint.pt", weights_only=True)
+    if content == "broken-epoch":
+        content = good | {"epoch": "0"}
+    elif content == "broken-model":
+        content = good | {"model": {"head.0.weight": torch.zeros(3)}}
+    elif content == "broken-rng":
+        content = good | {"rng": {"torch": [1, 2]}}
+    save_checkpoint(run / "checkpoint.pt", content)
+    with pytest.raises(CheckpointError, match=words) as err:
+        fit(params, run, runtime, resume=True, log=lambda _: None)
+    assert str(run / "checkpoint.pt") in str(err.value) and "\n" not in str(err.value)
+    metrics = fit(params, run, runtime, resume_unfinished=True, log=lambda _: None)
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1] and "starting over" in capsys.readouterr().err

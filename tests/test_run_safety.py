@@ -152,3 +152,73 @@ def test_a_malformed_checkpoint_is_one_clear_error_or_a_fresh_start(content, wor
     assert str(run / "checkpoint.pt") in str(err.value) and "\n" not in str(err.value)
     metrics = fit(params, run, runtime, resume_unfinished=True, log=lambda _: None)
     assert [h["epoch"] for h in metrics["history"]] == [0, 1] and "starting over" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# One training per run folder
+
+
+HOLD = ("import sys, time\nfrom spottune.runlock import RunLock\nwith RunLock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """A real process that holds folder's run lock until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=clean_env(PYTHONPATH=str(PROJECT)), cwd=PROJECT)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_training_into_a_held_run_folder_fails_naming_the_holder_and_deletes_nothing(fashion_root,
+                                                                                              tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"the first run's checkpoint")
+    holder = _holder(run)
+    try:
+        args = ["train", "--method", "linear", "--out", run, "--set", f"data.root={fashion_root}", *TINY]
+        for extra in (["--overwrite"], ["--resume-unfinished"], ["--resume"]):
+            r = spottune(*args, *extra)
+            assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+            assert r.stderr.strip() == (f"error: {run} is in use by another training (pid {holder.pid} on "
+                                        f"{os.uname().nodename}): wait for it to end, or give another --out"), r.stderr
+            assert (run / "checkpoint.pt").read_bytes() == b"the first run's checkpoint"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the holder was killed outright: the OS released its lock, and the next training runs
+    assert (run / ".lock").exists()
+    r = spottune(*args, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]
+
+
+def test_two_trainings_started_together_into_one_folder_one_runs_the_other_is_refused(fashion_root, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--method", "linear", "--out", run, "--set", f"data.root={fashion_root}", "--overwrite", *TINY]
+    procs = [subprocess.Popen([sys.executable, "-m", "spottune.cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=PROJECT) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    codes = sorted(code for code, _ in results)
+    if codes == [0, 0]:  # the first ended before the second started (a slow machine): nothing to race
+        pytest.skip("the two trainings did not overlap")
+    assert codes == [0, 3], results
+    assert "is in use by another training" in next(err for code, err in results if code == 3)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]
+
+
+def test_the_run_lock_is_exclusive_and_its_file_goes_with_the_holder(tmp_path):
+    from spottune.errors import RunLocked
+    from spottune.runlock import RunLock
+
+    with RunLock(tmp_path / "run"):
+        assert (tmp_path / "run" / ".lock").read_text().startswith(f"{os.getpid()} on ")
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()} on"):
+            RunLock(tmp_path / "run").__enter__()
+    assert not (tmp_path / "run" / ".lock").exists()
+    with RunLock(tmp_path / "run"):  # free again
+        pass

@@ -101,8 +101,10 @@ def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     report = validate_manifest(params.prepare.manifest, params.data.root, params.validate_, classes)
     paths = write_reports(report, args.out_dir, params.prepare.manifest)
     if args.metrics is not None:
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_bytes(paths["summary"].read_bytes())
+        from spottune.atomic import atomic_write
+
+        summary = paths["summary"].read_bytes()
+        atomic_write(args.metrics, lambda tmp: tmp.write_bytes(summary))
     if not report.success:
         raise DataError(f"{report.summary()}\n  report: {paths['html']}")
     print(f"{report.summary()} -> {paths['html']}")
@@ -164,7 +166,7 @@ def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    from spottune.engine import atomic_write
+    from spottune.atomic import atomic_write
     from spottune.evaluate import compare_runs, comparison_markdown
     from spottune.training import write_json
 
@@ -239,7 +241,7 @@ def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
                 print(f"{row['path']}: {best}")
 
     if args.csv is not None:
-        from spottune.engine import atomic_write
+        from spottune.atomic import atomic_write
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:

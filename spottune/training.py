@@ -25,7 +25,8 @@ from spottune.config import OptimParams, Params, RuntimeSettings, validate_param
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.distributed import Distributed
 from spottune.checkpoints import restore_checkpoint
-from spottune.engine import DeviceSetup, atomic_write, evaluate, rng_state, save_checkpoint, train_one_epoch
+from spottune.atomic import atomic_write
+from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, train_one_epoch
 from spottune.errors import CheckpointError, ConfigError
 from spottune.models import TransferModel, build_model
 from spottune.models.backbones import input_normalization
@@ -163,8 +164,8 @@ def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distribute
             sampler.set_epoch(epoch)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch, forward=forward,
-                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress and dist.is_main)
-        train_stats["images_per_s"] *= dist.world_size  # every rank trains as many images as this one
+                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress and dist.is_main,
+                                      all_reduce=dist.all_reduce_sum if dist.enabled else None)
         scheduler.step()
         if dist.is_main:
             val_stats = evaluate(model, eval_loader(splits.val), setup, num_classes) if len(splits.val) else {}
@@ -191,7 +192,7 @@ def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distribute
         # an optional speed-up that failed is recorded, not fatal (spottune/models/block_graphs.py)
         "cuda_graphs": {"enabled": bool(model.graph_blocks) and setup.device.type == "cuda", "fell_back": model.graph_failure()},
         "test": test_stats, "history": history,
-        "train_images_per_s": dist.world_size * sum(h["train"]["images"] for h in history)
+        "train_images_per_s": sum(h["train"]["images"] for h in history)  # every rank's images
         / max(sum(h["train"]["seconds"] for h in history), 1e-9),
     }
     save_model(model, params, splits.classes, run)

@@ -159,3 +159,30 @@ def test_manifest_with_wrong_columns_is_named(tmp_path):
     bad.write_text("path,label\nx.png,a\n")
     with pytest.raises(DataError, match="m.csv"):
         read_manifest(bad)
+
+
+def test_reports_are_replaced_whole_never_written_through_a_link(capsys, root, tmp_path):
+    """Reports are written atomically (temporary name, rename), as every other output: a report file that is a
+    hard link into a cache (DVC's `hardlink` cache type links outputs so) is replaced, the cached bytes are
+    left alone. Before, `write_text` truncated and rewrote the shared inode: the cache's copy changed too."""
+    report = tmp_path / "report"
+    report.mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("result.json", "summary.json", "report.html", "gx.html"):
+        (cache / name).write_text("cached bytes of an earlier validation\n")
+        (report / name).hardlink_to(cache / name)
+    metrics = tmp_path / "metrics" / "validation.json"
+    metrics.parent.mkdir()
+    (cache / "metrics.json").write_text("cached metrics\n")
+    metrics.hardlink_to(cache / "metrics.json")
+    params = _params_file(tmp_path, root)
+    assert _run(capsys, "prepare", "--params", params)[0] == 0
+    code, text = _run(capsys, "validate", "--params", params, "--out-dir", report, "--metrics", metrics)
+    assert code == 0, text
+    for name in ("result.json", "summary.json", "report.html", "gx.html"):
+        assert (cache / name).read_text() == "cached bytes of an earlier validation\n", name
+        assert (report / name).stat().st_nlink == 1 and "cached bytes" not in (report / name).read_text()
+    assert (cache / "metrics.json").read_text() == "cached metrics\n"
+    assert json.loads(metrics.read_text())["success"] == 1
+    assert sorted(p.name for p in report.iterdir()) == ["gx.html", "report.html", "result.json", "summary.json"]

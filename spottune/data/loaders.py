@@ -17,40 +17,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from spottune.config import DataParams
+from spottune.data.images import open_image
 from spottune.data.manifest import IMAGE_EXTENSIONS, outside_links, read_manifest
 from spottune.errors import DataError
 
 
-class ImageTooLarge(DataError):
-    """More pixels than allowed: refused from the header."""
-
-
-def open_image(source, name: str, max_pixels: int | None = None):
-    """An RGB image from a path or a binary file; DataError naming `name` when it does not decode.
-
-    Images over `max_pixels` (default: Pillow's Image.MAX_IMAGE_PIXELS, about 89 Mpx) are refused
-    from their header, before any decoding (ImageTooLarge): Pillow itself only warns up to twice
-    that and raises a non-OSError above it, so a decompression bomb would otherwise exhaust memory
-    or crash with a traceback.
-    """
-    from PIL import Image
-
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    try:
-        with Image.open(source) as img:
-            width, height = img.size
-            if limit and width * height > limit:
-                raise ImageTooLarge(f"refused image {name}: {width}x{height} pixels exceeds the limit of "
-                                    f"{limit} (a decompression bomb?)")
-            return img.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"refused image {name}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot decode image {name}: {e}") from None
-
-
 def load_rgb(path: str):
-    """Open an image file as RGB (open_image): what training, validation and predict read."""
+    """Open an image file as upright 8-bit RGB (open_image): what training, validation and predict read."""
     return open_image(path, str(path))
 
 

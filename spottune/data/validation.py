@@ -64,6 +64,7 @@ def check_images(root: Path, rows: list[ManifestRow], max_pixels: int) -> dict[s
     """{check: [failing paths]}: what only opening the file can tell. Big files are never decoded."""
     from PIL import Image
 
+    from spottune.data.images import open_image
     from spottune.data.manifest import inside
 
     bad: dict[str, list[str]] = {c: [] for c in IMAGE_CHECKS}
@@ -86,8 +87,8 @@ def check_images(root: Path, rows: list[ManifestRow], max_pixels: int) -> dict[s
         try:
             with Image.open(f) as img:
                 img.verify()  # structure and checksums
-            with Image.open(f) as img:
-                img.load()  # every pixel: truncated files fail here
+            open_image(f, r.path, max_pixels)  # every pixel, decoded as training decodes it: truncated files,
+            # modes without a conversion (a float image outside 0..1) fail here
         except Exception as e:  # noqa: BLE001 - any decoder error means the file is unusable
             bad["file_decodes"].append(f"{r.path} ({type(e).__name__}: {e})")
         finally:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from spottune.atomic import atomic_write
+from spottune.checkpoints import restore_checkpoint
 from spottune.config import OptimParams, Params, RuntimeSettings, validate_params
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.distributed import Distributed
-from spottune.checkpoints import restore_checkpoint
-from spottune.atomic import atomic_write
 from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, train_one_epoch
 from spottune.errors import CheckpointError, ConfigError
 from spottune.models import TransferModel, build_model

@@ -142,9 +142,8 @@ def test_training_validation_and_the_manifest_see_the_same_upright_image(tmp_pat
     """A 16-bit grey PNG stored sideways (orientation 6): the manifest lists it upright, validation decodes it,
     training's loader and predict get the same upright, scaled pixels. Before, it loaded all white and sideways."""
     from spottune.data.loaders import load_rgb
-    from spottune.data.manifest import describe_file
+    from spottune.data.manifest import ManifestRow, describe_file
     from spottune.data.validation import check_images
-    from spottune.data.manifest import ManifestRow
 
     v = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
     path = tmp_path / "sideways.png"

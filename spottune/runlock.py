@@ -4,7 +4,8 @@ Why: two `spottune train --out RUN` at once would interleave their checkpoints, 
 `--overwrite` would delete the first one's files mid-run. `flock` belongs to the open file: the
 operating system releases it when the holder ends in any way (kill -9, OOM, a lost container), so a
 lock left by a dead process never blocks the next run. The file also names the holder (pid and host)
-for the error message; it is removed when the run ends.
+for the error message; it is removed when the run ends (and the folder too, when this lock made it
+and the run wrote nothing into it).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ class RunLock:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
+        self._made_folder = False
 
     def __enter__(self) -> RunLock:
+        self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -58,3 +61,8 @@ class RunLock:
             self.path.unlink(missing_ok=True)  # still locked: a waiter that opened it sees it gone and retries
             os.close(self._fd)
             self._fd = None
+            if self._made_folder:  # a run that failed before writing anything leaves no empty folder behind
+                try:
+                    self.folder.rmdir()
+                except OSError:  # not empty (the run wrote files), or another run uses it now
+                    pass

@@ -397,7 +397,7 @@ def test_a_malformed_model_json_is_one_line_naming_it(capsys, tmp_path, card):
     (run / "model.json").write_bytes(card)
     for command in (["evaluate", run], ["export-backbone", run, "--out", tmp_path / "b.safetensors"]):
         code, text = cli(capsys, *command)
-        assert code == 2 and text.startswith(f"error: {run / 'model.json'}") and text.count("\n") == 1, text
+        assert code == 3 and text.startswith(f"error: {run / 'model.json'}") and text.count("\n") == 1, text
     assert not (tmp_path / "b.safetensors").exists()
 
 
@@ -416,7 +416,7 @@ def test_a_manifest_with_a_bad_field_is_one_line_naming_it(capsys, tree, tmp_pat
     for command in (["validate", "--params", params, "--out-dir", tmp_path / "report"],
                     ["train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}"]):
         code, text = cli(capsys, *command)
-        assert code == 2 and text.startswith(f"error: {manifest}") and text.count("\n") == 1, text
+        assert code == 3 and text.startswith(f"error: {manifest}") and text.count("\n") == 1, text
         assert all(w in text for w in words), text
     assert not (tmp_path / "run").exists() and not (tmp_path / "report").exists()
 
@@ -509,7 +509,7 @@ def test_a_file_name_that_is_not_utf8_is_named_and_leaves_no_temporary_file(caps
     shutil.copyfile(next((tree / "train" / "bag").glob("*.png")), bad)
     params = params_file(tmp_path, tree)
     code, text = cli(capsys, "prepare", "--params", params)
-    assert code == 2 and "not UTF-8" in text and "photo-\\udcff\\udcfe.png" in text and text.count("\n") == 1, text
+    assert code == 3 and "not UTF-8" in text and "photo-\\udcff\\udcfe.png" in text and text.count("\n") == 1, text
     assert not (tmp_path / "prepared" / "manifest.csv").exists()
     assert not list(tmp_path.rglob("*.tmp")), list(tmp_path.rglob("*.tmp"))
 
@@ -619,7 +619,7 @@ def test_any_set_override_gives_params_or_a_config_error_naming_it(pairs):
                                           ("model.weights=" + "w" * 5000, "model")])
 def test_cli_set_with_a_broken_value_exits_3_naming_the_key(capsys, tmp_path, pair, culprit):
     code, text = cli(capsys, "train", "--out", tmp_path / "run", "--set", pair)
-    assert code == 2 and culprit in text and "Traceback" not in text and len(text) < 2_000, text
+    assert code == 3 and culprit in text and "Traceback" not in text and len(text) < 2_000, text
     assert not (tmp_path / "run").exists()
 
 

@@ -222,3 +222,9 @@ def test_the_run_lock_is_exclusive_and_its_file_goes_with_the_holder(tmp_path):
     assert not (tmp_path / "run" / ".lock").exists()
     with RunLock(tmp_path / "run"):  # free again
         pass
+    with RunLock(tmp_path / "new"):  # a folder the lock made, left empty (a run that failed early): removed
+        pass
+    (tmp_path / "kept").mkdir()
+    with RunLock(tmp_path / "kept"):  # a folder that was there before: kept
+        pass
+    assert not (tmp_path / "new").exists() and (tmp_path / "kept").is_dir()

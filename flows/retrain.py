@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         result = retrain(overrides=overrides_from_pairs(args.overrides), project_dir=args.project_dir)
     except SpotTuneError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code  # 3 bad input, 4 an external service (spottune/errors.py)
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

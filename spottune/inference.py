@@ -108,6 +108,6 @@ def _with_end(items: Iterable[Path]) -> Iterator[Path | None]:
 
 def read_upload(data: bytes, name: str, max_pixels: int | None = None):
     """An uploaded image's bytes as an RGB image (open_image: bombs refused from the header)."""
-    from spottune.data.loaders import open_image
+    from spottune.data.images import open_image
 
     return open_image(io.BytesIO(data), name, max_pixels)

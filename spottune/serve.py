@@ -140,7 +140,7 @@ def create_app(holder: ModelHolder, *, max_upload_bytes: int = 10_000_000, max_p
     from starlette.exceptions import HTTPException
 
     from spottune.errors import DataError
-    from spottune.data.loaders import ImageTooLarge
+    from spottune.data.images import ImageTooLarge
     from spottune.inference import read_upload
 
     @asynccontextmanager

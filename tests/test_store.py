@@ -234,12 +234,12 @@ def test_a_tampered_pointer_history_is_an_integrity_error_not_a_key_error(store,
     for action in (lambda: store.rollback(NAME), lambda: store.promote(NAME, "v1"), lambda: store.production(NAME)):
         with pytest.raises(IntegrityError, match="production.json is not a valid production pointer"):
             action()
-    if isinstance(store.backend, LocalBackend):  # the command line: one line, exit 2
+    if isinstance(store.backend, LocalBackend):  # the command line: one line, exit 4 (the store)
         from spottune.cli import main
 
         monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "local")
         monkeypatch.setenv("SPOTTUNE_STORE_ROOT", str(store.backend.root))
-        assert main(["rollback", NAME]) == 2
+        assert main(["rollback", NAME]) == 4
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "not a valid production pointer" in err, err
     assert [a["action"] for a in store.audit_trail(NAME)] == ["promote", "promote"]
@@ -537,7 +537,7 @@ def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, fini
                     SPOTTUNE_STORE_PREFIX=prefix)
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "publish", str(finished_run), "--name", NAME],
                        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and "SPOTTUNE_STORE_PREFIX" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 3 and "SPOTTUNE_STORE_PREFIX" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 2, r.stderr
     with pytest.raises(StoreError, match="invalid store prefix"):
         ArtifactStore(LocalBackend(tmp_path / "store"), prefix)

@@ -276,7 +276,8 @@ def run_stages(project: Path, params: Params, overrides: dict[str, Any], exp: st
     """
     root = project
     if own_checkout:
-        root = checkouts.enter_context(private_checkout(project, exp or "run", carry_workspace=False,
+        assert exp is not None, "a run in its own checkout is always an experiment"
+        root = checkouts.enter_context(private_checkout(project, exp, carry_workspace=False,
                                                         data_root=params.data.root, log=_log))
     with gpu_slot(gpu_limit):
         data_version = version_data(root, params)
@@ -300,7 +301,7 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
 
     overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1}; the run is then a
     DVC experiment named after the flow run, and the overrides are recorded as the flow run's
-    parameters, in the experiment (`dvc exp show`), the published params.json and the report.
+    parameters, in the experiment (`dvc exp show`) and in the report.
     project_dir: the repository holding dvc.yaml and params.yaml. gpu_limit: the global concurrency
     limit the DVC stages hold (one per GPU host). own_checkout: work in a private worktree at HEAD
     (deployments), never in the checkout at project_dir.

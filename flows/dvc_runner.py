@@ -90,7 +90,7 @@ def set_param_args(overrides: dict[str, Any]) -> list[str]:
     """
     args: list[str] = []
     for key, value in overrides.items():
-        args += ["-S", f"++{key}={json.dumps(value)}"]
+        args += ["-S", f"++{key}={json.dumps(value, ensure_ascii=False)}"]
     return args
 
 

@@ -1,14 +1,17 @@
-"""The retrain flow for real: real `dvc repro` in a temporary git repository holding this project's
-pipeline, Prefect's test server, the local store and a moto S3 server process on 127.0.0.1.
+"""The retrain flow for real: real `dvc repro` and `dvc exp run` in a temporary git repository holding this
+project's pipeline, Prefect's test server, the local store and a moto S3 server process on 127.0.0.1.
 
 One tiny training (12 train / 6 test images per class, 32 px, 1 step per epoch) is shared by the
-tests: later runs pass the same training overrides, so DVC reruns nothing and only the gate,
-report, publish and promote steps differ; so do the runs that Prefect starts through a deployment
-(`python -m flows.serve`, and a `prefect worker start` process on the prefect.yaml deployment).
+tests: the first run (no overrides) trains in the repository, which is then committed as a user
+commits dvc.lock; later runs override only what needs no training (validation thresholds, the
+gate), so DVC retrains nothing and only validation, the gate, report, publish and promote steps
+differ; so do the runs that Prefect starts through a deployment (`python -m flows.serve`, and a
+`prefect worker start` process on the prefect.yaml deployment), each in its own checkout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,8 @@ if importlib.util.find_spec("prefect") is None:  # not imported here: PREFECT_HO
 from support import PROJECT, MotoServer, new_pipeline_repo, set_params  # noqa: E402
 BIN = Path(sys.executable).parent
 NAME = "fashion-test"
-TRAINING = {"optim.max_steps_per_epoch": 1}  # one run's override, repeated so later runs retrain nothing
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@example.org"}  # DVC commits experiments
 sys.path.insert(0, str(PROJECT))  # `flows` is not an installed package: it runs from the repository root
 
 
@@ -40,8 +45,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SPOTTUNE_REMOTE_", "PREFECT_API"))}
     return env | {
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
-        "SPOTTUNE_PROGRESS": "false", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org", "NO_PROXY": "127.0.0.1",
+        "SPOTTUNE_PROGRESS": "false", **GIT_IDENTITY, "NO_PROXY": "127.0.0.1",
         "no_proxy": "127.0.0.1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra,
     }
 
@@ -64,7 +68,7 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("prefect-home")
     env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
-           "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+           "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": os.environ.get("TEST_LOG", "WARNING"), **GIT_IDENTITY}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -77,13 +81,17 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A git + DVC repository with this project's pipeline and flows, tiny data and tiny params."""
+    """A git + DVC repository with this project's pipeline and flows, tiny data and tiny params, and a bare
+    git repository as its remote `origin` (where experiments are pushed)."""
     repo = new_repo(tmp_path_factory.mktemp("clone") / "repo")
+    origin = tmp_path_factory.mktemp("origin") / "origin.git"
+    sh("git", "init", "-q", "--bare", str(origin), cwd=repo)
+    sh("git", "remote", "add", "origin", str(origin), cwd=repo)
     sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
        "--train-per-class", "12", "--test-per-class", "6", "--track", cwd=repo)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
                data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 2}, gate={"margin": -1.0, "floor": 0.0},
+               optim={"epochs": 1, "max_steps_per_epoch": 1}, gate={"margin": -1.0, "floor": 0.0},
                publish={"model_name": NAME, "promote": True})
     sh("git", "add", ".", cwd=repo)
     sh("git", "commit", "-q", "-m", "pipeline on a tiny dataset", cwd=repo)
@@ -108,15 +116,58 @@ def open_local(root: Path):
 
 @pytest.fixture(scope="module")
 def first_run(prefect_api, project, local_store) -> dict[str, Any]:
-    """The one full run: every stage, with a training override, promoting into the local store."""
+    """The one full run: every stage, `dvc repro` in the repository, promoting into the local store; then
+    its dvc.lock and metrics are committed, as a user commits them after `make run`."""
     from flows.retrain import retrain
 
     before = (project / "params.yaml").read_bytes()
     started = time.monotonic()
-    result = retrain(overrides=TRAINING, project_dir=str(project))
+    result = retrain(project_dir=str(project))
     result["_seconds"] = time.monotonic() - started
     result["_params_before"] = before
+    result["_lock"] = (project / "dvc.lock").read_bytes()
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-q", "-m", "first run", cwd=project)
     return result
+
+
+def checkout_state(repo: Path) -> dict[str, Any]:
+    """What a run must leave as it was in the user's checkout: HEAD, `git status`, params.yaml, dvc.lock, and
+    every file of the outputs (metrics, plots, reports, runs, the manifest)."""
+    outputs = {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+               for d in ("metrics", "plots", "reports", "runs", "prepared") for p in sorted((repo / d).rglob("*"))
+               if p.is_file()}
+    return {"head": sh("git", "rev-parse", "HEAD", cwd=repo).stdout,
+            "status": sh("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).stdout,
+            "params.yaml": (repo / "params.yaml").read_bytes(), "dvc.lock": (repo / "dvc.lock").read_bytes(),
+            "outputs": outputs}
+
+
+def experiments(repo: Path) -> dict[str, dict[str, Any]]:
+    """name -> params.yaml of every experiment on HEAD, as `dvc exp show --json` reports them."""
+    shown = json.loads(sh(sys.executable, "-m", "dvc", "exp", "show", "--json", cwd=repo).stdout)
+    found = {}
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                found[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]
+    return found
+
+
+def experiment_file(repo: Path, name: str, path: str) -> str:
+    """A file as experiment NAME's commit holds it."""
+    refs = sh("git", "for-each-ref", "--format=%(refname)", "refs/exps/", cwd=repo).stdout.split()
+    [ref] = [r for r in refs if r.endswith(f"/{name}")]
+    return sh("git", "show", f"{ref}:{path}", cwd=repo).stdout
+
+
+def leftover_checkouts(repo: Path) -> list[str]:
+    """Worktrees other than the repository itself, and anything left under .dvc/tmp/checkouts."""
+    worktrees = [line for line in sh("git", "worktree", "list", "--porcelain", cwd=repo).stdout.splitlines()
+                 if line.startswith("worktree ")]
+    parent = repo / ".dvc" / "tmp" / "checkouts"
+    left = [p.name for p in parent.iterdir() if p.name != ".lock"] if parent.is_dir() else []
+    return worktrees[1:] + left
 
 
 def task_run_names(flow_run_name_or_id: Any = None) -> list[str]:
@@ -142,16 +193,18 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
         assert any(n.startswith(step) for n in names), (step, names)
     # the data version is data.dvc's md5
     assert r["data_version"] == yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
-    # the override was used by DVC and recorded, and params.yaml is byte-for-byte restored
+    # no overrides: `dvc repro` in the repository itself, which dvc.lock records; no experiment
+    assert r["experiment"] is None and r["report"] == str(project / "reports" / "retrain.md")
     assert (project / "params.yaml").read_bytes() == r["_params_before"]
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    lock = yaml.safe_load(r["_lock"])
     assert lock["stages"]["train_spottune"]["params"]["params.yaml"]["optim"]["max_steps_per_epoch"] == 1
     published = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "params.json").read_text())
     assert published["optim"]["max_steps_per_epoch"] == 1
     # the report: comparison, statistics, routing per class (table and PNG), published with the model
     report = (local_store / "models" / NAME / "versions" / r["version"] / "report.md").read_text()
+    assert report == r["report_md"] == (project / "reports" / "retrain.md").read_text()
     for words in ("test top-1", "McNemar", "bootstrap CI", "Which blocks SpotTune tunes, per class",
-                  "data:image/png;base64,", "optim.max_steps_per_epoch=1", r["data_version"]):
+                  "data:image/png;base64,", r["data_version"]):
         assert words in report, words
     assert (project / "reports" / "routing_per_class.png").read_bytes().startswith(b"\x89PNG")
 
@@ -169,7 +222,7 @@ def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first
     from flows.retrain import retrain
     from spottune.store import PromotionRefused
 
-    r = retrain(overrides={**TRAINING, "gate.floor": 1.01}, project_dir=str(project))
+    r = retrain(overrides={"gate.floor": 1.01}, project_dir=str(project))
     assert not r["promoted"] and not r["gate_passed"]
     assert r["status"].startswith("not promoted:") and "below the floor 1.0100" in r["status"], r["status"]
     store = open_local(local_store)
@@ -193,6 +246,110 @@ def test_a_bad_override_fails_before_any_work(first_run, project):
     with pytest.raises(ConfigError, match="optim.epoch"):
         retrain(overrides={"optim.epoch": 1}, project_dir=str(project))
     assert (project / "dvc.lock").read_bytes() == lock and (project / "params.yaml").read_bytes() == params
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides run as DVC experiments in a private checkout; deployments never touch the user's checkout
+
+
+def test_an_override_runs_as_a_dvc_experiment_and_leaves_the_checkout_as_it_was(first_run, project, local_store):
+    from flows.dvc_runner import unused_experiment_name
+    from flows.retrain import retrain
+
+    # the user is editing params.yaml (not committed): the experiment starts from the checkout as it is
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("max_pixels: 16000000", "max_pixels: 15000000"))
+    try:
+        state = checkout_state(project)
+        r = retrain(overrides={"validate.max_side": 4000}, project_dir=str(project))
+        # params.yaml byte-identical, dvc.lock and every output as they were, nothing left behind
+        assert checkout_state(project) == state and not leftover_checkouts(project)
+    finally:
+        sh("git", "checkout", "-q", "params.yaml", cwd=project)
+    name = r["experiment"]
+    assert name and r["report"] is None and r["promoted"]
+    # listed by `dvc exp list`; `dvc exp show` has the override and the uncommitted edit
+    assert name in sh(sys.executable, "-m", "dvc", "exp", "list", "--name-only", cwd=project).stdout.split()
+    params = experiments(project)[name]
+    assert params["validate"]["max_side"] == 4000 and params["validate"]["max_pixels"] == 15000000
+    # DVC ran the validate stage with them (the experiment's dvc.lock); the weights are the first run's
+    lock = yaml.safe_load(experiment_file(project, name, "dvc.lock"))
+    assert lock["stages"]["validate"]["params"]["params.yaml"]["validate"]["max_side"] == 4000
+    first_lock = yaml.safe_load(first_run["_lock"])
+    assert lock["stages"]["train_spottune"]["outs"] == first_lock["stages"]["train_spottune"]["outs"]
+    # pushed to the git remote, and a retried flow run (same name) gets a name of its own
+    assert r["experiment_pushed_to"] == "origin"
+    assert f"/{name}\n" in sh("git", "ls-remote", "origin", "refs/exps/*", cwd=project).stdout
+    assert unused_experiment_name(project, name) == f"{name}-2"
+    # published from the experiment's results, the report naming the override
+    report = (local_store / "models" / NAME / "versions" / r["version"] / "report.md").read_text()
+    assert report == r["report_md"] and "`validate.max_side=4000`" in report
+
+
+def test_a_deployment_run_works_in_its_own_checkout_at_head(first_run, project, local_store, monkeypatch):
+    """The deployment's entry as a worker runs it: prefect.yaml's parameters, started in the project folder
+    (its pull step), while the user has an edit in params.yaml that would fail validation: the run works
+    in a worktree at HEAD, never sees the edit, and leaves the user's checkout as it is."""
+    from flows.retrain import retrain
+
+    [deployment] = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"]
+    parameters = deployment["parameters"]
+    assert parameters["own_checkout"] is True and parameters["overrides"] == {}
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("max_side: 4096", "max_side: 9"))  # 28-px images: too large
+    monkeypatch.chdir(project)
+    try:
+        state = checkout_state(project)
+        r = retrain(**parameters)
+        assert checkout_state(project) == state and not leftover_checkouts(project)
+    finally:
+        sh("git", "checkout", "-q", "params.yaml", cwd=project)
+    assert r["gate_passed"]
+    assert experiments(project)[r["experiment"]]["validate"]["max_side"] == 4096  # HEAD's, not the edit
+    open_local(local_store).verify_version(NAME, r["version"])
+
+
+def test_two_flows_with_different_overrides_at_once_each_run_their_own(first_run, project, local_store):
+    """Two flow runs side by side in one project, each publishing under the model name its override gives
+    (an override that retrains nothing: CI time); each experiment holds its own params."""
+    from flows.retrain import retrain
+
+    state = checkout_state(project)
+    names = [f"{NAME}-a", f"{NAME}-b"]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(retrain, overrides={"publish.model_name": n}, project_dir=str(project)) for n in names]
+        results = [f.result(timeout=600) for f in futures]
+    assert checkout_state(project) == state and not leftover_checkouts(project)
+    shown = experiments(project)
+    assert results[0]["experiment"] != results[1]["experiment"]
+    store = open_local(local_store)
+    for r, name in zip(results, names, strict=True):
+        assert r["promoted"] and r["model"] == name and store.production(name)["version"] == r["version"]
+        assert shown[r["experiment"]]["publish"]["model_name"] == name
+        assert f"`publish.model_name={json.dumps(name)}`" in r["report_md"]
+
+
+def test_the_checkout_of_a_killed_run_is_removed_by_the_next(first_run, project):
+    from flows.checkout import private_checkout
+
+    code = ("import sys, time; from pathlib import Path; from flows.checkout import private_checkout\n"
+            "with private_checkout(Path('.').resolve(), 'killed', carry_workspace=False, "
+            "data_root=Path('data/fashion-mnist'), log=lambda m: None) as root:\n"
+            "    print(root, flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        killed = Path(proc.stdout.readline().strip())
+        assert killed.is_absolute() and (killed / "data" / "fashion-mnist").is_dir(), killed
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(leftover_checkouts(project)) == 3  # git's record of it, its folder and its lock
+    logged: list[str] = []
+    with private_checkout(project, "next", carry_workspace=False, data_root=Path("data/fashion-mnist"),
+                          log=logged.append) as root:
+        assert not killed.exists() and root.is_dir()
+    assert any("a run that was killed" in m for m in logged), logged
+    assert not leftover_checkouts(project)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,21 +404,21 @@ def test_rerun_after_an_upload_failure_neither_duplicates_nor_corrupts(first_run
     monkeypatch.setattr(S3Backend, "put_file", failing_put)
     monkeypatch.setattr(flows_retrain, "publish", flows_retrain.publish.with_options(retry_delay_seconds=0))
     with pytest.raises(ConnectionResetError):
-        flows_retrain.retrain(overrides=TRAINING, project_dir=str(project))
+        flows_retrain.retrain(project_dir=str(project))
     assert len(attempts) == 4  # first try + 3 retries
     [row] = store.list_versions(NAME)
     assert not row.complete and row.problem and "MANIFEST" in row.problem
     assert store.production(NAME) is None
 
     monkeypatch.setattr(S3Backend, "put_file", real_put)
-    r = flows_retrain.retrain(overrides=TRAINING, project_dir=str(project))
+    r = flows_retrain.retrain(project_dir=str(project))
     assert r["promoted"] and r["version"] == row.version
     assert {"model.safetensors", "model.json"} <= set(r["skipped"]) and "metrics.json" in r["uploaded"]
     keys = set(store.backend.list_sizes(store.model_key(NAME, "versions") + "/"))
     assert keys == {store.version_key(NAME, r["version"], f) for f in (*VERSION_FILES, MANIFEST)}
     store.verify_version(NAME, r["version"])
 
-    again = flows_retrain.retrain(overrides=TRAINING, project_dir=str(project))
+    again = flows_retrain.retrain(project_dir=str(project))
     assert again["already_published"] and again["version"] == r["version"] and again["promoted"]
     assert set(store.backend.list_sizes(store.model_key(NAME, "versions") + "/")) == keys
     assert [a["action"] for a in store.audit_trail(NAME)] == ["promote"]
@@ -291,6 +448,7 @@ def test_prefect_yaml_deploys_the_weekly_schedule_on_a_process_pool(prefect_api,
     assert d.work_pool_name == "spottune-cpu"
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"]
     assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}]
+    assert d.parameters["own_checkout"] is True  # its runs work in their own checkout
     listed = prefect_cli("deployment", "ls", cwd=project, api=prefect_api).stdout
     assert "retrain/weekly" in listed
     from prefect.client.orchestration import get_client
@@ -303,6 +461,8 @@ def test_prefect_yaml_deploys_the_weekly_schedule_on_a_process_pool(prefect_api,
 def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_api, project, local_store, tmp_path):
     from prefect.deployments import run_deployment
 
+    before = open_local(local_store).production(NAME)["version"]
+    state = checkout_state(project)
     log = open(tmp_path / "serve.log", "wb")
     env = _env(PREFECT_API_URL=prefect_api)
     proc = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=project, env=env, stdout=log,
@@ -317,9 +477,9 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(1)
         assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
-        # the served process runs the flow; another gate margin makes a new version (same weights, no
-        # retraining: CI time), which it promotes
-        run = run_deployment("retrain/weekly", parameters={"overrides": {**TRAINING, "gate.margin": -0.5}},
+        # the served process runs the flow in its own checkout; another gate margin makes a new version
+        # (same weights, no retraining: CI time), which it promotes
+        run = run_deployment("retrain/weekly", parameters={"overrides": {"gate.margin": -0.5}},
                              timeout=600)
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
     finally:
@@ -332,8 +492,8 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
         log.close()
     store = open_local(local_store)
     pointer = store.production(NAME)
-    assert pointer["version"] != first_run["version"]
-    assert pointer["history"][-1]["version"] == first_run["version"]
+    assert pointer["version"] != before and pointer["history"][-1]["version"] == before
+    assert checkout_state(project) == state and not leftover_checkouts(project)
     params = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "params.json").read_text())
     assert params["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "gate.json").read_text())
@@ -356,8 +516,8 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
                                                                   tmp_path):
     """The work-pool route of the README, command for command: `make deploy`'s two commands, `prefect
     worker start --pool spottune-cpu` as a real process, `prefect deployment run retrain/weekly -p ...`.
-    The worker's flow run retrains nothing (same training overrides as the other tests: CI time) but
-    another gate margin makes a new version, which it promotes."""
+    The worker's flow run works in its own checkout and retrains nothing (HEAD's dvc.lock: CI time) but
+    another gate margin makes a new version, which it promotes; the user's checkout stays as it was."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -377,6 +537,7 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
     deployment = read_deployment("retrain/weekly")
     assert deployment.work_pool_name == "spottune-cpu"
 
+    state = checkout_state(project)  # the user's checkout, which the worker's run must leave as it is
     log_path = tmp_path / "worker.log"
     log = open(log_path, "wb")
     # the worker asks for scheduled runs every second instead of every 10 (CI time) and logs at INFO (the
@@ -387,7 +548,7 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
                               stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:
-        overrides = {**TRAINING, "gate.margin": -0.25}
+        overrides = {"gate.margin": -0.25}
         out = prefect_cli("deployment", "run", "retrain/weekly", "-p", f"overrides={json.dumps(overrides)}",
                           cwd=project, api=prefect_api).stdout
         run_id = uuid.UUID(out.split("UUID:")[1].split()[0])
@@ -416,3 +577,5 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
     gate = json.loads((version_dir / "gate.json").read_text())
     assert gate["passed"] and gate["details"]["margin"] == -0.25
     store.verify_version(NAME, pointer["version"])
+    assert checkout_state(project) == state and not leftover_checkouts(project)
+    assert run.name in experiments(project)

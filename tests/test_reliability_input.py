@@ -967,7 +967,7 @@ def test_planted_credentials_reach_no_log_file_parameter_artifact_or_object(
         if "data version" in records["logs"]:
             break
         time.sleep(1)
-    assert "data version" in records["logs"] and "[stage validate]" in records["logs"], "the flow's logs were captured"
+    assert "data version" in records["logs"] and "Running stage 'validate'" in records["logs"], "the flow's logs were captured"
     assert "optim.max_steps_per_epoch" in records["parameters"] and "spottune-retrain-report" in records["artifacts"]
 
     found: dict[str, list[str]] = {}

@@ -32,9 +32,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows.lineage import flow_lineage
+
 if TYPE_CHECKING:
     from spottune.config import Params, StoreSettings
-    from spottune.store import Gate
+    from spottune.store import Gate, Lineage
 
 GPU_LIMIT = "spottune-gpu"
 PARAMS_FILE = "params.yaml"
@@ -375,7 +377,7 @@ def check_store(store_settings: StoreSettings) -> str:
 
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish(project: Path, store_settings: StoreSettings, name: str, verdict: Gate, data_version: str,
-            report_path: Path) -> dict[str, Any]:
+            report_path: Path, lineage: Lineage | None = None) -> dict[str, Any]:
     """Upload SpotTune's run (candidate when the gate failed). Idempotent: a retry sends only what is missing."""
     from spottune.store import open_store
 
@@ -384,7 +386,7 @@ def publish(project: Path, store_settings: StoreSettings, name: str, verdict: Ga
     store = open_store(store_settings)
     # the version is the store's content_version: weights, metrics, gate verdict, report and data version
     result = store.publish(run, name, gate=verdict, data_version=data_version, report=report_path,
-                           log=logger.info)
+                           lineage=lineage, log=logger.info)
     version = result.version
     logger.info("%s %s: %s", name, version, "already published, unchanged" if result.already_published else
                 f"{len(result.uploaded)} files uploaded, {len(result.skipped)} already there")
@@ -435,7 +437,8 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
 
     verdict = gate(comparison, params)
     report_path = report(project, comparison, comparison_md, verdict, data_version, overrides)
-    published = publish(project, store_settings, name, verdict, data_version, report_path)
+    lineage = flow_lineage(project, project / CANDIDATE_RUN, params, data_version)
+    published = publish(project, store_settings, name, verdict, data_version, report_path, lineage)
     promoted = bool(verdict.passed and params.publish.promote)
     if promoted:
         promote(store_settings, name, published["version"], verdict.reason)

@@ -109,9 +109,9 @@ def metric_differences(recorded: Any, got: Any, tolerance: float = 0.0, path: st
         if len(recorded) != len(got):
             return [f"{where}: recorded {len(recorded)} entries, reproduced {len(got)}"]
         return [d for i, (a, b) in enumerate(zip(recorded, got)) for d in metric_differences(a, b, tolerance, f"{path}[{i}]")]
-    numbers = (int, float)
-    if (isinstance(recorded, numbers) and isinstance(got, numbers) and not isinstance(recorded, bool)
-            and not isinstance(got, bool)):
+    if isinstance(recorded, bool) or isinstance(got, bool):  # True == 1 in Python, not in JSON
+        same = recorded is got
+    elif isinstance(recorded, (int, float)) and isinstance(got, (int, float)):
         same = recorded == got or math.isclose(recorded, got, rel_tol=0.0, abs_tol=tolerance)
     else:
         same = recorded == got

@@ -150,7 +150,7 @@ class ArtifactStore(PromotionMixin):
 
             stored = self.backend.list_sizes(self.version_key(name, version) + "/")
             uploaded, skipped = [], []
-            for fname in files:
+            for fname in [*VERSION_FILES, *(f for f in LINEAGE_FILES if f in files)]:
                 key = self.version_key(name, version, fname)
                 entry = entries[fname]
                 if stored.get(key) == entry["size"] and self._stored_sha256(key) == entry["sha256"]:

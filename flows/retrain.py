@@ -40,10 +40,11 @@ from flows import dvc_runner
 from flows.checkout import private_checkout
 from flows.dvc_runner import StageFailed
 from flows.gpu_slot import gpu_slot
+from flows.lineage import flow_lineage
 
 if TYPE_CHECKING:
     from spottune.config import Params, StoreSettings
-    from spottune.store import Gate
+    from spottune.store import Gate, Lineage
 
 GPU_LIMIT = "spottune-gpu"
 PARAMS_FILE = "params.yaml"
@@ -228,11 +229,11 @@ def check_store(store_settings: StoreSettings) -> str:
 
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
 def publish(root: Path, store_settings: StoreSettings, name: str, verdict: Gate, data_version: str,
-            report_path: Path, experiment: str | None = None) -> dict[str, Any]:
+            report_path: Path, experiment: str | None = None, lineage: Lineage | None = None) -> dict[str, Any]:
     """Upload SpotTune's run (candidate when the gate failed). Idempotent: a retry sends only what is missing.
 
     root: the checkout the stages ran in; experiment: the DVC experiment that made the run (None for a
-    plain run in the user's checkout).
+    plain run in the user's checkout); lineage: what the version is replayed from (spottune reproduce).
     """
     from spottune.store import open_store
 
@@ -243,7 +244,7 @@ def publish(root: Path, store_settings: StoreSettings, name: str, verdict: Gate,
         logger.info("publishing the run of DVC experiment %s", experiment)
     # the version is the store's content_version: weights, metrics, gate verdict, report and data version
     result = store.publish(run, name, gate=verdict, data_version=data_version, report=report_path,
-                           log=logger.info)
+                           lineage=lineage, log=logger.info)
     version = result.version
     logger.info("%s %s: %s", name, version, "already published, unchanged" if result.already_published else
                 f"{len(result.uploaded)} files uploaded, {len(result.skipped)} already there")
@@ -322,7 +323,9 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
         verdict = gate(comparison, params)
         report_path = report(root, comparison, comparison_md, verdict, data_version, overrides)
         report_md = report_path.read_text()
-        published = publish(root, store_settings, name, verdict, data_version, report_path, experiment=exp)
+        lineage = flow_lineage(root, root / CANDIDATE_RUN, params, data_version, experiment=exp)
+        published = publish(root, store_settings, name, verdict, data_version, report_path, experiment=exp,
+                            lineage=lineage)
     promoted = bool(verdict.passed and params.publish.promote)
     if promoted:
         promote(store_settings, name, published["version"], verdict.reason)

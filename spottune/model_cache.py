@@ -33,8 +33,9 @@ class Resolved:
     pointer: dict[str, Any] | None = None  # the production pointer, when ref is production
 
 
-def parse_model_ref(text: str) -> tuple[str, str]:
-    """'NAME@production' -> (NAME, 'production'); a bare NAME means NAME@production."""
+def parse_model_ref(text: str, option: str = "--model") -> tuple[str, str]:
+    """'NAME@production' -> (NAME, 'production'); a bare NAME means NAME@production. option names the
+    argument in the error."""
     from spottune.store import _check_name
 
     name, _, ref = text.partition("@")
@@ -44,7 +45,7 @@ def parse_model_ref(text: str) -> tuple[str, str]:
         if ref not in REFS:
             _check_name("version", ref)
     except StoreError as e:
-        raise ConfigError(f"--model {text!r}: {e}; expected NAME@production, NAME@latest or NAME@VERSION") from None
+        raise ConfigError(f"{option} {text!r}: {e}; expected NAME@production, NAME@latest or NAME@VERSION") from None
     return name, ref
 
 

@@ -190,6 +190,8 @@ def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distribute
         "method": params.model.method, "backbone": params.model.backbone, "classes": splits.classes,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
         "processes": dist.world_size,
+        # CPU results are bit-identical only at the same thread count: `spottune reproduce` sets this one
+        "threads": torch.get_num_threads(),
         # an optional speed-up that failed is recorded, not fatal (spottune/models/block_graphs.py)
         "cuda_graphs": {"enabled": bool(model.graph_blocks) and setup.device.type == "cuda", "fell_back": model.graph_failure()},
         "test": test_stats, "history": history,

@@ -200,6 +200,15 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     assert lock["stages"]["train_spottune"]["params"]["params.yaml"]["optim"]["max_steps_per_epoch"] == 1
     published = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "params.json").read_text())
     assert published["optim"]["max_steps_per_epoch"] == 1
+    # the lineage: the commit, a clean checkout (the run rewrote only dvc.lock, data.dvc, metrics/, plots/), the
+    # override, the training's threads and the flow run that published it
+    lineage = json.loads(store.read_verified(NAME, r["version"], "lineage.json"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert lineage["git_commit"] == head and lineage["git_dirty"] is False, lineage
+    assert lineage["params"]["optim"]["max_steps_per_epoch"] == 1 and lineage["data_version"] == r["data_version"]
+    assert lineage["threads"] >= 1 and lineage["device"] == "cpu" and lineage["run"] == "runs/spottune"
+    assert lineage["flow_run"]["id"] and lineage["flow_run"]["name"] and lineage["flow_run"]["deployment"] is None
+    assert store.read_verified(NAME, r["version"], "dvc.lock") == (project / "dvc.lock").read_bytes()
     # the report: comparison, statistics, routing per class (table and PNG), published with the model
     report = (local_store / "models" / NAME / "versions" / r["version"] / "report.md").read_text()
     assert report == r["report_md"] == (project / "reports" / "retrain.md").read_text()
@@ -415,7 +424,8 @@ def test_rerun_after_an_upload_failure_neither_duplicates_nor_corrupts(first_run
     assert r["promoted"] and r["version"] == row.version
     assert {"model.safetensors", "model.json"} <= set(r["skipped"]) and "metrics.json" in r["uploaded"]
     keys = set(store.backend.list_sizes(store.model_key(NAME, "versions") + "/"))
-    assert keys == {store.version_key(NAME, r["version"], f) for f in (*VERSION_FILES, MANIFEST)}
+    lineage_files = ("lineage.json", "dvc.lock", "data.dvc")
+    assert keys == {store.version_key(NAME, r["version"], f) for f in (*VERSION_FILES, *lineage_files, MANIFEST)}
     store.verify_version(NAME, r["version"])
 
     again = flows_retrain.retrain(project_dir=str(project))
@@ -498,6 +508,8 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
     assert params["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "gate.json").read_text())
     assert gate["passed"] and gate["details"]["margin"] == -0.5
+    lineage = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "lineage.json").read_text())
+    assert lineage["flow_run"]["id"] == str(run.id) and lineage["flow_run"]["deployment"] == "weekly"
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -576,6 +588,9 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
     assert json.loads((version_dir / "params.json").read_text())["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((version_dir / "gate.json").read_text())
     assert gate["passed"] and gate["details"]["margin"] == -0.25
+    flow_run = json.loads((version_dir / "lineage.json").read_text())["flow_run"]
+    assert flow_run["id"] == str(run_id) and flow_run["deployment"] == "weekly", flow_run
+    assert flow_run["deployment_id"] == str(deployment.id)
     store.verify_version(NAME, pointer["version"])
     assert checkout_state(project) == state and not leftover_checkouts(project)
     assert run.name in experiments(project)

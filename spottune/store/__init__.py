@@ -25,11 +25,17 @@ Layout (keys below the configured prefix):
     models/NAME/versions/VERSION/report.md           the evaluation report (or a note that none was given)
     models/NAME/versions/VERSION/model_card.md       human-readable summary
     models/NAME/versions/VERSION/gate.json           the promotion gate's result: failed => candidate forever
+    models/NAME/versions/VERSION/lineage.json        git commit and state, dvc.lock's sha256, data version, params,
+                                                     experiment, packages, threads, device, flow run (spottune.lineage)
+    models/NAME/versions/VERSION/dvc.lock, data.dvc  the pipeline's state and the data's DVC file when it was published
+    models/NAME/versions/VERSION/git.diff            only when the checkout was dirty: its tracked changes
     models/NAME/versions/VERSION/MANIFEST.json       sha256 and size of every file above; written LAST
     models/NAME/production.json                      the production pointer; written last on promotion
     models/NAME/audit/<UTC timestamp>-<uuid>.json    one object per promotion or rollback, never overwritten
 
 Invariants:
+- lineage.json and its files are there for versions published with a lineage (every flow run and
+  `spottune publish`); versions stored before lineage existed lack them and stay valid.
 - A version is complete only once its MANIFEST.json exists and every file it lists is present with
   the listed size; only complete versions whose files hash to the manifest are promoted or fetched.
 - The manifest is written with a create-only condition, so it is never replaced: publishing a
@@ -47,8 +53,9 @@ from spottune.store.cards import model_card_markdown
 from spottune.store.errors import IntegrityError, ObjectMissing, PromotionRefused, StoreMisconfigured, WriteConflict
 from spottune.store.hashing import CHUNK, sha256_bytes, sha256_file, sha256_stream
 from spottune.store.values import (
-    CAS_ATTEMPTS, GATE, HISTORY_LIMIT, MANIFEST, NAME_RE, RUN_FILES, RUN_MODEL_FORMAT, STORE_FORMAT, VERSION_FILES,
-    WEIGHTS, Gate, PublishResult, VersionInfo, check_prefix, check_safetensors, content_version, default_actor,
+    CAS_ATTEMPTS, DATA_DVC, DVC_LOCK, GATE, GIT_DIFF, HISTORY_LIMIT, LINEAGE, LINEAGE_FILES, MANIFEST, NAME_RE,
+    RUN_FILES, RUN_MODEL_FORMAT, STORE_FORMAT, VERSION_FILES, WEIGHTS, Gate, Lineage, PublishResult, VersionInfo,
+    check_prefix, check_safetensors, content_version, default_actor, lineage_identity,
 )
 from spottune.store.values import _check_name as _check_name  # spottune.model_cache checks model names with it
 
@@ -58,7 +65,8 @@ __all__ = [
     "model_card_markdown",
     "IntegrityError", "ObjectMissing", "PromotionRefused", "StoreMisconfigured", "WriteConflict",
     "CHUNK", "sha256_bytes", "sha256_file", "sha256_stream",
-    "CAS_ATTEMPTS", "GATE", "HISTORY_LIMIT", "MANIFEST", "NAME_RE", "RUN_FILES", "RUN_MODEL_FORMAT", "STORE_FORMAT",
-    "VERSION_FILES", "WEIGHTS", "Gate", "PublishResult", "VersionInfo", "check_prefix", "check_safetensors",
-    "content_version", "default_actor",
+    "CAS_ATTEMPTS", "DATA_DVC", "DVC_LOCK", "GATE", "GIT_DIFF", "HISTORY_LIMIT", "LINEAGE", "LINEAGE_FILES", "MANIFEST",
+    "NAME_RE", "RUN_FILES", "RUN_MODEL_FORMAT", "STORE_FORMAT", "VERSION_FILES", "WEIGHTS", "Gate", "Lineage",
+    "PublishResult", "VersionInfo", "check_prefix", "check_safetensors", "content_version", "default_actor",
+    "lineage_identity",
 ]

@@ -24,6 +24,13 @@ WEIGHTS = "model.safetensors"
 VERSION_FILES: tuple[str, ...] = (
     WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
 )
+# Lineage (spottune.lineage): stored with versions published with it, each listed in the manifest like the
+# files above; versions published before lineage existed have none of them.
+LINEAGE = "lineage.json"
+DVC_LOCK = "dvc.lock"
+DATA_DVC = "data.dvc"
+GIT_DIFF = "git.diff"
+LINEAGE_FILES: tuple[str, ...] = (LINEAGE, DVC_LOCK, DATA_DVC, GIT_DIFF)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` also matches before a final newline
 # A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
 # Repeated here so publishing needs no torch import; a test checks they agree.
@@ -43,6 +50,24 @@ class Gate:
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "reason": self.reason, "details": self.details}
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a version was built from (spottune.lineage collects it): lineage.json's record, and the files
+    stored beside it (dvc.lock, data.dvc, git.diff: name -> bytes)."""
+
+    record: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def lineage_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The part of a lineage record that names what was built: all but flow_run, which names who asked.
+
+    Why: a flow run that retrains nothing publishes the same files again; its own flow run id must not
+    make them a new version (or a refused one), so versions are named and compared without it.
+    """
+    return {k: v for k, v in record.items() if k != "flow_run"}
 
 
 @dataclass(frozen=True)
@@ -70,15 +95,18 @@ class PublishResult:
     already_published: bool
 
 
-def content_version(entries: dict[str, dict[str, Any]]) -> str:
+def content_version(entries: dict[str, dict[str, Any]], lineage: dict[str, Any] | None = None) -> str:
     """The default version of a set of files: 12 hex of the weights' sha256, then 6 hex of the sha256 of
     every published file (metrics.json with its timings, model.json, gate, report, data version, ...).
 
     The same files always give the same version (re-publishing is a no-op), while identical weights
     published with anything else (a forced retrain's new timings, another clone's run) get a version of
-    their own instead of clashing with the one already stored.
+    their own instead of clashing with the one already stored. With a lineage record, lineage.json
+    counts by its identity (lineage_identity), so the flow run that published it does not.
     """
     digests = {f: e["sha256"] for f, e in sorted(entries.items())}
+    if lineage is not None:
+        digests[LINEAGE] = sha256_bytes(_dump(lineage_identity(lineage)))
     return f"{entries[WEIGHTS]['sha256'][:12]}-{sha256_bytes(_dump(digests))[:6]}"
 
 

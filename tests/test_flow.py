@@ -121,10 +121,12 @@ def first_run(prefect_api, project, local_store) -> dict[str, Any]:
     from flows.retrain import retrain
 
     before = (project / "params.yaml").read_bytes()
+    head = sh("git", "rev-parse", "HEAD", cwd=project).stdout.strip()
     started = time.monotonic()
     result = retrain(project_dir=str(project))
     result["_seconds"] = time.monotonic() - started
     result["_params_before"] = before
+    result["_head"] = head  # the commit the run started from (the commit below follows it)
     result["_lock"] = (project / "dvc.lock").read_bytes()
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-q", "-m", "first run", cwd=project)
@@ -203,8 +205,7 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     # the lineage: the commit, a clean checkout (the run rewrote only dvc.lock, data.dvc, metrics/, plots/), the
     # override, the training's threads and the flow run that published it
     lineage = json.loads(store.read_verified(NAME, r["version"], "lineage.json"))
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
-    assert lineage["git_commit"] == head and lineage["git_dirty"] is False, lineage
+    assert lineage["git_commit"] == r["_head"] and lineage["git_dirty"] is False, lineage
     assert lineage["params"]["optim"]["max_steps_per_epoch"] == 1 and lineage["data_version"] == r["data_version"]
     assert lineage["threads"] >= 1 and lineage["device"] == "cpu" and lineage["run"] == "runs/spottune"
     assert lineage["flow_run"]["id"] and lineage["flow_run"]["name"] and lineage["flow_run"]["deployment"] is None

@@ -287,7 +287,7 @@ def test_remade_routed_outputs_give_the_same_step_and_are_not_kept(monkeypatch):
     no routed output outlives the forward pass (without it, the next block keeps it)."""
     import weakref
 
-    import spottune.models.spottune as st
+    import spottune.models.split_training as st
 
     made = []
 
@@ -390,7 +390,7 @@ def test_recompute_frozen_keeps_nothing_of_the_frozen_branch_for_the_backward():
 
 def test_split_training_keeps_no_extra_block_output_where_autograd_keeps_the_branches(monkeypatch):
     """ResNet blocks end in ReLU, which keeps its output: the route then keeps F and F~ (no new memory), not F~ - F."""
-    import spottune.models.spottune as st
+    import spottune.models.split_training as st
 
     model = _spottune("resnet18", "none").train()
     model.execution = "split"

@@ -3,15 +3,16 @@
 What each stage computes is defined once, in dvc.yaml: the tasks here run `dvc repro STAGE` (its
 output streamed to the Prefect log) or call the library (data versioning, the artifact store).
 Prefect adds what DVC does not: retries with backoff on I/O (data versioning and push, publish,
-promote; never on validation or the gate), a global concurrency limit so two flows never train on
+promote; never on validation or the gate stage), a global concurrency limit so two flows never train on
 one GPU at once, one-run parameter overrides recorded with the run, the report as a Prefect
 artifact, and schedules (flows/serve.py, prefect.yaml).
 
     python -m flows.retrain                           # the main job (`make run`)
     python -m flows.retrain --set optim.epochs=1      # one run with params.yaml overridden
 
-A failed gate is not an error: the model is published as a candidate that can never be promoted,
-and the flow completes with `not promoted: <reason>`.
+The gate is the DVC stage `gate` (spottune/gate.py): the flow promotes only on its record,
+metrics/gate.json, and refuses overrides of `gate.*`. A refusal is not an error: the model is
+published as a candidate that can never be promoted, and the flow completes with `not promoted: <reason>`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ PARAMS_BACKUP = Path(".dvc") / "tmp" / "params.yaml.before-overrides"
 # What the pipeline writes that the flow reads: these mirror dvc.yaml's evaluate and train_spottune outs.
 COMPARISON_JSON = Path("reports/comparison.json")
 COMPARISON_MD = Path("reports/comparison.md")
+GATE_JSON = Path("metrics/gate.json")  # the gate stage's record
 CANDIDATE_RUN = Path("runs/spottune")
 REPORT_MD = Path("reports/retrain.md")
 ROUTING_PNG = Path("reports/routing_per_class.png")
@@ -76,7 +78,11 @@ class StageFailed(RuntimeError):
 
 
 def override_pairs(overrides: dict[str, Any] | None) -> list[str]:
-    """{'optim.epochs': 1} -> ['optim.epochs=1'] (values as JSON, which spottune.config parses as YAML)."""
+    """{'optim.epochs': 1} -> ['optim.epochs=1'] (values as JSON, which spottune.config parses as YAML);
+    gate.* is refused (spottune.gate.refuse_gate_overrides)."""
+    from spottune.gate import refuse_gate_overrides
+
+    refuse_gate_overrides([k for k in (overrides or {}) if isinstance(k, str)], "flow override")
     pairs = []
     for key, value in (overrides or {}).items():
         if not isinstance(key, str) or "." not in key:
@@ -335,12 +341,17 @@ def evaluate(project: Path) -> tuple[dict[str, Any], str]:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(comparison: dict[str, Any], params: Params) -> Gate:
-    """params.yaml's gate on the comparison. A failure is a verdict, not an exception (and not retried)."""
-    from flows.report import decide_gate
+def gate(project: Path) -> Gate:
+    """The gate stage, always rerun (the champion is the store's production version now, which DVC cannot
+    see), then its record. A refusal is a verdict, not an exception (and not retried)."""
+    from spottune.store import Gate
 
-    verdict = decide_gate(comparison, params.gate)
-    get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "FAILED", verdict.reason)
+    run_dvc(project, "repro", "--force", "--single-item", "gate", what="stage gate")
+    try:
+        verdict = Gate.from_record(json.loads((project / GATE_JSON).read_text()), str(GATE_JSON))
+    except (OSError, ValueError) as e:
+        raise StageFailed(f"stage gate finished but {GATE_JSON} is unreadable: {e}") from None
+    get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "REFUSED", verdict.reason)
     return verdict
 
 
@@ -409,9 +420,9 @@ def promote(store_settings: StoreSettings, name: str, version: str, reason: str)
 
 @flow(name="retrain", log_prints=True)
 def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu_limit: str = GPU_LIMIT) -> dict[str, Any]:
-    """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if it passes the gate.
+    """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if the gate stage says so.
 
-    overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1, "gate.margin": 0.01};
+    overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1} (gate.* is refused);
     recorded as the flow run's parameters, in dvc.lock, the published params.json and the report.
     project_dir: the repository holding dvc.yaml and params.yaml. gpu_limit: the global concurrency
     limit the DVC stages hold (one per GPU host).
@@ -432,8 +443,8 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
         train(project, "train_finetune")
         train(project, "train_spottune")
         comparison, comparison_md = evaluate(project)
+        verdict = gate(project)
 
-    verdict = gate(comparison, params)
     report_path = report(project, comparison, comparison_md, verdict, data_version, overrides)
     published = publish(project, store_settings, name, verdict, data_version, report_path)
     promoted = bool(verdict.passed and params.publish.promote)
@@ -447,8 +458,8 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
     logger.info(status)
     return {"status": status, "promoted": promoted, "gate_passed": verdict.passed, "reason": verdict.reason,
             "model": name, "data_version": data_version, "overrides": overrides, "report": str(report_path),
-            "baseline_accuracy": verdict.details["baseline_accuracy"],
-            "candidate_accuracy": verdict.details["candidate_accuracy"], **published}
+            "baseline_accuracy": verdict.details["baseline"]["accuracy"],
+            "candidate_accuracy": verdict.details["candidate"]["accuracy"], **published}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -855,7 +855,8 @@ def flow_project(tmp_path_factory) -> Path:
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=600)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
                data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 2}, gate={"margin": -1.0, "floor": 0.0},
+               optim={"epochs": 1, "max_steps_per_epoch": 2},
+               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
                publish={"model_name": NAME, "promote": True})
     for args in (["git", "add", "."], ["git", "commit", "-q", "-m", "tiny pipeline"]):
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)

@@ -22,17 +22,17 @@ from typing import Any
 
 import pytest
 
-from support import MotoServer, free_port
+from support import MotoServer, free_port, passed_gate
 
 from spottune.config import StoreSettings
 from spottune.errors import SpotTuneError, StoreError
 from spottune.store import (
-    MANIFEST, VERSION_FILES, ArtifactStore, Gate, IntegrityError, LocalBackend, PromotionRefused, S3Backend,
+    MANIFEST, VERSION_FILES, ArtifactStore, IntegrityError, LocalBackend, PromotionRefused, S3Backend,
     load_production_model, open_store, sha256_file,
 )
 
 NAME = "fashion"
-PASS = Gate(True, "beats finetune")
+PASS = passed_gate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,7 +554,8 @@ def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode)
     from support import clean_env
 
     env = clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"))
-    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"], ["promote", NAME, "v1"]):
+    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"],
+                 ["promote", NAME, "v1", "--force", "--reason", "by hand"]):
         r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], env=env, capture_output=True, text=True,
                            timeout=120, cwd=tmp_path, umask=umask)
         assert r.returncode == 0, r.stderr

@@ -341,16 +341,17 @@ def evaluate(project: Path) -> tuple[dict[str, Any], str]:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(project: Path) -> Gate:
-    """The gate stage, always rerun (the champion is the store's production version now, which DVC cannot
-    see), then its record. A refusal is a verdict, not an exception (and not retried)."""
+def gate(project: Path, store_settings: StoreSettings, name: str) -> Gate:
+    """The gate stage, then its record; rerun when the store's production version (the champion, which DVC
+    cannot see) is not the one the record describes. A refusal is a verdict, not an exception (no retry)."""
+    from spottune.gate import read_record, record_is_current
     from spottune.store import Gate
 
-    run_dvc(project, "repro", "--force", "--single-item", "gate", what="stage gate")
-    try:
-        verdict = Gate.from_record(json.loads((project / GATE_JSON).read_text()), str(GATE_JSON))
-    except (OSError, ValueError) as e:
-        raise StageFailed(f"stage gate finished but {GATE_JSON} is unreadable: {e}") from None
+    run_dvc(project, "repro", "gate", what="stage gate")
+    if not record_is_current(read_record(project / GATE_JSON), store_settings, name):
+        get_run_logger().info("production changed since %s was made: the gate runs again", GATE_JSON)
+        run_dvc(project, "repro", "--force", "--single-item", "gate", what="stage gate")
+    verdict = Gate.from_record(read_record(project / GATE_JSON), str(GATE_JSON))
     get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "REFUSED", verdict.reason)
     return verdict
 
@@ -443,7 +444,7 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
         train(project, "train_finetune")
         train(project, "train_spottune")
         comparison, comparison_md = evaluate(project)
-        verdict = gate(project)
+        verdict = gate(project, store_settings, name)
 
     report_path = report(project, comparison, comparison_md, verdict, data_version, overrides)
     published = publish(project, store_settings, name, verdict, data_version, report_path)

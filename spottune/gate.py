@@ -123,22 +123,41 @@ def run_data(run_dir: Path) -> Any:
     return validate_params(raw, str(Path(run_dir) / "model.json")).data
 
 
-def find_champion(settings: StoreSettings, name: str, classes: list[str],
-                  log: Callable[[str], None]) -> tuple[Path | None, dict[str, Any]]:
-    """The production version's verified files (fetched into the model cache) and what it is, or (None, why not)."""
-    from spottune.model_cache import fetch_cached, resolve
+def open_existing_store(settings: StoreSettings) -> Any:
+    """The store, or None when it is a local folder that does not exist (it is not created here)."""
     from spottune.store import open_store
-    from spottune.training import read_model_card
 
     if settings.store_backend == "local" and not Path(settings.store_root).is_dir():
+        return None
+    return open_store(settings, check=settings.store_backend != "local")
+
+
+def production_weights(store: Any, name: str, version: str) -> str:
+    from spottune.store import WEIGHTS
+
+    return store.read_manifest(name, version)[0]["files"][WEIGHTS]["sha256"]
+
+
+def find_champion(settings: StoreSettings, name: str, classes: list[str], weights_sha256: str,
+                  log: Callable[[str], None]) -> tuple[Path | None, dict[str, Any]]:
+    """The production version's verified files (fetched into the model cache) and what it is, or (None, why not).
+
+    Production holding the candidate's own weights is no champion: comparing a model with itself adds nothing."""
+    from spottune.model_cache import fetch_cached, resolve
+    from spottune.training import read_model_card
+
+    store = open_existing_store(settings)
+    if store is None:
         return None, {"status": "no_store", "reason": f"no artifact store at {settings.store_root}"}
-    store = open_store(settings, check=settings.store_backend != "local")  # a local store is not created here
     if store.production(name) is None:
         return None, {"status": "no_production", "model": name,
                       "reason": f"{name} has no production version in {store.backend.url(store.model_key(name))}"}
     resolved = resolve(store, name, "production")
-    folder = fetch_cached(store, resolved, settings.model_cache_dir, log=log)
     about = {"model": name, "version": resolved.version, "manifest_sha256": resolved.manifest_sha256}
+    if production_weights(store, name, resolved.version) == weights_sha256:
+        return None, {**about, "status": "same_weights",
+                      "reason": f"production {resolved.version} holds these very weights"}
+    folder = fetch_cached(store, resolved, settings.model_cache_dir, log=log)
     theirs = read_model_card(folder / "model.json")["classes"]
     if theirs != classes:
         return None, {**about, "status": "classes_differ",
@@ -173,10 +192,28 @@ def run_gate(params: Params, comparison: dict[str, Any], runtime: RuntimeSetting
         classes = list(comparison["classes"])
     except (KeyError, TypeError) as e:
         raise DataError(f"the comparison holds no candidate run or classes ({e})") from None
-    folder, champion = find_champion(settings, params.publish.model_name, classes, log)
+    weights = sha256_file(candidate_run / "model.safetensors")
+    folder, champion = find_champion(settings, params.publish.model_name, classes, weights, log)
     if folder is not None:
         champion = compare_with_champion(candidate_run, folder, champion, runtime)
-    return decide(comparison, params.gate, champion, sha256_file(candidate_run / "model.safetensors"))
+    return decide(comparison, params.gate, champion, weights)
+
+
+def record_is_current(record: dict[str, Any], settings: StoreSettings, name: str) -> bool:
+    """Whether a gate record still describes the store's production version, which DVC cannot see.
+
+    Current when it compared with (or noted) the version that is production now, when it found no
+    production and there is none, or when production now holds the candidate's own weights (promoted on
+    this record). A rerun would then give the same record, and republishing the same version stays a no-op.
+    """
+    champion = record.get("champion") or {}
+    store = open_existing_store(settings)
+    pointer = store.production(name) if store is not None else None
+    if pointer is None:
+        return champion.get("status") in ("no_store", "no_production")
+    if champion.get("version") == pointer["version"]:
+        return True
+    return production_weights(store, name, pointer["version"]) == (record.get("candidate") or {}).get("weights_sha256")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +231,17 @@ def read_comparison(path: Path) -> dict[str, Any]:
     if missing:
         raise DataError(f"{path}: not a comparison of `spottune compare` (no {', '.join(missing)})")
     return comparison
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A gate record as the stage wrote it; DataError naming the file when it is missing or not JSON."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable gate record ({e}): run the gate stage (`dvc repro gate`)") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} is not a gate record (a JSON {type(record).__name__})")
+    return record
 
 
 def cmd_gate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:

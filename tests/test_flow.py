@@ -97,6 +97,7 @@ def local_store(project, tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPOTTUNE_STORE_BACKEND", "local")
         mp.setenv("SPOTTUNE_STORE_ROOT", str(root))
+        mp.setenv("SPOTTUNE_MODEL_CACHE_DIR", str(root.parent / "model-cache"))  # the gate stage's champion
         yield root
 
 
@@ -170,19 +171,43 @@ def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first
     from flows.retrain import retrain
     from spottune.store import PromotionRefused
 
-    r = retrain(overrides={**TRAINING, "gate.floor": 1.01}, project_dir=str(project))
+    set_params(project, gate={"floor": 1.01})  # a stricter gate is a change to params.yaml, not an override
+    try:
+        r = retrain(overrides=TRAINING, project_dir=str(project))
+    finally:
+        sh("git", "checkout", "-q", "params.yaml", cwd=project)
     assert not r["promoted"] and not r["gate_passed"]
-    assert r["status"].startswith("not promoted:") and "below the floor 1.0100" in r["status"], r["status"]
+    assert r["status"].startswith("not promoted:") and "< floor 1.0100" in r["status"], r["status"]
+    record = json.loads((project / "metrics" / "gate.json").read_text())
+    assert record["decision"] == "refuse" and record["floor"] == 1.01
+    # production holds these very weights (the first run's; nothing retrained): no champion to compare with
+    assert record["champion"]["status"] == "same_weights" and record["champion"]["version"] == first_run["version"]
     store = open_local(local_store)
     rows = {row.version: row for row in store.list_versions(NAME)}
     assert set(rows) == {first_run["version"], r["version"]}
     assert rows[r["version"]].complete and rows[r["version"]].gate_passed is False
     assert store.production(NAME)["version"] == first_run["version"]
-    with pytest.raises(PromotionRefused, match="failed its promotion gate"):
-        store.promote(NAME, r["version"])
+    for force in (False, True):
+        with pytest.raises(PromotionRefused, match="failed its promotion gate"):
+            store.promote(NAME, r["version"], force=force, reason="forcing a refused version")
     assert store.production(NAME)["version"] == first_run["version"]
     # same weights as the first run (nothing retrained), but another verdict: another version
     assert r["version"][:12] == first_run["version"][:12] and r["version"] != first_run["version"]
+
+
+def test_gate_overrides_are_refused_before_any_work(first_run, project, capsys):
+    from flows.retrain import main, retrain
+    from spottune.errors import ConfigError
+
+    lock = (project / "dvc.lock").read_bytes()
+    params = (project / "params.yaml").read_bytes()
+    gate = (project / "metrics" / "gate.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"gate.floor, gate.margin refused: the promotion gate is params.yaml"):
+        retrain(overrides={**TRAINING, "gate.floor": 0.0, "gate.margin": 1.0}, project_dir=str(project))
+    assert main(["--project-dir", str(project), "--set", "gate.rule=non_inferiority"]) == 2
+    assert "error: flow override: gate.rule refused" in capsys.readouterr().err
+    assert (project / "dvc.lock").read_bytes() == lock and (project / "params.yaml").read_bytes() == params
+    assert (project / "metrics" / "gate.json").read_bytes() == gate
 
 
 def test_a_bad_override_fails_before_any_work(first_run, project):
@@ -318,9 +343,9 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(1)
         assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
-        # the served process runs the flow; another gate margin makes a new version (same weights, no
-        # retraining: CI time), which it promotes
-        run = run_deployment("retrain/weekly", parameters={"overrides": {**TRAINING, "gate.margin": -0.5}},
+        # the served process runs the flow; an override that no stage reads makes a new version (same
+        # weights, no retraining: CI time; another report), which the gate passes and it promotes
+        run = run_deployment("retrain/weekly", parameters={"overrides": {**TRAINING, "publish.promote": True}},
                              timeout=600)
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
     finally:
@@ -338,7 +363,7 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
     params = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "params.json").read_text())
     assert params["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "gate.json").read_text())
-    assert gate["passed"] and gate["details"]["margin"] == -0.5
+    assert gate["passed"] and gate["details"]["decision"] == "promote" and gate["details"]["format"] == "spottune-gate/1"
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -357,8 +382,8 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
                                                                   tmp_path):
     """The work-pool route of the README, command for command: `make deploy`'s two commands, `prefect
     worker start --pool spottune-cpu` as a real process, `prefect deployment run retrain/weekly -p ...`.
-    The worker's flow run retrains nothing (same training overrides as the other tests: CI time) but
-    another gate margin makes a new version, which it promotes."""
+    The worker's flow run retrains nothing (same training overrides as the other tests: CI time) but an
+    override that no stage reads makes a new version (another report), which it promotes."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -388,7 +413,7 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
                               stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:
-        overrides = {**TRAINING, "gate.margin": -0.25}
+        overrides = {**TRAINING, "data.num_workers": 0}
         out = prefect_cli("deployment", "run", "retrain/weekly", "-p", f"overrides={json.dumps(overrides)}",
                           cwd=project, api=prefect_api).stdout
         run_id = uuid.UUID(out.split("UUID:")[1].split()[0])
@@ -415,5 +440,6 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
     version_dir = local_store / "models" / NAME / "versions" / pointer["version"]
     assert json.loads((version_dir / "params.json").read_text())["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((version_dir / "gate.json").read_text())
-    assert gate["passed"] and gate["details"]["margin"] == -0.25
+    assert gate["passed"] and gate["details"]["decision"] == "promote"
+    assert "data.num_workers=0" in (version_dir / "report.md").read_text()
     store.verify_version(NAME, pointer["version"])

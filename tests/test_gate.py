@@ -138,6 +138,28 @@ def test_no_store_and_no_production_decide_on_the_baseline_comparison_alone(fini
 
     assert record["candidate"]["weights_sha256"] == sha256_file(finished_run / "model.safetensors")
 
+    make_production(local, finished_run, "v1")  # production holds the candidate's own weights: nothing to compare
+    record = run_gate(params_for(), comparison, cpu, local, log=lambda _: None)
+    assert record["champion"]["status"] == "same_weights" and record["champion"]["version"] == "v1"
+    assert record["decision"] == "promote" and not (local.model_cache_dir / NAME).exists(), "nothing fetched"
+
+
+def test_a_record_is_current_while_production_is_what_it_describes(finished_run, biased, local):
+    from spottune.gate import record_is_current
+    from spottune.store import sha256_file
+
+    mine = sha256_file(finished_run / "model.safetensors")
+    made_alone = decide(comparison_with(0.0, -0.001, 0.001), GateParams(), {"status": "no_store", "reason": "x"}, mine)
+    assert record_is_current(made_alone, local, NAME)
+    make_production(local, finished_run, "v1")  # promoted on that record: still current (a rerun is a no-op)
+    assert record_is_current(made_alone, local, NAME)
+    store = open_store(local)
+    store.publish(biased, NAME, "v2", gate=passed_gate())
+    store.promote(NAME, "v2")  # another model is production now: the record is stale
+    assert not record_is_current(made_alone, local, NAME)
+    compared = {**made_alone, "champion": {"status": "compared", "version": "v2"}}
+    assert record_is_current(compared, local, NAME)
+
 
 def test_a_candidate_significantly_worse_than_production_is_refused(finished_run, biased, self_comparison, cpu,
                                                                    local):

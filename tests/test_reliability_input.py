@@ -880,7 +880,7 @@ def s3_flow_env(moto_servers, monkeypatch, tmp_path) -> dict[str, str]:
     env = {**planted_credentials(tmp_path), "SPOTTUNE_STORE_BACKEND": "s3", "SPOTTUNE_S3_BUCKET": new_bucket(open_.url),
            "SPOTTUNE_S3_ENDPOINT_URL": open_.url, "SPOTTUNE_STORE_PREFIX": "team", "SPOTTUNE_S3_MAX_ATTEMPTS": "1",
            "SPOTTUNE_REMOTE_URL": f"s3://{new_bucket(open_.url)}/dvcstore", "SPOTTUNE_REMOTE_ENDPOINT_URL": open_.url,
-           "NO_PROXY": "127.0.0.1"}
+           "NO_PROXY": "127.0.0.1", "SPOTTUNE_MODEL_CACHE_DIR": str(tmp_path / "model-cache")}
     for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():

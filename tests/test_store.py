@@ -261,6 +261,27 @@ def test_a_version_that_failed_the_gate_never_becomes_production(store, finished
     assert gate["passed"] is False and "below the baseline" in gate["reason"]
 
 
+def test_a_version_without_the_gate_record_needs_a_forced_promotion_which_is_audited(store, finished_run, other_run):
+    from spottune.store import Gate
+
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.promote(NAME, "v1", reason="gate passed")
+    store.publish(other_run, NAME, "v2", gate=Gate(None, "published by hand"))
+    assert {r.version: r.gate_passed for r in store.list_versions(NAME)} == {"v1": True, "v2": None}
+    with pytest.raises(PromotionRefused, match="no record of the pipeline's gate"):
+        store.promote(NAME, "v2")
+    with pytest.raises(PromotionRefused, match="needs a reason"):
+        store.promote(NAME, "v2", force=True, reason="  ")
+    assert store.production(NAME)["version"] == "v1" and len(store.audit_trail(NAME)) == 1
+
+    pointer = store.promote(NAME, "v2", force=True, reason="hotfix", actor="carol@ops")
+    assert pointer["forced"] is True and pointer["history"][-1]["forced"] is False
+    trail = store.audit_trail(NAME)
+    assert [(a["version"], a["forced"], a["reason"], a["by"]) for a in trail][-1] == ("v2", True, "hotfix", "carol@ops")
+    assert trail[0]["forced"] is False and all(a["at"] for a in trail)
+    assert store.rollback(NAME, reason="undo the hotfix")["forced"] is False
+
+
 def test_republish_after_a_failure_mid_upload_completes_without_duplicates(store, finished_run, other_run):
     broken = ArtifactStore(Recording(store.backend, fail_after_files=3), store.prefix)
     with pytest.raises(RuntimeError, match="injected failure"):

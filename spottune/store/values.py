@@ -79,6 +79,9 @@ def check_gate_for(gate: Gate, weights_sha256: str, where: str) -> None:
     if gate.passed is True and not is_gate_record(gate.details):
         raise StoreError(f"{where}: a passed gate must carry the gate stage's record (metrics/gate.json); "
                          "publish without one and promote with --force --reason, or run the gate")
+    if is_gate_record(gate.details) and gate.passed is not (gate.details["decision"] == "promote"):
+        raise StoreError(f"{where}: the verdict (passed {gate.passed}) disagrees with the gate record's decision "
+                         f"{gate.details['decision']!r}")
     recorded = (gate.details.get("candidate") or {}).get("weights_sha256") if is_gate_record(gate.details) else None
     if recorded is not None and recorded != weights_sha256:
         raise StoreError(f"{where}: the gate record is for weights {str(recorded)[:12]}..., these are "

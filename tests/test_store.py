@@ -496,7 +496,10 @@ def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp
         assert args.func(args, None) == 0
         return capsys.readouterr().out
 
-    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789")
+    record = tmp_path / "gate.json"  # what the gate stage writes to metrics/gate.json
+    record.write_text(json.dumps(PASS.details))
+    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789",
+        "--gate", record)
     run("publish", other_run, "--name", NAME, "--version", "v2", "--candidate-only")
     assert "production is now v1" in run("promote", NAME, "v1", "--reason", "first")
     with pytest.raises(PromotionRefused):
@@ -505,8 +508,11 @@ def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp
     assert rows["v1"]["production"] and rows["v2"]["gate_passed"] is False
     table = run("models", "list", NAME)
     assert "* v1" in table and "failed" in table
-    run("publish", other_run, "--name", NAME, "--version", "v3")
-    run("promote", NAME, "v3")
+    assert "no gate record" in run("publish", other_run, "--name", NAME, "--version", "v3")  # by hand
+    with pytest.raises(PromotionRefused, match="--force --reason"):
+        run("promote", NAME, "v3")
+    assert "forced" in run("promote", NAME, "v3", "--force", "--reason", "by hand")
+    assert "* v3" in run("models", "list", NAME) and " none " in run("models", "list", NAME)
     assert "production is now v1" in run("rollback", NAME)
 
 

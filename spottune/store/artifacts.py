@@ -20,7 +20,8 @@ from spottune.store.hashing import sha256_bytes, sha256_file, sha256_stream
 from spottune.store.promotion import PromotionMixin
 from spottune.store.values import (
     GATE, MANIFEST, RUN_FILES, RUN_MODEL_FORMAT, STORE_FORMAT, VERSION_FILES, WEIGHTS, Gate, PublishResult,
-    VersionInfo, _check_name, _dump, _now, check_prefix, check_safetensors, content_version, default_actor,
+    VersionInfo, _check_name, _dump, _now, check_gate_for, check_prefix, check_safetensors, content_version,
+    default_actor,
 )
 
 
@@ -125,8 +126,10 @@ class ArtifactStore(PromotionMixin):
         failure mid-upload only sends what is missing. A version whose manifest already exists is
         left as it is when its files are the same, and refused when they differ. The version
         defaults to `content_version`: 12 hex of the weights' sha256 and 6 of every published file,
-        so the same files always map to the same version and other content never clashes with it. The gate's verdict is one of the files: a failed gate makes a candidate
-        that `promote` will always refuse.
+        so the same files always map to the same version and other content never clashes with it. The gate's
+        verdict is one of the files: a failed gate makes a candidate that `promote` will always refuse; a
+        pass must carry the gate stage's record for these weights (check_gate_for), and no verdict
+        (passed None) makes a version that only a forced promotion moves to production.
         """
         from tempfile import TemporaryDirectory
 
@@ -134,6 +137,7 @@ class ArtifactStore(PromotionMixin):
         with TemporaryDirectory(prefix="spottune-publish-") as tmp:
             files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report)
             entries = {f: {"sha256": sha256_file(p), "size": p.stat().st_size} for f, p in files.items()}
+            check_gate_for(gate, entries[WEIGHTS]["sha256"], str(run_dir))
             version = _check_name("version", version or content_version(entries))
             existing = self._existing_manifest(name, version)
             if existing is not None:

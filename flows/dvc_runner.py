@@ -43,12 +43,13 @@ def stage_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_dvc(root: Path, *args: str, what: str, log: Log) -> None:
-    """Run `dvc ARGS` in ROOT, each output line to `log`; StageFailed names `what`."""
+def run_dvc(root: Path, *args: str, what: str, log: Log, env: dict[str, str] | None = None) -> None:
+    """Run `dvc ARGS` in ROOT, each output line to `log`; StageFailed names `what`. env: variables set
+    for DVC and its stages on top of stage_env."""
     cmd = [sys.executable, "-m", "dvc", *args]
     log(f"{what}: {' '.join(['dvc', *args])}")
     tail: deque[str] = deque(maxlen=30)
-    with subprocess.Popen(cmd, cwd=root, env=stage_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(cmd, cwd=root, env=stage_env(root) | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -111,13 +112,16 @@ def unused_experiment_name(root: Path, wanted: str) -> str:
     return name
 
 
-def run_experiment(root: Path, name: str, overrides: dict[str, Any], log: Log) -> None:
+def run_experiment(root: Path, name: str, overrides: dict[str, Any], log: Log,
+                   env: dict[str, str] | None = None) -> None:
     """The whole pipeline as DVC experiment NAME in checkout ROOT, with OVERRIDES on params.yaml.
 
     DVC checks the inputs and unchanged outputs out of the cache, runs the stages the overrides
-    change, leaves the results in ROOT and commits them to the experiment's ref.
+    change (the gate stage too, whose record stays in ROOT), leaves the results in ROOT and commits
+    them to the experiment's ref. env: as for run_dvc.
     """
-    run_dvc(root, "exp", "run", "--name", name, *set_param_args(overrides), what=f"experiment {name}", log=log)
+    run_dvc(root, "exp", "run", "--name", name, *set_param_args(overrides), what=f"experiment {name}", log=log,
+            env=env)
 
 
 def git_remote(root: Path) -> str | None:

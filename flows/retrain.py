@@ -3,7 +3,7 @@
 What each stage computes is defined once, in dvc.yaml: the tasks here run DVC (flows/dvc_runner.py,
 its output streamed to the Prefect log) or call the library (data versioning, the artifact store).
 Prefect adds what DVC does not: retries with backoff on I/O (data versioning and push, publish,
-promote; never on validation or the gate), a global concurrency limit so two flows never train on
+promote; never on validation or the gate stage), a global concurrency limit so two flows never train on
 one GPU at once, one-run parameter overrides recorded with the run, the report as a Prefect
 artifact, and schedules (flows/serve.py, prefect.yaml).
 
@@ -19,8 +19,11 @@ An experiment is pushed (`dvc exp push`) where the repository has a git remote.
     python -m flows.retrain                           # the main job (`make run`)
     python -m flows.retrain --set optim.epochs=1      # one run with params.yaml overridden: an experiment
 
-A failed gate is not an error: the model is published as a candidate that can never be promoted,
-and the flow completes with `not promoted: <reason>`.
+The gate is the DVC stage `gate` (spottune/gate.py): the flow promotes only on its record,
+metrics/gate.json in the checkout the stages ran in, rerunning the stage there when the store's
+production version is no longer the one the record describes; overrides of `gate.*` are refused
+before any work. A refusal is not an error: the model is published as a candidate that can never be
+promoted, and the flow completes with `not promoted: <reason>`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ PARAMS_FILE = "params.yaml"
 # What the pipeline writes that the flow reads: these mirror dvc.yaml's evaluate and train_spottune outs.
 COMPARISON_JSON = Path("reports/comparison.json")
 COMPARISON_MD = Path("reports/comparison.md")
+GATE_JSON = Path("metrics/gate.json")  # the gate stage's record
 CANDIDATE_RUN = Path("runs/spottune")
 REPORT_MD = Path("reports/retrain.md")
 ROUTING_PNG = Path("reports/routing_per_class.png")
@@ -79,7 +83,11 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_f
 
 
 def override_pairs(overrides: dict[str, Any] | None) -> list[str]:
-    """{'optim.epochs': 1} -> ['optim.epochs=1'] (values as JSON, which spottune.config parses as YAML)."""
+    """{'optim.epochs': 1} -> ['optim.epochs=1'] (values as JSON, which spottune.config parses as YAML);
+    gate.* is refused (spottune.gate.refuse_gate_overrides)."""
+    from spottune.gate import refuse_gate_overrides
+
+    refuse_gate_overrides([k for k in (overrides or {}) if isinstance(k, str)], "flow override")
     pairs = []
     for key, value in (overrides or {}).items():
         if not isinstance(key, str) or "." not in key:
@@ -102,13 +110,25 @@ def load_settings(project: Path, overrides: dict[str, Any] | None) -> Params:
 
 
 def load_store_settings(project: Path) -> StoreSettings:
-    """SPOTTUNE_STORE_* / SPOTTUNE_S3_* from the environment; a relative local root is the project's."""
+    """SPOTTUNE_STORE_* / SPOTTUNE_S3_* from the environment; a relative local root or model cache is the project's."""
     from spottune.store_cli import store_settings
 
     settings = store_settings()
-    if settings.store_backend == "local" and not settings.store_root.is_absolute():
-        settings = settings.model_copy(update={"store_root": project / settings.store_root})
-    return settings
+    update: dict[str, Path] = {}
+    if not settings.store_root.is_absolute():
+        update["store_root"] = project / settings.store_root
+    if settings.model_cache_dir is not None and not settings.model_cache_dir.is_absolute():
+        update["model_cache_dir"] = project / settings.model_cache_dir
+    return settings.model_copy(update=update)
+
+
+def store_env(settings: StoreSettings) -> dict[str, str]:
+    """The store's folders as absolute paths for DVC's stages (the gate stage reads the store): a stage
+    in a private checkout would resolve a relative SPOTTUNE_STORE_ROOT inside that checkout instead."""
+    env = {"SPOTTUNE_STORE_ROOT": str(settings.store_root)}
+    if settings.model_cache_dir is not None:
+        env["SPOTTUNE_MODEL_CACHE_DIR"] = str(settings.model_cache_dir)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +181,10 @@ def evaluate(root: Path) -> None:
 
 
 @task(name="experiment", cache_policy=NO_CACHE, task_run_name="experiment-{name}")
-def experiment(root: Path, name: str, overrides: dict[str, Any]) -> None:
-    """Every stage (validate, train_finetune, train_spottune, evaluate) as DVC experiment NAME in ROOT, a
-    private checkout; DVC skips what the overrides do not change. No retries, as for the stages."""
-    dvc_runner.run_experiment(root, name, overrides, log=_log)
+def experiment(root: Path, name: str, overrides: dict[str, Any], env: dict[str, str]) -> None:
+    """Every stage (validate, train_finetune, train_spottune, evaluate, gate) as DVC experiment NAME in ROOT,
+    a private checkout; DVC skips what the overrides do not change. No retries, as for the stages."""
+    dvc_runner.run_experiment(root, name, overrides, log=_log, env=env)
 
 
 @task(name="push-experiment", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -189,12 +209,22 @@ def experiment_name() -> str:
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(comparison: dict[str, Any], params: Params) -> Gate:
-    """params.yaml's gate on the comparison. A failure is a verdict, not an exception (and not retried)."""
-    from flows.report import decide_gate
+def gate(root: Path, store_settings: StoreSettings, name: str, stage_ran: bool) -> Gate:
+    """The gate stage's record in ROOT, the checkout the stages ran in. stage_ran: the stage has run there
+    already (an experiment runs every stage); else `dvc repro gate` first. Rerun when the store's production
+    version (the champion, which DVC cannot see) is not the one the record describes. A refusal is a
+    verdict, not an exception (no retry)."""
+    from spottune.gate import read_record, record_is_current
+    from spottune.store import Gate
 
-    verdict = decide_gate(comparison, params.gate)
-    get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "FAILED", verdict.reason)
+    env = store_env(store_settings)
+    if not stage_ran:
+        dvc_runner.run_dvc(root, "repro", "gate", what="stage gate", log=_log, env=env)
+    if not record_is_current(read_record(root / GATE_JSON), store_settings, name):
+        _log(f"production changed since {GATE_JSON} was made: the gate runs again")
+        dvc_runner.run_dvc(root, "repro", "--force", "--single-item", "gate", what="stage gate", log=_log, env=env)
+    verdict = Gate.from_record(read_record(root / GATE_JSON), str(GATE_JSON))
+    get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "REFUSED", verdict.reason)
     return verdict
 
 
@@ -268,8 +298,9 @@ def promote(store_settings: StoreSettings, name: str, version: str, reason: str)
 
 
 def run_stages(project: Path, params: Params, overrides: dict[str, Any], exp: str | None, own_checkout: bool,
-               gpu_limit: str, checkouts: ExitStack) -> tuple[Path, str]:
-    """Version the data and run every stage under the GPU slot; returns (the checkout they ran in, data version).
+               gpu_limit: str, store_settings: StoreSettings, checkouts: ExitStack) -> tuple[Path, str, Gate]:
+    """Version the data and run every stage under the GPU slot, the gate last; returns (the checkout they ran
+    in, the data version, the gate's verdict).
 
     exp None: `dvc repro` stage by stage in the user's checkout. Otherwise DVC experiment EXP in a
     private checkout entered on CHECKOUTS (it lives until the version is published): at HEAD for a
@@ -287,22 +318,23 @@ def run_stages(project: Path, params: Params, overrides: dict[str, Any], exp: st
             train(root, "train_finetune")
             train(root, "train_spottune")
             evaluate(root)
-            return root, data_version
-        if not own_checkout:
-            root = checkouts.enter_context(private_checkout(project, exp, carry_workspace=True,
-                                                            data_root=params.data.root, log=_log))
-        experiment(root, exp, overrides)
-    return root, data_version
+        else:
+            if not own_checkout:
+                root = checkouts.enter_context(private_checkout(project, exp, carry_workspace=True,
+                                                                data_root=params.data.root, log=_log))
+            experiment(root, exp, overrides, store_env(store_settings))
+        verdict = gate(root, store_settings, params.publish.model_name, stage_ran=exp is not None)
+    return root, data_version, verdict
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu_limit: str = GPU_LIMIT,
             own_checkout: bool = False) -> dict[str, Any]:
-    """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if it passes the gate.
+    """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if the gate stage says so.
 
-    overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1}; the run is then a
-    DVC experiment named after the flow run, and the overrides are recorded as the flow run's
-    parameters, in the experiment (`dvc exp show`) and in the report.
+    overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1} (gate.* is refused);
+    the run is then a DVC experiment named after the flow run, and the overrides are recorded as the
+    flow run's parameters, in the experiment (`dvc exp show`) and in the report.
     project_dir: the repository holding dvc.yaml and params.yaml. gpu_limit: the global concurrency
     limit the DVC stages hold (one per GPU host). own_checkout: work in a private worktree at HEAD
     (deployments), never in the checkout at project_dir.
@@ -317,10 +349,10 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
     exp = dvc_runner.unused_experiment_name(project, experiment_name()) if overrides or own_checkout else None
 
     with ExitStack() as checkouts:
-        root, data_version = run_stages(project, params, overrides, exp, own_checkout, gpu_limit, checkouts)
+        root, data_version, verdict = run_stages(project, params, overrides, exp, own_checkout, gpu_limit,
+                                                 store_settings, checkouts)
         comparison, comparison_md = read_comparison(root)
         pushed_to = push_experiment(root, exp) if exp else None
-        verdict = gate(comparison, params)
         report_path = report(root, comparison, comparison_md, verdict, data_version, overrides)
         report_md = report_path.read_text()
         lineage = flow_lineage(root, root / CANDIDATE_RUN, params, data_version, experiment=exp)
@@ -338,8 +370,8 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
     return {"status": status, "promoted": promoted, "gate_passed": verdict.passed, "reason": verdict.reason,
             "model": name, "data_version": data_version, "overrides": overrides, "experiment": exp,
             "experiment_pushed_to": pushed_to, "report": str(report_path) if root == project else None,
-            "report_md": report_md, "baseline_accuracy": verdict.details["baseline_accuracy"],
-            "candidate_accuracy": verdict.details["candidate_accuracy"], **published}
+            "report_md": report_md, "baseline_accuracy": verdict.details["baseline"]["accuracy"],
+            "candidate_accuracy": verdict.details["candidate"]["accuracy"], **published}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
     spottune evaluate runs/spottune
     spottune export-backbone runs/finetune --out weights/source.safetensors   (pretrain inside the pipeline)
     spottune compare runs/finetune runs/spottune --report runs/comparison.md
+    spottune gate [--comparison reports/comparison.json] [--out metrics/gate.json]   (the promotion gate)
     spottune predict --run runs/spottune IMAGE...   (or --model NAME@production [--json] [--csv FILE] PATH...)
     spottune serve --model NAME@production --host 127.0.0.1 --port 8000
 """
@@ -370,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="larger images are refused from their header (default: Pillow's MAX_IMAGE_PIXELS)")
     p.set_defaults(func=cmd_serve)
-    from spottune import store_cli  # publish, promote, rollback, models list (boto3 only when S3 is used)
+    from spottune import gate, store_cli  # gate; publish, promote, rollback, models list (boto3 only for S3)
 
+    gate.register(sub)
     store_cli.register(sub)
     return parser
 

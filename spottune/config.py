@@ -424,14 +424,19 @@ class StoreSettings(BaseSettings):
 
 
 class GateParams(_Section):
-    """The promotion gate the retrain flow applies to the evaluate stage's comparison.
+    """The promotion gate (the `gate` DVC stage, spottune/gate.py) on the evaluate stage's comparison.
 
-    SpotTune becomes production only when its test top-1 is at least `margin` above the fine-tuning
-    baseline's (on the same test images) and at least `floor` in absolute terms. A negative margin
-    allows a tie band. Left out of run dumps: it judges a run, it does not change what is trained.
+    It decides on the paired bootstrap confidence interval of SpotTune's test top-1 minus the
+    fine-tuning baseline's (same test images): `superiority` needs the CI's low end above 0,
+    `non_inferiority` above -margin. SpotTune's top-1 must also reach `floor`, and it must not be
+    significantly worse than the production model (the champion) on the same images. Left out of run
+    dumps: it judges a run, it does not change what is trained; and never overridden per run.
     """
 
-    margin: float = Field(0.0, ge=-1.0, le=1.0, description="candidate top-1 minus baseline top-1 must be >= this")
+    rule: Literal["superiority", "non_inferiority"] = Field(
+        "non_inferiority", description="superiority: CI low > 0; non_inferiority: CI low > -margin")
+    margin: float = Field(0.0, ge=0.0, le=1.0, description="the non-inferiority margin (top-1, 0.01 = one point); "
+                          "unused by superiority")
     floor: float = Field(0.0, ge=0.0, le=1.01, description="candidate top-1 must be >= this (above 1: never passes)")
 
 

@@ -1,8 +1,9 @@
 """`spottune publish | promote | rollback | models list`: the artifact store from the command line.
 
-    spottune publish runs/spottune --name fashion [--version V] [--data-version HASH] [--report FILE] [--candidate-only]
-                     [--project DIR] [--experiment NAME]
-    spottune promote fashion V [--reason "beats finetune by 3 points"]
+    spottune publish runs/spottune --name fashion [--gate metrics/gate.json | --candidate-only] [--version V]
+                     [--data-version HASH] [--report FILE] [--project DIR] [--experiment NAME]
+    spottune promote fashion V [--reason "..."]            (a version with the gate stage's passed record)
+    spottune promote fashion V --force --reason "hotfix"  (one without: audited as forced)
     spottune rollback fashion [--from VERSION] [--reason ...]
     spottune models list fashion [--json]
     spottune models show fashion@latest|fashion@production|fashion@VERSION [--json]
@@ -62,32 +63,49 @@ def publish_lineage(run: Path, project: Path | None, data_version: str | None, e
     return collect_lineage(project, run, params, data_version=data_version, experiment=experiment), data_version
 
 
-def cmd_publish(args: argparse.Namespace, runtime: Any = None) -> int:
-    """Upload a finished run with its lineage; --candidate-only records a failed gate so it can never be promoted."""
+def publish_gate(args: argparse.Namespace):
+    """The verdict to publish with: the gate stage's record (--gate FILE), a failure (--candidate-only), or none."""
     from spottune.store import Gate
 
-    store = _store()
-    gate = (Gate(False, args.gate_reason or "published with --candidate-only") if args.candidate_only
-            else Gate(True, args.gate_reason or "published for promotion"))
+    if args.candidate_only:
+        return Gate(False, args.gate_reason or "published with --candidate-only")
+    if args.gate is not None:
+        try:
+            record = json.loads(Path(args.gate).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--gate {args.gate}: not a readable gate record: {e}") from None
+        return Gate.from_record(record, f"--gate {args.gate}")
+    return Gate(None, args.gate_reason or "published by hand, without the pipeline's gate record")
+
+
+def cmd_publish(args: argparse.Namespace, runtime: Any = None) -> int:
+    """Upload a finished run with its lineage and its verdict: the gate stage's record, a failure, or none
+    (promotion then needs --force --reason)."""
+    if args.candidate_only and args.gate is not None:
+        raise ConfigError("--candidate-only and --gate exclude each other: the gate record holds the verdict")
+    gate = publish_gate(args)
     lineage, data_version = publish_lineage(args.run, args.project, args.data_version, args.experiment)
     if lineage is None:
         print(f"no lineage recorded: no dvc.yaml above {args.run} (pass --project)")
     elif lineage.record["git_dirty"]:
         print(f"lineage: {lineage.record['git_commit']} with uncommitted changes (stored as git.diff)")
-    result = store.publish(args.run, args.name, args.version, gate=gate, data_version=data_version,
-                           report=args.report, lineage=lineage, log=print)
+    result = _store().publish(args.run, args.name, args.version, gate=gate, data_version=data_version,
+                              report=args.report, lineage=lineage, log=print)
     state = "already published (unchanged)" if result.already_published else (
         f"published: {len(result.uploaded)} files uploaded, {len(result.skipped)} already there")
-    kind = "candidate (never promotable)" if args.candidate_only else "promotable"
+    kind = {True: "passed the gate", False: "candidate (never promotable)",
+            None: "no gate record (promotion needs --force --reason)"}[gate.passed]
     print(f"{args.name} {result.version}: {state}; {kind}; manifest sha256 {result.manifest_sha256}")
-    if not args.candidate_only:
-        print(f"promote with: spottune promote {args.name} {result.version}")
+    if gate.passed is not False:
+        print(f"promote with: spottune promote {args.name} {result.version}"
+              + (" --force --reason TEXT" if gate.passed is None else ""))
     return 0
 
 
 def cmd_promote(args: argparse.Namespace, runtime: Any = None) -> int:
-    pointer = _store().promote(args.name, args.version, reason=args.reason)
-    print(f"{args.name}: production is now {pointer['version']} (manifest sha256 {pointer['manifest_sha256']})")
+    pointer = _store().promote(args.name, args.version, reason=args.reason, force=args.force)
+    forced = " (forced: recorded in the audit trail)" if pointer.get("forced") else ""
+    print(f"{args.name}: production is now {pointer['version']} (manifest sha256 {pointer['manifest_sha256']}){forced}")
     return 0
 
 
@@ -108,7 +126,7 @@ def cmd_models_list(args: argparse.Namespace, runtime: Any = None) -> int:
     print(f"{'':2}{'version':<20} {'complete':<9} {'gate':<7} {'test acc':<9} {'method':<10} created")
     for r in rows:
         acc = f"{r.test_accuracy:.4f}" if r.test_accuracy is not None else "-"
-        gate = {True: "passed", False: "failed", None: "-"}[r.gate_passed]
+        gate = {True: "passed", False: "failed", None: "none" if r.complete else "-"}[r.gate_passed]
         line = (f"{'*' if r.production else ' ':2}{r.version:<20} {'yes' if r.complete else 'NO':<9} {gate:<7} "
                 f"{acc:<9} {r.method or '-':<10} {r.created_at or '-'}")
         print(line + (f"  ({r.problem})" if r.problem else ""))
@@ -218,9 +236,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--version", default=None, help="version (default: 12 hex of the weights' sha256, then 6 of all published files)")
     p.add_argument("--data-version", default=None, help="the data.dvc md5 the run was trained on")
     p.add_argument("--report", type=Path, default=None, help="evaluation report (Markdown) to publish with it")
+    p.add_argument("--gate", type=Path, default=None, metavar="FILE",
+                   help="the gate stage's record for this run (metrics/gate.json); without it the version has no "
+                        "gate verdict and only a forced promotion makes it production")
     p.add_argument("--candidate-only", action="store_true",
                    help="record a failed gate: the version is stored and listed but never promotable")
-    p.add_argument("--gate-reason", default=None, help="why the gate passed or failed (recorded in gate.json)")
+    p.add_argument("--gate-reason", default=None, help="why it has no verdict or failed (recorded in gate.json)")
     p.add_argument("--project", type=Path, default=None, help="the git + DVC project the run was made in, for the "
                    "lineage (default: the nearest folder above the run holding dvc.yaml)")
     p.add_argument("--experiment", default=None, help="the DVC experiment the run belongs to (recorded in the lineage)")
@@ -230,6 +251,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("--reason", default="", help="recorded in the pointer and the audit trail")
+    p.add_argument("--force", action="store_true",
+                   help="promote a version without the pipeline's gate record (needs --reason; audited as forced); "
+                        "a version whose gate failed is never promoted")
     p.set_defaults(func=cmd_promote)
 
     p = subparsers.add_parser("rollback", help="make the previous production version production again")

@@ -3,9 +3,9 @@ project's pipeline, Prefect's test server, the local store and a moto S3 server 
 
 One tiny training (12 train / 6 test images per class, 32 px, 1 step per epoch) is shared by the
 tests: the first run (no overrides) trains in the repository, which is then committed as a user
-commits dvc.lock; later runs override only what needs no training (validation thresholds, the
-gate), so DVC retrains nothing and only validation, the gate, report, publish and promote steps
-differ; so do the runs that Prefect starts through a deployment (`python -m flows.serve`, and a
+commits dvc.lock; later runs override only what needs no training (validation thresholds, settings
+no stage reads, the model name) or edit params.yaml's gate (which no run may override), so DVC
+retrains nothing and only validation, the gate, report, publish and promote steps differ; so do the runs that Prefect starts through a deployment (`python -m flows.serve`, and a
 `prefect worker start` process on the prefect.yaml deployment), each in its own checkout.
 """
 
@@ -91,7 +91,8 @@ def project(tmp_path_factory) -> Path:
        "--train-per-class", "12", "--test-per-class", "6", "--track", cwd=repo)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
                data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 1}, gate={"margin": -1.0, "floor": 0.0},
+               optim={"epochs": 1, "max_steps_per_epoch": 1},
+               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
                publish={"model_name": NAME, "promote": True})
     sh("git", "add", ".", cwd=repo)
     sh("git", "commit", "-q", "-m", "pipeline on a tiny dataset", cwd=repo)
@@ -104,6 +105,7 @@ def local_store(project, tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPOTTUNE_STORE_BACKEND", "local")
         mp.setenv("SPOTTUNE_STORE_ROOT", str(root))
+        mp.setenv("SPOTTUNE_MODEL_CACHE_DIR", str(root.parent / "model-cache"))  # the gate stage's champion
         yield root
 
 
@@ -232,19 +234,48 @@ def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first
     from flows.retrain import retrain
     from spottune.store import PromotionRefused
 
-    r = retrain(overrides={"gate.floor": 1.01}, project_dir=str(project))
-    assert not r["promoted"] and not r["gate_passed"]
-    assert r["status"].startswith("not promoted:") and "below the floor 1.0100" in r["status"], r["status"]
+    set_params(project, gate={"floor": 1.01})  # a stricter gate is a change to params.yaml, not an override
+    try:
+        r = retrain(project_dir=str(project))  # a plain run: `dvc repro` reruns only the gate stage
+        record = json.loads((project / "metrics" / "gate.json").read_text())
+        lock = yaml.safe_load((project / "dvc.lock").read_text())
+    finally:  # the checkout as the first run committed it, for the tests that follow
+        sh("git", "checkout", "-q", "params.yaml", "dvc.lock", "metrics/gate.json", cwd=project)
+    assert not r["promoted"] and not r["gate_passed"] and r["experiment"] is None
+    assert r["status"].startswith("not promoted:") and "< floor 1.0100" in r["status"], r["status"]
+    assert record["decision"] == "refuse" and record["floor"] == 1.01
+    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate"]["floor"] == 1.01
+    # production holds these very weights (the first run's; nothing retrained): no champion to compare with
+    assert record["champion"]["status"] == "same_weights" and record["champion"]["version"] == first_run["version"]
     store = open_local(local_store)
     rows = {row.version: row for row in store.list_versions(NAME)}
     assert set(rows) == {first_run["version"], r["version"]}
     assert rows[r["version"]].complete and rows[r["version"]].gate_passed is False
     assert store.production(NAME)["version"] == first_run["version"]
-    with pytest.raises(PromotionRefused, match="failed its promotion gate"):
-        store.promote(NAME, r["version"])
+    for force in (False, True):
+        with pytest.raises(PromotionRefused, match="failed its promotion gate"):
+            store.promote(NAME, r["version"], force=force, reason="forcing a refused version")
     assert store.production(NAME)["version"] == first_run["version"]
     # same weights as the first run (nothing retrained), but another verdict: another version
     assert r["version"][:12] == first_run["version"][:12] and r["version"] != first_run["version"]
+
+
+def test_gate_overrides_are_refused_before_any_work(first_run, project, capsys):
+    from flows.retrain import main, retrain
+    from spottune.errors import ConfigError
+
+    lock = (project / "dvc.lock").read_bytes()
+    params = (project / "params.yaml").read_bytes()
+    gate = (project / "metrics" / "gate.json").read_bytes()
+    before = experiments(project)
+    with pytest.raises(ConfigError, match=r"gate.floor, gate.margin refused: the promotion gate is params.yaml"):
+        retrain(overrides={"validate.max_side": 4000, "gate.floor": 0.0, "gate.margin": 1.0},
+                project_dir=str(project))
+    assert main(["--project-dir", str(project), "--set", "gate.rule=non_inferiority"]) == 3  # bad input
+    assert "error: flow override: gate.rule refused" in capsys.readouterr().err
+    assert (project / "dvc.lock").read_bytes() == lock and (project / "params.yaml").read_bytes() == params
+    assert (project / "metrics" / "gate.json").read_bytes() == gate
+    assert experiments(project) == before and not leftover_checkouts(project)  # no experiment was started
 
 
 def test_a_bad_override_fails_before_any_work(first_run, project):
@@ -294,6 +325,57 @@ def test_an_override_runs_as_a_dvc_experiment_and_leaves_the_checkout_as_it_was(
     # published from the experiment's results, the report naming the override
     report = (local_store / "models" / NAME / "versions" / r["version"] / "report.md").read_text()
     assert report == r["report_md"] and "`validate.max_side=4000`" in report
+
+
+def test_an_experiment_gates_on_the_record_its_own_checkout_made(first_run, project, local_store):
+    """A stricter gate edited into params.yaml (not committed) reaches the experiment, whose `dvc exp run`
+    reruns the gate stage in the private checkout: the flow decides on that record, while the user's
+    metrics/gate.json and dvc.lock stay as they were."""
+    from flows.retrain import retrain
+
+    set_params(project, gate={"floor": 1.01})
+    try:
+        state = checkout_state(project)
+        r = retrain(overrides={"data.num_workers": 0}, project_dir=str(project))
+        assert checkout_state(project) == state and not leftover_checkouts(project)
+    finally:
+        sh("git", "checkout", "-q", "params.yaml", cwd=project)
+    assert not r["promoted"] and not r["gate_passed"] and "< floor 1.0100" in r["reason"], r["status"]
+    record = json.loads(experiment_file(project, r["experiment"], "metrics/gate.json"))
+    assert record["decision"] == "refuse" and record["floor"] == 1.01 and record["reason"] == r["reason"]
+    lock = yaml.safe_load(experiment_file(project, r["experiment"], "dvc.lock"))
+    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate"]["floor"] == 1.01
+    assert json.loads((project / "metrics" / "gate.json").read_text())["decision"] == "promote"
+    stored = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "gate.json").read_text())
+    assert stored["passed"] is False and stored["details"] == record
+
+
+def test_an_experiment_reruns_the_gate_when_production_changed(first_run, project, local_store, tmp_path):
+    """Production replaced by another model (its weights shifted to one class, promoted by hand) after the
+    committed record was made: the experiment's DVC skips the unchanged gate stage, the flow sees that the
+    record describes another production and reruns the stage in the private checkout, against the new
+    champion. Production goes back to the first run's version afterwards, for the tests that follow."""
+    from flows.retrain import retrain
+    from spottune.store import Gate
+    from support import shifted_run
+
+    store = open_local(local_store)
+    before = store.production(NAME)["version"]
+    other = shifted_run(project / "runs" / "spottune", tmp_path / "shifted", class_index=7, shift=50.0)
+    store.publish(other, NAME, "shifted-by-hand", gate=Gate(None, "published by hand for this test"))
+    store.promote(NAME, "shifted-by-hand", force=True, reason="a champion the committed record never saw")
+    try:
+        state = checkout_state(project)
+        r = retrain(overrides={"validate.max_side": 4001}, project_dir=str(project))
+        assert checkout_state(project) == state and not leftover_checkouts(project)
+    finally:
+        store.promote(NAME, before, reason="back to the version the committed record describes")
+    committed = json.loads(experiment_file(project, r["experiment"], "metrics/gate.json"))
+    assert committed["champion"]["status"] != "compared"  # the stage did not rerun inside the experiment
+    stored = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "gate.json").read_text())
+    assert stored["details"]["champion"]["version"] == "shifted-by-hand", stored["details"]["champion"]
+    assert stored["details"]["champion"]["status"] == "compared"
+    assert r["reason"] == stored["details"]["reason"]
 
 
 def test_a_deployment_run_works_in_its_own_checkout_at_head(first_run, project, local_store, monkeypatch):
@@ -488,9 +570,9 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(1)
         assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
-        # the served process runs the flow in its own checkout; another gate margin makes a new version
-        # (same weights, no retraining: CI time), which it promotes
-        run = run_deployment("retrain/weekly", parameters={"overrides": {"gate.margin": -0.5}},
+        # the served process runs the flow in its own checkout; an override that no stage reads makes a new
+        # version (same weights, no retraining: CI time; another report), which the gate passes and it promotes
+        run = run_deployment("retrain/weekly", parameters={"overrides": {"publish.promote": True}},
                              timeout=600)
         assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
     finally:
@@ -508,7 +590,7 @@ def test_served_deployment_runs_when_triggered_and_promotes(first_run, prefect_a
     params = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "params.json").read_text())
     assert params["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "gate.json").read_text())
-    assert gate["passed"] and gate["details"]["margin"] == -0.5
+    assert gate["passed"] and gate["details"]["decision"] == "promote" and gate["details"]["format"] == "spottune-gate/1"
     lineage = json.loads((local_store / "models" / NAME / "versions" / pointer["version"] / "lineage.json").read_text())
     assert lineage["flow_run"]["id"] == str(run.id) and lineage["flow_run"]["deployment"] == "weekly"
 
@@ -529,8 +611,9 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
                                                                   tmp_path):
     """The work-pool route of the README, command for command: `make deploy`'s two commands, `prefect
     worker start --pool spottune-cpu` as a real process, `prefect deployment run retrain/weekly -p ...`.
-    The worker's flow run works in its own checkout and retrains nothing (HEAD's dvc.lock: CI time) but
-    another gate margin makes a new version, which it promotes; the user's checkout stays as it was."""
+    The worker's flow run works in its own checkout and retrains nothing (HEAD's dvc.lock: CI time) but an
+    override that no stage reads makes a new version (another report), which it promotes; the user's
+    checkout stays as it was."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -561,7 +644,7 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
                               stdout=log, stderr=subprocess.STDOUT)
     started = time.monotonic()
     try:
-        overrides = {"gate.margin": -0.25}
+        overrides = {"data.num_workers": 0}
         out = prefect_cli("deployment", "run", "retrain/weekly", "-p", f"overrides={json.dumps(overrides)}",
                           cwd=project, api=prefect_api).stdout
         run_id = uuid.UUID(out.split("UUID:")[1].split()[0])
@@ -588,7 +671,8 @@ def test_worker_runs_the_deployment_when_triggered_and_promotes(first_run, prefe
     version_dir = local_store / "models" / NAME / "versions" / pointer["version"]
     assert json.loads((version_dir / "params.json").read_text())["optim"]["max_steps_per_epoch"] == 1
     gate = json.loads((version_dir / "gate.json").read_text())
-    assert gate["passed"] and gate["details"]["margin"] == -0.25
+    assert gate["passed"] and gate["details"]["decision"] == "promote"
+    assert "data.num_workers=0" in (version_dir / "report.md").read_text()
     flow_run = json.loads((version_dir / "lineage.json").read_text())["flow_run"]
     assert flow_run["id"] == str(run_id) and flow_run["deployment"] == "weekly", flow_run
     assert flow_run["deployment_id"] == str(deployment.id)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from support import store_env
+from support import passed_gate, store_env
 
 from spottune.config import StoreSettings
 from spottune.store import WEIGHTS, Gate, open_store, sha256_file
 
 NAME = "fashion"
-PASS = Gate(True, "test")
+PASS = passed_gate()
 
 
 def spottune(*args, env: dict[str, str]) -> subprocess.CompletedProcess:

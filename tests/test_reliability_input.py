@@ -855,7 +855,8 @@ def flow_project(tmp_path_factory) -> Path:
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True, timeout=600)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
                data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 2}, gate={"margin": -1.0, "floor": 0.0},
+               optim={"epochs": 1, "max_steps_per_epoch": 2},
+               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
                publish={"model_name": NAME, "promote": True})
     for args in (["git", "add", "."], ["git", "commit", "-q", "-m", "tiny pipeline"]):
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
@@ -879,7 +880,7 @@ def s3_flow_env(moto_servers, monkeypatch, tmp_path) -> dict[str, str]:
     env = {**planted_credentials(tmp_path), "SPOTTUNE_STORE_BACKEND": "s3", "SPOTTUNE_S3_BUCKET": new_bucket(open_.url),
            "SPOTTUNE_S3_ENDPOINT_URL": open_.url, "SPOTTUNE_STORE_PREFIX": "team", "SPOTTUNE_S3_MAX_ATTEMPTS": "1",
            "SPOTTUNE_REMOTE_URL": f"s3://{new_bucket(open_.url)}/dvcstore", "SPOTTUNE_REMOTE_ENDPOINT_URL": open_.url,
-           "NO_PROXY": "127.0.0.1"}
+           "NO_PROXY": "127.0.0.1", "SPOTTUNE_MODEL_CACHE_DIR": str(tmp_path / "model-cache")}
     for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():

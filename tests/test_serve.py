@@ -21,13 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support import free_port, shifted_run, store_env
+from support import free_port, passed_gate, shifted_run, store_env
 
 from spottune.config import StoreSettings
-from spottune.store import WEIGHTS, Gate, open_store
+from spottune.store import WEIGHTS, open_store
 
 NAME = "fashion"
-PASS = Gate(True, "test")
+PASS = passed_gate()
 
 
 class Server:

@@ -22,17 +22,17 @@ from typing import Any
 
 import pytest
 
-from support import MotoServer, free_port
+from support import MotoServer, free_port, passed_gate
 
 from spottune.config import StoreSettings
 from spottune.errors import SpotTuneError, StoreError
 from spottune.store import (
-    MANIFEST, VERSION_FILES, ArtifactStore, Gate, IntegrityError, LocalBackend, PromotionRefused, S3Backend,
+    MANIFEST, VERSION_FILES, ArtifactStore, IntegrityError, LocalBackend, PromotionRefused, S3Backend,
     load_production_model, open_store, sha256_file,
 )
 
 NAME = "fashion"
-PASS = Gate(True, "beats finetune")
+PASS = passed_gate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +261,27 @@ def test_a_version_that_failed_the_gate_never_becomes_production(store, finished
     assert gate["passed"] is False and "below the baseline" in gate["reason"]
 
 
+def test_a_version_without_the_gate_record_needs_a_forced_promotion_which_is_audited(store, finished_run, other_run):
+    from spottune.store import Gate
+
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.promote(NAME, "v1", reason="gate passed")
+    store.publish(other_run, NAME, "v2", gate=Gate(None, "published by hand"))
+    assert {r.version: r.gate_passed for r in store.list_versions(NAME)} == {"v1": True, "v2": None}
+    with pytest.raises(PromotionRefused, match="no record of the pipeline's gate"):
+        store.promote(NAME, "v2")
+    with pytest.raises(PromotionRefused, match="needs a reason"):
+        store.promote(NAME, "v2", force=True, reason="  ")
+    assert store.production(NAME)["version"] == "v1" and len(store.audit_trail(NAME)) == 1
+
+    pointer = store.promote(NAME, "v2", force=True, reason="hotfix", actor="carol@ops")
+    assert pointer["forced"] is True and pointer["history"][-1]["forced"] is False
+    trail = store.audit_trail(NAME)
+    assert [(a["version"], a["forced"], a["reason"], a["by"]) for a in trail][-1] == ("v2", True, "hotfix", "carol@ops")
+    assert trail[0]["forced"] is False and all(a["at"] for a in trail)
+    assert store.rollback(NAME, reason="undo the hotfix")["forced"] is False
+
+
 def test_republish_after_a_failure_mid_upload_completes_without_duplicates(store, finished_run, other_run):
     broken = ArtifactStore(Recording(store.backend, fail_after_files=3), store.prefix)
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -475,7 +496,10 @@ def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp
         assert args.func(args, None) == 0
         return capsys.readouterr().out
 
-    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789")
+    record = tmp_path / "gate.json"  # what the gate stage writes to metrics/gate.json
+    record.write_text(json.dumps(PASS.details))
+    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789",
+        "--gate", record)
     run("publish", other_run, "--name", NAME, "--version", "v2", "--candidate-only")
     assert "production is now v1" in run("promote", NAME, "v1", "--reason", "first")
     with pytest.raises(PromotionRefused):
@@ -484,8 +508,11 @@ def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp
     assert rows["v1"]["production"] and rows["v2"]["gate_passed"] is False
     table = run("models", "list", NAME)
     assert "* v1" in table and "failed" in table
-    run("publish", other_run, "--name", NAME, "--version", "v3")
-    run("promote", NAME, "v3")
+    assert "no gate record" in run("publish", other_run, "--name", NAME, "--version", "v3")  # by hand
+    with pytest.raises(PromotionRefused, match="--force --reason"):
+        run("promote", NAME, "v3")
+    assert "forced" in run("promote", NAME, "v3", "--force", "--reason", "by hand")
+    assert "* v3" in run("models", "list", NAME) and " none " in run("models", "list", NAME)
     assert "production is now v1" in run("rollback", NAME)
 
 
@@ -554,7 +581,8 @@ def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode)
     from support import clean_env
 
     env = clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"))
-    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"], ["promote", NAME, "v1"]):
+    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"],
+                 ["promote", NAME, "v1", "--force", "--reason", "by hand"]):
         r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], env=env, capture_output=True, text=True,
                            timeout=120, cwd=tmp_path, umask=umask)
         assert r.returncode == 0, r.stderr

@@ -20,8 +20,8 @@ from spottune.store.hashing import sha256_bytes, sha256_file, sha256_stream
 from spottune.store.promotion import PromotionMixin
 from spottune.store.values import (
     GATE, LINEAGE, LINEAGE_FILES, MANIFEST, RUN_FILES, RUN_MODEL_FORMAT, STORE_FORMAT, VERSION_FILES, WEIGHTS, Gate,
-    Lineage, PublishResult, VersionInfo, _check_name, _dump, _now, check_prefix, check_safetensors, content_version,
-    default_actor, lineage_identity,
+    Lineage, PublishResult, VersionInfo, _check_name, _dump, _now, check_gate_for, check_prefix, check_safetensors,
+    content_version, default_actor, lineage_identity,
 )
 
 
@@ -129,11 +129,13 @@ class ArtifactStore(PromotionMixin):
         failure mid-upload only sends what is missing. A version whose manifest already exists is
         left as it is when its files are the same, and refused when they differ. The version
         defaults to `content_version`: 12 hex of the weights' sha256 and 6 of every published file,
-        so the same files always map to the same version and other content never clashes with it. The
-        gate's verdict is one of the files: a failed gate makes a candidate that `promote` will always
-        refuse. With a lineage, lineage.json and its files (dvc.lock, data.dvc, git.diff) are stored
-        and listed in the manifest like the rest; publishing the same run again from another flow run
-        (only lineage's flow_run differs) is a no-op that keeps the first record.
+        so the same files always map to the same version and other content never clashes with it. The gate's
+        verdict is one of the files: a failed gate makes a candidate that `promote` will always refuse; a
+        pass must carry the gate stage's record for these weights (check_gate_for), and no verdict
+        (passed None) makes a version that only a forced promotion moves to production. With a lineage,
+        lineage.json and its files (dvc.lock, data.dvc, git.diff) are stored and listed in the manifest like
+        the rest; publishing the same run again from another flow run (only lineage's flow_run differs) is a
+        no-op that keeps the first record.
         """
         from tempfile import TemporaryDirectory
 
@@ -142,6 +144,7 @@ class ArtifactStore(PromotionMixin):
             files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report)
             files |= _stage_lineage(Path(tmp), lineage)
             entries = {f: {"sha256": sha256_file(p), "size": p.stat().st_size} for f, p in files.items()}
+            check_gate_for(gate, entries[WEIGHTS]["sha256"], str(run_dir))
             record = lineage.record if lineage is not None else None
             version = _check_name("version", version or content_version(entries, record))
             existing = self._existing_manifest(name, version)

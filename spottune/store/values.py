@@ -40,16 +40,59 @@ HISTORY_LIMIT = 100
 CAS_ATTEMPTS = 20
 
 
+GATE_RECORD_FORMAT = "spottune-gate/1"  # metrics/gate.json, as the `gate` stage (spottune/gate.py) writes it
+
+
 @dataclass(frozen=True)
 class Gate:
-    """The promotion gate's verdict for one version, recorded in its gate.json (and so in its manifest)."""
+    """The promotion gate's verdict for one version, recorded in its gate.json (and so in its manifest).
 
-    passed: bool
+    passed: True or False as the `gate` stage decided (details then hold its record, metrics/gate.json);
+    None when no gate ran (a version published by hand): promoting it needs force and a reason.
+    """
+
+    passed: bool | None
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "reason": self.reason, "details": self.details}
+
+    @classmethod
+    def from_record(cls, record: Any, source: str = "gate record") -> Gate:
+        """The verdict of a `gate` stage record (metrics/gate.json); StoreError naming SOURCE when it is not one."""
+        if not is_gate_record(record):
+            raise StoreError(f"{source} is not a record of the gate stage (format {GATE_RECORD_FORMAT}, "
+                             "decision promote|refuse, reason): run `dvc repro gate` or `spottune gate`")
+        return cls(record["decision"] == "promote", record["reason"], dict(record))
+
+
+def is_gate_record(record: Any) -> bool:
+    """Whether RECORD has the shape of what the `gate` stage writes (metrics/gate.json)."""
+    return (isinstance(record, dict) and record.get("format") == GATE_RECORD_FORMAT
+            and record.get("decision") in ("promote", "refuse") and isinstance(record.get("reason"), str))
+
+
+def gated_by_pipeline(gate_json: Any) -> bool:
+    """A version's gate.json holds the gate stage's record, and its verdict agrees with the record's decision."""
+    if not isinstance(gate_json, dict) or not is_gate_record(gate_json.get("details")):
+        return False
+    return gate_json.get("passed") is (gate_json["details"]["decision"] == "promote")
+
+
+def check_gate_for(gate: Gate, weights_sha256: str, where: str) -> None:
+    """Refuse a verdict that cannot belong to these weights: a pass without the gate stage's record, or a
+    record made for other weights (the candidate's sha256 that the stage records)."""
+    if gate.passed is True and not is_gate_record(gate.details):
+        raise StoreError(f"{where}: a passed gate must carry the gate stage's record (metrics/gate.json); "
+                         "publish without one and promote with --force --reason, or run the gate")
+    if is_gate_record(gate.details) and gate.passed is not (gate.details["decision"] == "promote"):
+        raise StoreError(f"{where}: the verdict (passed {gate.passed}) disagrees with the gate record's decision "
+                         f"{gate.details['decision']!r}")
+    recorded = (gate.details.get("candidate") or {}).get("weights_sha256") if is_gate_record(gate.details) else None
+    if recorded is not None and recorded != weights_sha256:
+        raise StoreError(f"{where}: the gate record is for weights {str(recorded)[:12]}..., these are "
+                         f"{weights_sha256[:12]}...: use the gate.json of this run")
 
 
 @dataclass(frozen=True)

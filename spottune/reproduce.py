@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spottune.errors import ConfigError, StoreError
+from spottune.errors import ConfigError, SpotTuneError, StoreError
 
 TIMING_KEYS = frozenset({"seconds", "images_per_s", "train_images_per_s"})
 
 
-class ReproduceRefused(StoreError):
-    """The version cannot be rebuilt from what was recorded (nothing was run)."""
+class ReproduceRefused(SpotTuneError):
+    """The version cannot be rebuilt from what was recorded (nothing was run): bad input, exit 3."""
 
 
 @dataclass

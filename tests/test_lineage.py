@@ -186,7 +186,7 @@ def test_models_show_latest_production_and_a_version_without_lineage(project, fi
     assert "none recorded" in spottune("models", "show", f"{NAME}@old", cwd=tmp_path, env=cli_env).stdout
 
     missing = spottune("models", "show", f"{NAME}@nope", cwd=tmp_path, env=cli_env)
-    assert missing.returncode == 2 and "no such version" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 4 and "no such version" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def publish_with(store_root: Path, project: Path, version: str, **record) -> None:
@@ -207,21 +207,21 @@ def test_reproduce_refuses_what_it_cannot_rebuild_before_any_work(project, cli_e
     publish_with(Path(cli_env["SPOTTUNE_STORE_ROOT"]), project, "v1", **record)
     out = tmp_path / "repro"
     r = spottune("reproduce", f"{NAME}@v1", "--out", out, cwd=project, env=cli_env)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 3 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
 
 
 def test_reproduce_refuses_a_version_without_lineage_and_a_busy_out(project, finished_run, cli_env, tmp_path):
     assert spottune("publish", finished_run, "--name", NAME, "--version", "old", cwd=tmp_path, env=cli_env).returncode == 0
     r = spottune("reproduce", f"{NAME}@old", "--out", tmp_path / "repro", cwd=project, env=cli_env)
-    assert r.returncode == 2 and "published without a lineage" in r.stderr, r.stderr
+    assert r.returncode == 3 and "published without a lineage" in r.stderr, r.stderr
     publish_with(Path(cli_env["SPOTTUNE_STORE_ROOT"]), project, "v1")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
     r = spottune("reproduce", f"{NAME}@v1", "--out", tmp_path / "busy", cwd=project, env=cli_env)
-    assert r.returncode == 2 and "is not an empty folder" in r.stderr, r.stderr
+    assert r.returncode == 3 and "is not an empty folder" in r.stderr, r.stderr
     r = spottune("reproduce", f"{NAME}@v1", "--out", tmp_path / "x", "--repo", tmp_path, cwd=project, env=cli_env)
-    assert r.returncode == 2 and "not inside a git repository" in r.stderr, r.stderr
+    assert r.returncode == 3 and "not inside a git repository" in r.stderr, r.stderr
 
 
 def test_metric_differences_ignore_timings_and_name_the_key():

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import clean_env
+from support import clean_env, passed_gate
 
 from spottune.config import StoreSettings, load_params
 from spottune.errors import ConfigError
 from spottune.lineage import collect_lineage, find_project
-from spottune.store import LINEAGE, ArtifactStore, Gate, IntegrityError, Lineage, open_store
+from spottune.store import LINEAGE, ArtifactStore, IntegrityError, Lineage, open_store
 
 NAME = "fashion"
 
@@ -65,7 +65,8 @@ def test_lineage_names_the_commit_and_only_changes_the_pipeline_did_not_make(pro
     assert set(clean.files) == {"dvc.lock", "data.dvc"}
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert r["threads"] == metrics["threads"] >= 1 and r["device"] == "cpu" and r["run"] == "runs/linear"
-    assert r["params"]["gate"] == {"margin": 0.0, "floor": 0.5} and r["params"]["publish"]["promote"] is True
+    gate = load_params(project / "params.yaml").gate.model_dump(mode="json", by_alias=True)
+    assert r["params"]["gate"] == gate and r["params"]["publish"]["promote"] is True
     assert r["packages"]["python"] and r["packages"]["torch"] and r["packages"]["dvc"]
     assert r["flow_run"] is None and r["experiment"] is None
     assert find_project(project / "runs" / "linear") == project
@@ -112,7 +113,7 @@ def store(request, tmp_path) -> ArtifactStore:
 def test_lineage_files_are_stored_listed_and_verified(store, project, tmp_path):
     run = project / "runs" / "linear"
     first = lineage_of(project, flow_run={"id": "run-1", "name": "a", "deployment": None, "deployment_id": None})
-    result = store.publish(run, NAME, gate=Gate(True, "ok"), lineage=first)
+    result = store.publish(run, NAME, gate=passed_gate(), lineage=first)
     manifest, _ = store.read_manifest(NAME, result.version)
     assert {LINEAGE, "dvc.lock", "data.dvc"} <= set(manifest["files"])
     assert json.loads(store.read_verified(NAME, result.version, LINEAGE)) == first.record
@@ -120,13 +121,13 @@ def test_lineage_files_are_stored_listed_and_verified(store, project, tmp_path):
     assert (fetched / "dvc.lock").read_bytes() == (project / "dvc.lock").read_bytes()
 
     # the same run published again by another flow run: the same version, the first record kept
-    again = store.publish(run, NAME, gate=Gate(True, "ok"), lineage=lineage_of(project, flow_run={"id": "run-2"}))
+    again = store.publish(run, NAME, gate=passed_gate(), lineage=lineage_of(project, flow_run={"id": "run-2"}))
     assert again.version == result.version and again.already_published
     assert json.loads(store.read_verified(NAME, result.version, LINEAGE))["flow_run"]["id"] == "run-1"
     # the same weights from another commit: another version
     (project / "train.py").write_text("print('changed')\n")
     git("commit", "-q", "-am", "change", cwd=project)
-    moved = store.publish(run, NAME, gate=Gate(True, "ok"), lineage=lineage_of(project))
+    moved = store.publish(run, NAME, gate=passed_gate(), lineage=lineage_of(project))
     assert moved.version != result.version and moved.version[:12] == result.version[:12]
 
     # a lineage.json changed in the store is refused by show, fetch and promote
@@ -141,7 +142,7 @@ def test_lineage_files_are_stored_listed_and_verified(store, project, tmp_path):
 
 
 def test_a_manifest_naming_lineage_files_without_lineage_json_is_refused(store, project):
-    result = store.publish(project / "runs" / "linear", NAME, gate=Gate(True, "ok"), lineage=lineage_of(project))
+    result = store.publish(project / "runs" / "linear", NAME, gate=passed_gate(), lineage=lineage_of(project))
     key = store.version_key(NAME, result.version, "MANIFEST.json")
     manifest = json.loads(store.backend.get_bytes(key)[0])
     del manifest["files"][LINEAGE]
@@ -170,13 +171,14 @@ def test_models_show_latest_production_and_a_version_without_lineage(project, fi
     assert r.returncode == 0 and "no lineage recorded" in r.stdout, r.stderr
     r = spottune("publish", "runs/linear", "--name", NAME, "--version", "new", cwd=project, env=cli_env)
     assert r.returncode == 0, r.stderr
-    assert spottune("promote", NAME, "old", cwd=tmp_path, env=cli_env).returncode == 0
+    # published by hand, without the gate stage's record: production only by a forced, audited promotion
+    assert spottune("promote", NAME, "old", "--force", "--reason", "test", cwd=tmp_path, env=cli_env).returncode == 0
 
     latest = json.loads(spottune("models", "show", f"{NAME}@latest", "--json", cwd=tmp_path, env=cli_env).stdout)
     assert latest["version"] == "new" and not latest["production"]
     assert latest["lineage"]["git_commit"] == git("rev-parse", "HEAD", cwd=project)
     assert latest["lineage"]["data_version"] == "0123456789abcdef0123456789abcdef.dir"  # data.dvc's, by default
-    assert latest["gate"]["passed"] is True and "history" not in latest["metrics"]
+    assert latest["gate"]["passed"] is None and "history" not in latest["metrics"]  # no gate record: no verdict
     assert latest["metrics"]["test"]["accuracy"] == json.loads((finished_run / "metrics.json").read_text())["test"]["accuracy"]
 
     prod = json.loads(spottune("models", "show", f"{NAME}@production", "--json", cwd=tmp_path, env=cli_env).stdout)
@@ -193,7 +195,7 @@ def publish_with(store_root: Path, project: Path, version: str, **record) -> Non
     store = open_store(StoreSettings(store_backend="local", store_root=store_root))
     lineage = lineage_of(project)
     files = {k: v for k, v in lineage.files.items() if k != "git.diff" or record.get("git_dirty")}
-    store.publish(project / "runs" / "linear", NAME, version, gate=Gate(True, "ok"),
+    store.publish(project / "runs" / "linear", NAME, version, gate=passed_gate(),
                   lineage=Lineage({**lineage.record, **record}, files))
 
 

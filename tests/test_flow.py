@@ -325,6 +325,9 @@ def test_an_override_runs_as_a_dvc_experiment_and_leaves_the_checkout_as_it_was(
     # published from the experiment's results, the report naming the override
     report = (local_store / "models" / NAME / "versions" / r["version"] / "report.md").read_text()
     assert report == r["report_md"] and "`validate.max_side=4000`" in report
+    # and its version names the experiment
+    lineage = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "lineage.json").read_text())
+    assert lineage["experiment"] == name and lineage["params"]["validate"]["max_side"] == 4000, lineage
 
 
 def test_an_experiment_gates_on_the_record_its_own_checkout_made(first_run, project, local_store):

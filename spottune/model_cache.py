@@ -141,8 +141,9 @@ def fetch_cached(store, resolved: Resolved, cache_dir: Path | None = None,
 
 
 def version_metadata(folder: Path) -> dict[str, Any]:
-    """What the store records beside a version's weights: manifest, gate, data version, params, test metrics."""
-    from spottune.store import GATE, MANIFEST
+    """What the store records beside a version's weights: manifest, gate, data version, params, test metrics,
+    lineage (None for a version published without one)."""
+    from spottune.store import GATE, LINEAGE, MANIFEST
 
     def read_json(fname: str) -> Any:
         try:
@@ -161,4 +162,5 @@ def version_metadata(folder: Path) -> dict[str, Any]:
         "gate": read_json(GATE), "data_version": data_version,
         "files": manifest.get("files"), "params": read_json("params.json"),
         "metrics": {k: metrics.get(k) for k in ("method", "backbone", "test") if k in metrics},
+        "lineage": read_json(LINEAGE),
     }

@@ -248,3 +248,11 @@ def test_yaml_of_recorded_params_loads_as_the_same_params(project):
     assert params_record(load_params(path)) == record
     with pytest.raises(ConfigError):
         load_params(project / "nope.yaml")
+
+
+def test_a_served_versions_metadata_carries_its_lineage(tmp_path):
+    from spottune.model_cache import version_metadata
+
+    assert version_metadata(tmp_path)["lineage"] is None  # a version published without one
+    (tmp_path / LINEAGE).write_text(json.dumps({"git_commit": "abc", "git_dirty": False}))
+    assert version_metadata(tmp_path)["lineage"] == {"git_commit": "abc", "git_dirty": False}

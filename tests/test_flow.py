@@ -174,6 +174,17 @@ def leftover_checkouts(repo: Path) -> list[str]:
     return worktrees[1:] + left
 
 
+def retrain_leaving_checkout(project: Path, **kwargs: Any) -> dict[str, Any]:
+    """The flow run retrain(**kwargs), which must leave the user's checkout as it was (params.yaml byte-identical,
+    dvc.lock and every output unchanged) and no private checkout behind."""
+    from flows.retrain import retrain
+
+    state = checkout_state(project)
+    r = retrain(**kwargs)
+    assert checkout_state(project) == state and not leftover_checkouts(project)
+    return r
+
+
 def task_run_names(flow_run_name_or_id: Any = None) -> list[str]:
     from prefect.client.orchestration import get_client
 
@@ -295,16 +306,11 @@ def test_a_bad_override_fails_before_any_work(first_run, project):
 
 def test_an_override_runs_as_a_dvc_experiment_and_leaves_the_checkout_as_it_was(first_run, project, local_store):
     from flows.dvc_runner import unused_experiment_name
-    from flows.retrain import retrain
-
     # the user is editing params.yaml (not committed): the experiment starts from the checkout as it is
     path = project / "params.yaml"
     path.write_text(path.read_text().replace("max_pixels: 16000000", "max_pixels: 15000000"))
     try:
-        state = checkout_state(project)
-        r = retrain(overrides={"validate.max_side": 4000}, project_dir=str(project))
-        # params.yaml byte-identical, dvc.lock and every output as they were, nothing left behind
-        assert checkout_state(project) == state and not leftover_checkouts(project)
+        r = retrain_leaving_checkout(project, overrides={"validate.max_side": 4000}, project_dir=str(project))
     finally:
         sh("git", "checkout", "-q", "params.yaml", cwd=project)
     name = r["experiment"]
@@ -334,13 +340,9 @@ def test_an_experiment_gates_on_the_record_its_own_checkout_made(first_run, proj
     """A stricter gate edited into params.yaml (not committed) reaches the experiment, whose `dvc exp run`
     reruns the gate stage in the private checkout: the flow decides on that record, while the user's
     metrics/gate.json and dvc.lock stay as they were."""
-    from flows.retrain import retrain
-
     set_params(project, gate={"floor": 1.01})
     try:
-        state = checkout_state(project)
-        r = retrain(overrides={"data.num_workers": 0}, project_dir=str(project))
-        assert checkout_state(project) == state and not leftover_checkouts(project)
+        r = retrain_leaving_checkout(project, overrides={"data.num_workers": 0}, project_dir=str(project))
     finally:
         sh("git", "checkout", "-q", "params.yaml", cwd=project)
     assert not r["promoted"] and not r["gate_passed"] and "< floor 1.0100" in r["reason"], r["status"]
@@ -358,7 +360,6 @@ def test_an_experiment_reruns_the_gate_when_production_changed(first_run, projec
     committed record was made: the experiment's DVC skips the unchanged gate stage, the flow sees that the
     record describes another production and reruns the stage in the private checkout, against the new
     champion. Production goes back to the first run's version afterwards, for the tests that follow."""
-    from flows.retrain import retrain
     from spottune.store import Gate
     from support import shifted_run
 
@@ -368,9 +369,7 @@ def test_an_experiment_reruns_the_gate_when_production_changed(first_run, projec
     store.publish(other, NAME, "shifted-by-hand", gate=Gate(None, "published by hand for this test"))
     store.promote(NAME, "shifted-by-hand", force=True, reason="a champion the committed record never saw")
     try:
-        state = checkout_state(project)
-        r = retrain(overrides={"validate.max_side": 4001}, project_dir=str(project))
-        assert checkout_state(project) == state and not leftover_checkouts(project)
+        r = retrain_leaving_checkout(project, overrides={"validate.max_side": 4001}, project_dir=str(project))
     finally:
         store.promote(NAME, before, reason="back to the version the committed record describes")
     committed = json.loads(experiment_file(project, r["experiment"], "metrics/gate.json"))
@@ -385,8 +384,6 @@ def test_a_deployment_run_works_in_its_own_checkout_at_head(first_run, project, 
     """The deployment's entry as a worker runs it: prefect.yaml's parameters, started in the project folder
     (its pull step), while the user has an edit in params.yaml that would fail validation: the run works
     in a worktree at HEAD, never sees the edit, and leaves the user's checkout as it is."""
-    from flows.retrain import retrain
-
     [deployment] = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"]
     parameters = deployment["parameters"]
     assert parameters["own_checkout"] is True and parameters["overrides"] == {}
@@ -394,9 +391,7 @@ def test_a_deployment_run_works_in_its_own_checkout_at_head(first_run, project, 
     path.write_text(path.read_text().replace("max_side: 4096", "max_side: 9"))  # 28-px images: too large
     monkeypatch.chdir(project)
     try:
-        state = checkout_state(project)
-        r = retrain(**parameters)
-        assert checkout_state(project) == state and not leftover_checkouts(project)
+        r = retrain_leaving_checkout(project, **parameters)
     finally:
         sh("git", "checkout", "-q", "params.yaml", cwd=project)
     assert r["gate_passed"]

@@ -85,8 +85,10 @@ class Profile:
 
 # A method's settings are `--set` overrides, except `base.lr_*`: a base learning rate (instead of
 # params.yaml's) that the grid scales like the others. An `optim.lr_*` override is fixed, not scaled.
-PAPER = {"policy.temperature": 5.0, "base.lr_policy": 0.01}  # the 2019 paper's policy settings
-LEAD = {"policy.temperature": 1.0, "base.lr_policy": 0.1}  # the study's lead, chosen by suite dev
+PAPER = {"policy.temperature": 5.0, "base.lr_policy": 0.01,  # the 2019 paper's policy settings
+         "policy.init_tune_probability": 0.5}
+LEAD = {"policy.temperature": 1.0, "base.lr_policy": 0.1,  # the study's lead, chosen by suite dev
+        "policy.init_tune_probability": 0.5}
 
 
 def _methods(blocks: int) -> dict[str, dict[str, Any]]:
@@ -96,6 +98,9 @@ def _methods(blocks: int) -> dict[str, dict[str, Any]]:
         "l2sp": {"model.method": "l2sp"},
         "spottune": {"model.method": "spottune"},
         "spottune-k": {"model.method": "spottune", "policy.global_k": blocks // 2},
+        # params.yaml's settings before the second development round (the paper's: every block starts undecided)
+        "spottune-paper": {"model.method": "spottune", **PAPER},
+        "spottune-k-paper": {"model.method": "spottune", "policy.global_k": blocks // 2, **PAPER},
         # the development suite's lead, confirmed here on the targets that did not choose it
         "spottune-lead": {"model.method": "spottune", **LEAD},
         "spottune-k-lead": {"model.method": "spottune", "policy.global_k": blocks // 2, **LEAD},
@@ -128,6 +133,30 @@ DEV = {
     "random-init-usage-1": {**_LEAD, "policy.init_weight_std": 0.1, "policy.usage_weight": 1.0},
     "random-init-usage-3": {**_LEAD, "policy.init_weight_std": 0.1, "policy.usage_weight": 3.0},
 }
+# The second development round, from the paper's settings: what reconciles training's sampled
+# decisions with evaluation's (the expected output at test, or Gumbel noise annealed to zero), the
+# tuned copy pulled toward the pretrained weights (L2-SP inside SpotTune), and per-image routing
+# (usage term from a random start) evaluated by expectation.
+_PAPER = {"model.method": "spottune", **PAPER}
+_K = {"policy.global_k": 8}
+_EXPECT = {"policy.eval_decisions": "expectation"}
+_ANNEAL = {"policy.noise_schedule": "cosine"}
+_SP = {"model.tuned_l2sp_alpha": 0.001}
+DEV2 = {
+    "expectation": {**_PAPER, **_EXPECT},
+    "noise-anneal": {**_PAPER, **_ANNEAL},
+    "k-expectation": {**_PAPER, **_K, **_EXPECT},
+    "k-noise-anneal": {**_PAPER, **_K, **_ANNEAL},
+    "l2sp": {**_PAPER, **_SP},
+    "expectation-l2sp": {**_PAPER, **_EXPECT, **_SP},
+    "t1-expectation": {**_PAPER, **_EXPECT, "policy.temperature": 1.0},
+    "usage-expectation": {**_PAPER, **_EXPECT, "policy.usage_weight": 1.0, "policy.init_weight_std": 0.1},
+    # added after the eight above had run: start as fine-tuning (each block tuned with probability 0.9),
+    # so that the frozen copy takes over only where it does better
+    "start-0.9": {**_PAPER, "policy.init_tune_probability": 0.9},
+    "start-0.9-noise-anneal": {**_PAPER, "policy.init_tune_probability": 0.9, **_ANNEAL},
+    "start-0.9-expectation": {**_PAPER, "policy.init_tune_probability": 0.9, **_EXPECT},
+}
 DEV_TARGETS = ("fashion-100", "digits")
 CONFIRM_TARGETS = ("mnist-100", "mnist-1000", "fashion-1000")  # never used to choose a setting
 
@@ -139,6 +168,9 @@ def full_profile() -> Profile:
         "fashion-100": Target("fashion-mnist", 100, None, 20),
         "fashion-1000": Target("fashion-mnist", 1000, None, 6),
         "digits": Target("digits", None, None, 20),
+        # confirmation targets added after the first two rounds had seen the five above
+        "mnist-300": Target("mnist", 300, None, 10),
+        "fashion-300": Target("fashion-mnist", 300, None, 10),
         "fashion-source": Target("fashion-mnist", 2000, 100, 15),
     }
     grid = (0.3, 1.0, 3.0, 10.0)
@@ -147,9 +179,13 @@ def full_profile() -> Profile:
         suites={
             "lite0": Suite("efficientnet_lite0", "imagenet",
                            ("mnist-100", "mnist-1000", "fashion-100", "fashion-1000", "digits"), _methods(16), grid),
-            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12), grid),
+            "resnet26": Suite("resnet26", "source", ("mnist-100", "digits", "mnist-1000"), _methods(12),
+                              (*grid, 30.0)),  # its fine-tuning chose 10, the top of `grid`, on every target
             "study": Suite("efficientnet_lite0", "imagenet", DEV_TARGETS, STUDY, grid, reference="lite0"),
             "dev": Suite("efficientnet_lite0", "imagenet", DEV_TARGETS, DEV, grid, reference="lite0"),
+            "fresh": Suite("efficientnet_lite0", "imagenet", ("mnist-300", "fashion-300"),
+                           {k: v for k, v in _methods(16).items() if k in ("finetune", "spottune", "spottune-k")}, grid),
+            "dev2": Suite("efficientnet_lite0", "imagenet", DEV_TARGETS, DEV2, (1.0, 3.0, 10.0), reference="lite0"),
         },
         source="fashion-source",
         source_overrides={"optim.lr_net": 0.1, "optim.lr_head": 0.1, "data.batch_size": 128},

@@ -1,8 +1,8 @@
-"""The promotion gate and the retrain report: pure functions of the evaluate stage's comparison.
+"""The retrain report: a pure function of the evaluate stage's comparison and the gate stage's verdict.
 
-No Prefect here, so the gate's arithmetic and the report's bytes can be tested (and reused) without
-a server. The report must be deterministic (no timestamps, no run ids): re-publishing the same
-retrain after a failure has to produce the same files, or the store would refuse it as different.
+No Prefect here, so the report's bytes can be tested (and reused) without a server. The report must
+be deterministic (no timestamps, no run ids): re-publishing the same retrain after a failure has to
+produce the same files, or the store would refuse it as different.
 """
 
 from __future__ import annotations
@@ -11,33 +11,9 @@ import base64
 import json
 from typing import Any
 
-from spottune.config import GateParams
 from spottune.store import Gate
 
 SHADES = " ░▒▓█"
-
-
-def decide_gate(comparison: dict[str, Any], gate: GateParams) -> Gate:
-    """SpotTune passes when its test top-1 is >= floor and >= baseline + margin (same test images)."""
-    base, cand = comparison["baseline"], comparison["candidate"]
-    acc_b, acc_c = float(base["accuracy"]), float(cand["accuracy"])
-    diff = acc_c - acc_b
-    failures = []
-    if acc_c < gate.floor:
-        failures.append(f"{cand['method']} top-1 {acc_c:.4f} is below the floor {gate.floor:.4f}")
-    if diff < gate.margin - 1e-12:
-        failures.append(f"{cand['method']} beats {base['method']} by {diff:+.4f}, less than the margin {gate.margin:+.4f}")
-    details = {
-        "baseline_method": base["method"], "candidate_method": cand["method"],
-        "baseline_accuracy": acc_b, "candidate_accuracy": acc_c, "difference": diff,
-        "margin": gate.margin, "floor": gate.floor,
-        "bootstrap_ci": [comparison["bootstrap"]["ci_low"], comparison["bootstrap"]["ci_high"]],
-        "mcnemar_p": comparison["mcnemar"]["p_value"], "test_images": base["images"],
-    }
-    if failures:
-        return Gate(False, "; ".join(failures), details)
-    return Gate(True, f"{cand['method']} top-1 {acc_c:.4f} >= floor {gate.floor:.4f} and beats {base['method']} "
-                      f"by {diff:+.4f} >= margin {gate.margin:+.4f}", details)
 
 
 def routing_matrix(comparison: dict[str, Any]) -> tuple[list[str], list[list[float]]] | None:
@@ -94,7 +70,7 @@ def routing_heatmap_png(classes: list[str], matrix: list[list[float]]) -> bytes 
 def retrain_report(comparison_md: str, comparison: dict[str, Any], gate: Gate, data_version: str,
                    overrides: dict[str, Any], png: bytes | None) -> str:
     """The published report: gate verdict, data version, overrides, the comparison, the routing picture."""
-    verdict = "passed" if gate.passed else "FAILED: not promoted"
+    verdict = "passed" if gate.passed else "refused: not promoted"
     lines = [
         "# Retrain report",
         "",

@@ -1,30 +1,37 @@
 """The `retrain` flow: version the data -> validate -> train both methods -> evaluate -> gate -> publish -> promote.
 
-What each stage computes is defined once, in dvc.yaml: the tasks here run `dvc repro STAGE` (its
-output streamed to the Prefect log) or call the library (data versioning, the artifact store).
+What each stage computes is defined once, in dvc.yaml: the tasks here run DVC (flows/dvc_runner.py,
+its output streamed to the Prefect log) or call the library (data versioning, the artifact store).
 Prefect adds what DVC does not: retries with backoff on I/O (data versioning and push, publish,
-promote; never on validation or the gate), a global concurrency limit so two flows never train on
+promote; never on validation or the gate stage), a global concurrency limit so two flows never train on
 one GPU at once, one-run parameter overrides recorded with the run, the report as a Prefect
 artifact, and schedules (flows/serve.py, prefect.yaml).
 
-    python -m flows.retrain                           # the main job (`make run`)
-    python -m flows.retrain --set optim.epochs=1      # one run with params.yaml overridden
+Where the stages run:
+- a plain run (no overrides) in the user's checkout: `dvc repro STAGE`, stage by stage, there;
+- a run with overrides: a DVC experiment named after the flow run (`dvc exp run --name RUN -S ...`)
+  in a private worktree holding the checkout's state (flows/checkout.py); params.yaml, dvc.lock and
+  the outputs of the user's checkout stay as they were;
+- a deployment's run (`own_checkout=True`, prefect.yaml and flows/serve.py): a DVC experiment in a
+  private worktree at HEAD, overrides or not; the user's checkout is never touched.
+An experiment is pushed (`dvc exp push`) where the repository has a git remote.
 
-A failed gate is not an error: the model is published as a candidate that can never be promoted,
-and the flow completes with `not promoted: <reason>`.
+    python -m flows.retrain                           # the main job (`make run`)
+    python -m flows.retrain --set optim.epochs=1      # one run with params.yaml overridden: an experiment
+
+The gate is the DVC stage `gate` (spottune/gate.py): the flow promotes only on its record,
+metrics/gate.json in the checkout the stages ran in, rerunning the stage there when the store's
+production version is no longer the one the record describes; overrides of `gate.*` are refused
+before any work. A refusal is not an error: the model is published as a candidate that can never be
+promoted, and the flow completes with `not promoted: <reason>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,18 +39,22 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows import dvc_runner
+from flows.checkout import private_checkout
+from flows.dvc_runner import StageFailed
+from flows.gpu_slot import gpu_slot
+from flows.lineage import flow_lineage
+
 if TYPE_CHECKING:
     from spottune.config import Params, StoreSettings
-    from spottune.store import Gate
+    from spottune.store import Gate, Lineage
 
 GPU_LIMIT = "spottune-gpu"
 PARAMS_FILE = "params.yaml"
-# Where an override keeps the untouched params.yaml while stages run (DVC's own ignored tmp folder), so a
-# run killed half-way is undone by the next one instead of leaking its overrides into later runs.
-PARAMS_BACKUP = Path(".dvc") / "tmp" / "params.yaml.before-overrides"
 # What the pipeline writes that the flow reads: these mirror dvc.yaml's evaluate and train_spottune outs.
 COMPARISON_JSON = Path("reports/comparison.json")
 COMPARISON_MD = Path("reports/comparison.md")
+GATE_JSON = Path("metrics/gate.json")  # the gate stage's record
 CANDIDATE_RUN = Path("runs/spottune")
 REPORT_MD = Path("reports/retrain.md")
 ROUTING_PNG = Path("reports/routing_per_class.png")
@@ -67,16 +78,16 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_f
               "retry_condition_fn": worth_retrying}
 
 
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message names the stage and ends with its last output lines."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Edges: settings validated once, before any work
 
 
 def override_pairs(overrides: dict[str, Any] | None) -> list[str]:
-    """{'optim.epochs': 1} -> ['optim.epochs=1'] (values as JSON, which spottune.config parses as YAML)."""
+    """{'optim.epochs': 1} -> ['optim.epochs=1'] (values as JSON, which spottune.config parses as YAML);
+    gate.* is refused (spottune.gate.refuse_gate_overrides)."""
+    from spottune.gate import refuse_gate_overrides
+
+    refuse_gate_overrides([k for k in (overrides or {}) if isinstance(k, str)], "flow override")
     pairs = []
     for key, value in (overrides or {}).items():
         if not isinstance(key, str) or "." not in key:
@@ -99,190 +110,25 @@ def load_settings(project: Path, overrides: dict[str, Any] | None) -> Params:
 
 
 def load_store_settings(project: Path) -> StoreSettings:
-    """SPOTTUNE_STORE_* / SPOTTUNE_S3_* from the environment; a relative local root is the project's."""
+    """SPOTTUNE_STORE_* / SPOTTUNE_S3_* from the environment; a relative local root or model cache is the project's."""
     from spottune.store_cli import store_settings
 
     settings = store_settings()
-    if settings.store_backend == "local" and not settings.store_root.is_absolute():
-        settings = settings.model_copy(update={"store_root": project / settings.store_root})
-    return settings
+    update: dict[str, Path] = {}
+    if not settings.store_root.is_absolute():
+        update["store_root"] = project / settings.store_root
+    if settings.model_cache_dir is not None and not settings.model_cache_dir.is_absolute():
+        update["model_cache_dir"] = project / settings.model_cache_dir
+    return settings.model_copy(update=update)
 
 
-# ---------------------------------------------------------------------------------------------
-# Running DVC stages
-
-
-def stage_env() -> dict[str, str]:
-    """The stages call `spottune`: put this interpreter's scripts first; no analytics, no progress bars."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.setdefault("SPOTTUNE_PROGRESS", "false")
+def store_env(settings: StoreSettings) -> dict[str, str]:
+    """The store's folders as absolute paths for DVC's stages (the gate stage reads the store): a stage
+    in a private checkout would resolve a relative SPOTTUNE_STORE_ROOT inside that checkout instead."""
+    env = {"SPOTTUNE_STORE_ROOT": str(settings.store_root)}
+    if settings.model_cache_dir is not None:
+        env["SPOTTUNE_MODEL_CACHE_DIR"] = str(settings.model_cache_dir)
     return env
-
-
-def run_dvc(project: Path, *args: str, what: str) -> None:
-    """Run `dvc ARGS` in the project, each output line to the Prefect log; StageFailed names `what`."""
-    logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", *args]
-    logger.info("%s: %s", what, " ".join(["dvc", *args]))
-    tail: deque[str] = deque(maxlen=30)
-    with subprocess.Popen(cmd, cwd=project, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                logger.info("[%s] %s", what, line)
-        rc = proc.wait()
-    if rc != 0:
-        raise StageFailed(f"{what} failed: `dvc {' '.join(args)}` exited with {rc} in {project}; last output:\n"
-                          + "\n".join(tail))
-
-
-def _set_dotted(doc: Any, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = doc
-    for p in parents:
-        if node.get(p) is None:
-            node[p] = {}
-        node = node[p]
-    node[leaf] = value
-
-
-@contextmanager
-def params_overridden(project: Path, overrides: dict[str, Any] | None) -> Iterator[None]:
-    """params.yaml with this run's overrides while the stages run, then byte-for-byte what it was.
-
-    `dvc repro` stays the single source of truth: it reads the overridden file, records the values
-    in dvc.lock and the runs' model.json, and the next run (restored file) sees the change and
-    retrains. ruamel (a DVC dependency) keeps the file's comments; the backup under .dvc/tmp lets
-    `restore_interrupted_override` undo a run that was killed before it could restore.
-    """
-    if not overrides:
-        yield
-        return
-    from ruamel.yaml import YAML
-
-    path, backup = project / PARAMS_FILE, project / PARAMS_BACKUP
-    original = path.read_bytes()
-    backup.parent.mkdir(parents=True, exist_ok=True)
-    backup.write_bytes(original)
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    doc = yaml.load(original.decode())
-    for key, value in overrides.items():
-        _set_dotted(doc, key, value)
-    try:
-        with open(path, "w") as f:
-            yaml.dump(doc, f)
-        yield
-    finally:
-        path.write_bytes(original)
-        backup.unlink(missing_ok=True)
-
-
-def restore_interrupted_override(project: Path) -> bool:
-    """Put back the params.yaml an interrupted run left overridden; True when there was one."""
-    backup = project / PARAMS_BACKUP
-    if not backup.is_file():
-        return False
-    (project / PARAMS_FILE).write_bytes(backup.read_bytes())
-    backup.unlink()
-    return True
-
-
-@contextmanager
-def gpu_slot(name: str) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit NAME (created with 1 slot if missing).
-
-    Prefect ignores a limit that does not exist (strict=False) and refuses with strict=True, so the
-    flow creates it first: a fresh server then serialises training without any set-up step.
-
-    A holder killed while it trains (SIGKILL, a lost machine) cannot give its slot back. A real
-    server is to revoke the slot once its lease expires (not tested here); Prefect's temporary
-    server keeps leases in its own memory, gone with it, so no later server would, and every later
-    run would wait for ever. So the holder is also recorded in a file beside Prefect's database
-    (slot_holder), and with the temporary server a run that finds the record of a holder that is
-    gone gives that slot back.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-    from prefect.settings import get_current_settings
-
-    logger = get_run_logger()
-    settings = get_current_settings()
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:  # another flow created it meanwhile
-                pass
-    logger.info("waiting for a slot of concurrency limit %r", name)
-    with slot_holder(Path(settings.home) / f"{name}.holder") as record:
-        if record.gone and settings.api.url is None:  # the temporary server: nobody else will
-            held = max(1.0, time.time() - record.gone.get("since", time.time()))
-            with get_client(sync_client=True) as client:
-                client.release_concurrency_slots([name], 1, occupancy_seconds=held)
-            logger.warning("gave back the slot of concurrency limit %r that a run killed while training kept "
-                           "(pid %s on %s, %.0f s before)", name, record.gone.get("pid"), record.gone.get("host"), held)
-        try:
-            with concurrency(name, occupy=1, strict=True):
-                record.hold()
-                logger.info("holding concurrency limit %r", name)
-                yield
-        finally:  # the slot is given back (or was never taken): nothing left to reclaim
-            record.clear()
-
-
-class _HolderRecord:
-    """What slot_holder yields: the record a holder that is gone left (empty if none), and the current one."""
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        text = file.read().strip()
-        try:
-            self.gone: dict[str, Any] = json.loads(text) if text else {}
-        except json.JSONDecodeError:  # cut short by the kill
-            self.gone = {"pid": "?", "host": "?"}
-
-    def hold(self) -> None:
-        self._write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": time.time()}))
-
-    def clear(self) -> None:
-        self._write("")
-
-    def _write(self, text: str) -> None:
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(text)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-
-@contextmanager
-def slot_holder(path: Path) -> Iterator[_HolderRecord]:
-    """Lock PATH for the slot's holder on this machine, and yield its record.
-
-    The lock (flock) goes with its process, however that ends, so a record found under the lock was
-    left by a holder that is gone: a holder that ends normally clears it after giving its slot back.
-    Runs on one machine wait here for each other; the limit still serialises runs across machines.
-    """
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            file.seek(0)
-            yield _HolderRecord(file)
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,39 +154,77 @@ def version_data(project: Path, params: Params) -> str:
     return str(md5)
 
 
+def _log(message: str) -> None:
+    get_run_logger().info("%s", message)
+
+
 @task(name="validate", cache_policy=NO_CACHE)
-def validate(project: Path) -> None:
+def validate(root: Path) -> None:
     """prepare + validate (the data contract). Bad data does not get better on retry: no retries."""
-    run_dvc(project, "repro", "validate", what="stage validate")
+    dvc_runner.run_dvc(root, "repro", "validate", what="stage validate", log=_log)
 
 
 @task(name="train", cache_policy=NO_CACHE, task_run_name="train-{stage}")
-def train(project: Path, stage: str) -> None:
+def train(root: Path, stage: str) -> None:
     """One training stage (train_finetune or train_spottune); DVC skips it when nothing it reads changed.
 
     A rerun after a crash (a retried or rescheduled flow run) resumes: dvc.yaml keeps the stage's run
     directory (persist) and its command continues an unfinished checkpoint made with the same params.
     """
-    run_dvc(project, "repro", stage, what=f"stage {stage}")
+    dvc_runner.run_dvc(root, "repro", stage, what=f"stage {stage}", log=_log)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(project: Path) -> tuple[dict[str, Any], str]:
-    """The evaluate stage, then its comparison (JSON) and Markdown report."""
-    run_dvc(project, "repro", "evaluate", what="stage evaluate")
+def evaluate(root: Path) -> None:
+    """The evaluate stage: the comparison of both runs on the same test images."""
+    dvc_runner.run_dvc(root, "repro", "evaluate", what="stage evaluate", log=_log)
+
+
+@task(name="experiment", cache_policy=NO_CACHE, task_run_name="experiment-{name}")
+def experiment(root: Path, name: str, overrides: dict[str, Any], env: dict[str, str]) -> None:
+    """Every stage (validate, train_finetune, train_spottune, evaluate, gate) as DVC experiment NAME in ROOT,
+    a private checkout; DVC skips what the overrides do not change. No retries, as for the stages."""
+    dvc_runner.run_experiment(root, name, overrides, log=_log, env=env)
+
+
+@task(name="push-experiment", cache_policy=NO_CACHE, **IO_RETRIES)
+def push_experiment(root: Path, name: str) -> str | None:
+    """`dvc exp push` to the git remote (and the outputs to the DVC remote), where there is one."""
+    return dvc_runner.push_experiment(root, name, log=_log)
+
+
+def read_comparison(root: Path) -> tuple[dict[str, Any], str]:
+    """The evaluate stage's comparison (JSON) and Markdown report, from the checkout the stages ran in."""
     try:
-        return json.loads((project / COMPARISON_JSON).read_text()), (project / COMPARISON_MD).read_text()
+        return json.loads((root / COMPARISON_JSON).read_text()), (root / COMPARISON_MD).read_text()
     except (OSError, ValueError) as e:
         raise StageFailed(f"stage evaluate finished but its outputs are unreadable: {e}") from None
 
 
-@task(name="gate", cache_policy=NO_CACHE)
-def gate(comparison: dict[str, Any], params: Params) -> Gate:
-    """params.yaml's gate on the comparison. A failure is a verdict, not an exception (and not retried)."""
-    from flows.report import decide_gate
+def experiment_name() -> str:
+    """The flow run's name (Prefect's, e.g. 'amber-fox'), which names its DVC experiment."""
+    from prefect.runtime import flow_run
 
-    verdict = decide_gate(comparison, params.gate)
-    get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "FAILED", verdict.reason)
+    return str(flow_run.name or "flow-run")
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate(root: Path, store_settings: StoreSettings, name: str, stage_ran: bool) -> Gate:
+    """The gate stage's record in ROOT, the checkout the stages ran in. stage_ran: the stage has run there
+    already (an experiment runs every stage); else `dvc repro gate` first. Rerun when the store's production
+    version (the champion, which DVC cannot see) is not the one the record describes. A refusal is a
+    verdict, not an exception (no retry)."""
+    from spottune.gate import read_record, record_is_current
+    from spottune.store import Gate
+
+    env = store_env(store_settings)
+    if not stage_ran:
+        dvc_runner.run_dvc(root, "repro", "gate", what="stage gate", log=_log, env=env)
+    if not record_is_current(read_record(root / GATE_JSON), store_settings, name):
+        _log(f"production changed since {GATE_JSON} was made: the gate runs again")
+        dvc_runner.run_dvc(root, "repro", "--force", "--single-item", "gate", what="stage gate", log=_log, env=env)
+    verdict = Gate.from_record(read_record(root / GATE_JSON), str(GATE_JSON))
+    get_run_logger().info("gate %s: %s", "passed" if verdict.passed else "REFUSED", verdict.reason)
     return verdict
 
 
@@ -374,17 +258,23 @@ def check_store(store_settings: StoreSettings) -> str:
 
 
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
-def publish(project: Path, store_settings: StoreSettings, name: str, verdict: Gate, data_version: str,
-            report_path: Path) -> dict[str, Any]:
-    """Upload SpotTune's run (candidate when the gate failed). Idempotent: a retry sends only what is missing."""
+def publish(root: Path, store_settings: StoreSettings, name: str, verdict: Gate, data_version: str,
+            report_path: Path, experiment: str | None = None, lineage: Lineage | None = None) -> dict[str, Any]:
+    """Upload SpotTune's run (candidate when the gate failed). Idempotent: a retry sends only what is missing.
+
+    root: the checkout the stages ran in; experiment: the DVC experiment that made the run (None for a
+    plain run in the user's checkout); lineage: what the version is replayed from (spottune reproduce).
+    """
     from spottune.store import open_store
 
     logger = get_run_logger()
-    run = project / CANDIDATE_RUN
+    run = root / CANDIDATE_RUN
     store = open_store(store_settings)
+    if experiment:
+        logger.info("publishing the run of DVC experiment %s", experiment)
     # the version is the store's content_version: weights, metrics, gate verdict, report and data version
     result = store.publish(run, name, gate=verdict, data_version=data_version, report=report_path,
-                           log=logger.info)
+                           lineage=lineage, log=logger.info)
     version = result.version
     logger.info("%s %s: %s", name, version, "already published, unchanged" if result.already_published else
                 f"{len(result.uploaded)} files uploaded, {len(result.skipped)} already there")
@@ -407,35 +297,67 @@ def promote(store_settings: StoreSettings, name: str, version: str, reason: str)
 # The flow
 
 
-@flow(name="retrain", log_prints=True)
-def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu_limit: str = GPU_LIMIT) -> dict[str, Any]:
-    """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if it passes the gate.
+def run_stages(project: Path, params: Params, overrides: dict[str, Any], exp: str | None, own_checkout: bool,
+               gpu_limit: str, store_settings: StoreSettings, checkouts: ExitStack) -> tuple[Path, str, Gate]:
+    """Version the data and run every stage under the GPU slot, the gate last; returns (the checkout they ran
+    in, the data version, the gate's verdict).
 
-    overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1, "gate.margin": 0.01};
-    recorded as the flow run's parameters, in dvc.lock, the published params.json and the report.
+    exp None: `dvc repro` stage by stage in the user's checkout. Otherwise DVC experiment EXP in a
+    private checkout entered on CHECKOUTS (it lives until the version is published): at HEAD for a
+    deployment's run (own_checkout), else holding the user's checkout as it is, data versioned there first.
+    """
+    root = project
+    if own_checkout:
+        assert exp is not None, "a run in its own checkout is always an experiment"
+        root = checkouts.enter_context(private_checkout(project, exp, carry_workspace=False,
+                                                        data_root=params.data.root, log=_log))
+    with gpu_slot(gpu_limit):
+        data_version = version_data(root, params)
+        if exp is None:
+            validate(root)
+            train(root, "train_finetune")
+            train(root, "train_spottune")
+            evaluate(root)
+        else:
+            if not own_checkout:
+                root = checkouts.enter_context(private_checkout(project, exp, carry_workspace=True,
+                                                                data_root=params.data.root, log=_log))
+            experiment(root, exp, overrides, store_env(store_settings))
+        verdict = gate(root, store_settings, params.publish.model_name, stage_ran=exp is not None)
+    return root, data_version, verdict
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu_limit: str = GPU_LIMIT,
+            own_checkout: bool = False) -> dict[str, Any]:
+    """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if the gate stage says so.
+
+    overrides: dotted params.yaml keys for this run only, e.g. {"optim.epochs": 1} (gate.* is refused);
+    the run is then a DVC experiment named after the flow run, and the overrides are recorded as the
+    flow run's parameters, in the experiment (`dvc exp show`) and in the report.
     project_dir: the repository holding dvc.yaml and params.yaml. gpu_limit: the global concurrency
-    limit the DVC stages hold (one per GPU host).
+    limit the DVC stages hold (one per GPU host). own_checkout: work in a private worktree at HEAD
+    (deployments), never in the checkout at project_dir.
     """
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     overrides = dict(overrides or {})
-    if restore_interrupted_override(project):
-        logger.warning("restored params.yaml left overridden by an interrupted run")
     params = load_settings(project, overrides)  # fail fast, naming the key, before any work
     store_settings = load_store_settings(project)
     check_store(store_settings)
     name = params.publish.model_name
+    exp = dvc_runner.unused_experiment_name(project, experiment_name()) if overrides or own_checkout else None
 
-    data_version = version_data(project, params)
-    with gpu_slot(gpu_limit), params_overridden(project, overrides):
-        validate(project)
-        train(project, "train_finetune")
-        train(project, "train_spottune")
-        comparison, comparison_md = evaluate(project)
-
-    verdict = gate(comparison, params)
-    report_path = report(project, comparison, comparison_md, verdict, data_version, overrides)
-    published = publish(project, store_settings, name, verdict, data_version, report_path)
+    with ExitStack() as checkouts:
+        root, data_version, verdict = run_stages(project, params, overrides, exp, own_checkout, gpu_limit,
+                                                 store_settings, checkouts)
+        comparison, comparison_md = read_comparison(root)
+        pushed_to = push_experiment(root, exp) if exp else None
+        report_path = report(root, comparison, comparison_md, verdict, data_version, overrides)
+        report_md = report_path.read_text()
+        lineage = flow_lineage(root, root / CANDIDATE_RUN, params, data_version, experiment=exp)
+        published = publish(root, store_settings, name, verdict, data_version, report_path, experiment=exp,
+                            lineage=lineage)
     promoted = bool(verdict.passed and params.publish.promote)
     if promoted:
         promote(store_settings, name, published["version"], verdict.reason)
@@ -446,9 +368,10 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
         status = f"not promoted: {verdict.reason} ({name} {published['version']} stored as a candidate)"
     logger.info(status)
     return {"status": status, "promoted": promoted, "gate_passed": verdict.passed, "reason": verdict.reason,
-            "model": name, "data_version": data_version, "overrides": overrides, "report": str(report_path),
-            "baseline_accuracy": verdict.details["baseline_accuracy"],
-            "candidate_accuracy": verdict.details["candidate_accuracy"], **published}
+            "model": name, "data_version": data_version, "overrides": overrides, "experiment": exp,
+            "experiment_pushed_to": pushed_to, "report": str(report_path) if root == project else None,
+            "report_md": report_md, "baseline_accuracy": verdict.details["baseline"]["accuracy"],
+            "candidate_accuracy": verdict.details["candidate"]["accuracy"], **published}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         result = retrain(overrides=overrides_from_pairs(args.overrides), project_dir=args.project_dir)
     except SpotTuneError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code  # 3 bad input, 4 an external service (spottune/errors.py)
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(Path(result["report"]).read_text().split("\n## Which blocks")[0])
+    print(result["report_md"].split("\n## Which blocks")[0])
     print(result["status"])
     print(f"stored at {result['url']}")
     return 0

@@ -5,7 +5,8 @@
 
 Run it from the repository root against a Prefect server (`prefect server start`, then
 PREFECT_API_URL=http://127.0.0.1:4200/api); it creates the deployment with its schedule and runs
-the flow in subprocesses whenever the schedule or `prefect deployment run retrain/weekly` asks.
+the flow in subprocesses whenever the schedule or `prefect deployment run retrain/weekly` asks; each
+run works in its own git worktree of the repository at HEAD (own_checkout), not in this checkout.
 Stopping it (Ctrl-C, SIGTERM) pauses the schedule. The work-pool route is prefect.yaml.
 """
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     retrain.serve(name=args.name, schedule=Cron(args.cron, timezone=args.timezone), limit=args.limit,
                   tags=["spottune", "retrain"], description="Weekly SpotTune retrain: DVC pipeline, gate, promotion",
-                  parameters={"overrides": {}, "project_dir": "."})
+                  parameters={"overrides": {}, "project_dir": ".", "own_checkout": True})
     return 0
 
 

@@ -8,6 +8,7 @@
     spottune evaluate runs/spottune
     spottune export-backbone runs/finetune --out weights/source.safetensors   (pretrain inside the pipeline)
     spottune compare runs/finetune runs/spottune --report runs/comparison.md
+    spottune gate [--comparison reports/comparison.json] [--out metrics/gate.json]   (the promotion gate)
     spottune predict --run runs/spottune IMAGE...   (or --model NAME@production [--json] [--csv FILE] PATH...)
     spottune serve --model NAME@production --host 127.0.0.1 --port 8000
 """
@@ -32,6 +33,21 @@ def _params(args: argparse.Namespace):
         overrides.append(f"model.backbone={args.backbone}")
     path = args.params if args.params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
     return load_params(path, overrides)
+
+
+def _runtime_settings() -> RuntimeSettings:
+    """RuntimeSettings (SPOTTUNE_DEVICE, ...) from the environment; a bad value is a ConfigError naming the
+    variable (exit 3), not a pydantic traceback."""
+    from pydantic import ValidationError
+
+    from spottune.errors import ConfigError
+
+    try:
+        return RuntimeSettings()
+    except ValidationError as e:
+        lines = ["invalid settings in the environment:"]
+        lines += [f"  SPOTTUNE_{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
 
 
 def _write_json(path: Path | None, obj) -> None:
@@ -86,8 +102,10 @@ def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     report = validate_manifest(params.prepare.manifest, params.data.root, params.validate_, classes)
     paths = write_reports(report, args.out_dir, params.prepare.manifest)
     if args.metrics is not None:
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        args.metrics.write_bytes(paths["summary"].read_bytes())
+        from spottune.atomic import atomic_write
+
+        summary = paths["summary"].read_bytes()
+        atomic_write(args.metrics, lambda tmp: tmp.write_bytes(summary))
     if not report.success:
         raise DataError(f"{report.summary()}\n  report: {paths['html']}")
     print(f"{report.summary()} -> {paths['html']}")
@@ -112,24 +130,10 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     output_dir(args.out, "--out")
     output_file(args.metrics, "--metrics")
     output_file(args.plots, "--plots")
-    from spottune.errors import CheckpointError
     from spottune.training import fit
 
-    resume, overwrite = args.resume, args.overwrite
-    if args.resume_unfinished:
-        from spottune.training import RunDir
-
-        run = RunDir(args.out)
-        resume = run.checkpoint.is_file() and not run.weights.is_file()
-        overwrite = not resume
-    try:
-        metrics = fit(params, args.out, runtime, resume=resume, overwrite=overwrite,
-                      stop_after_epochs=args.stop_after_epochs)
-    except CheckpointError as e:
-        if not (args.resume_unfinished and resume):
-            raise
-        print(f"cannot resume ({e}): starting over", file=sys.stderr)
-        metrics = fit(params, args.out, runtime, overwrite=True, stop_after_epochs=args.stop_after_epochs)
+    metrics = fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite,
+                  resume_unfinished=args.resume_unfinished, stop_after_epochs=args.stop_after_epochs)
     if metrics is not None and (args.metrics or args.plots):
         from spottune.evaluate import learning_curve, training_metrics
 
@@ -163,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    from spottune.engine import atomic_write
+    from spottune.atomic import atomic_write
     from spottune.evaluate import compare_runs, comparison_markdown
     from spottune.training import write_json
 
@@ -238,7 +242,7 @@ def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
                 print(f"{row['path']}: {best}")
 
     if args.csv is not None:
-        from spottune.engine import atomic_write
+        from spottune.atomic import atomic_write
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
@@ -311,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--resume-unfinished", action="store_true",
-                   help="continue OUT's unfinished run (a checkpoint, no model yet) when its params match; else "
+                   help="continue OUT's unfinished run (a checkpoint, no model yet) when its params and data match; else "
                         "start over, replacing what OUT holds (what a retried pipeline stage wants)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="end this invocation after N epochs")
@@ -367,31 +371,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="larger images are refused from their header (default: Pillow's MAX_IMAGE_PIXELS)")
     p.set_defaults(func=cmd_serve)
-    from spottune import store_cli  # publish, promote, rollback, models list (boto3 only when S3 is used)
+    from spottune import (  # gate; publish, promote, rollback, models list (boto3 only for S3)
+        gate,
+        store_cli,
+    )
 
+    gate.register(sub)
     store_cli.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code says what kind of failure it met (spottune/errors.py, README).
+
+    argparse exits 2 on a command line that does not parse; bad input exits 3, a failing external
+    service (store, S3, DVC) 4, an unexpected error 1 with its traceback.
+    """
+    from spottune.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+
     args = build_parser().parse_args(argv)
     try:
-        runtime = RuntimeSettings()
-        return args.func(args, runtime)
+        return args.func(args, _runtime_settings())
     except SpotTuneError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
+        return e.exit_code
+    except FloatingPointError as e:  # training diverged: the params (learning rates) must change
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     except OSError as e:
         if e.filename is None:  # not about a path the user named: a bug or the machine, keep the traceback
             raise
         print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

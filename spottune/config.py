@@ -71,6 +71,8 @@ class ModelParams(_Section):
     method: Method = "spottune"
     last_k: int = Field(4, ge=1, description="blocks fine-tuned by method 'lastk'")
     l2sp_alpha: float = Field(0.01, ge=0.0, description="L2-SP pull of backbone weights toward pretrained")
+    tuned_l2sp_alpha: float = Field(0.0, ge=0.0, description="spottune: L2-SP pull of the tuned copy toward the "
+                                    "pretrained (frozen) copy, in place of its weight decay; 0: off")
     train_stem: bool = Field(True, description="fine-tune the shared stem (spottune, finetune, l2sp)")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the new head")
 
@@ -100,7 +102,13 @@ class PolicyParams(_Section):
     temperature: float = Field(5.0, gt=0.0)
     temperature_min: float = Field(0.5, gt=0.0)
     temperature_decay: float = Field(1.0, gt=0.0, le=1.0, description="multiplied into the temperature each epoch")
-    eval_decisions: Literal["argmax", "sample"] = "argmax"
+    eval_decisions: Literal["argmax", "sample", "expectation"] = Field(
+        "argmax", description="decisions outside training: 'argmax' (each image runs one branch per block), "
+        "'sample' (a random draw), 'expectation' (each block returns F + p (F~ - F) with the image's probability p "
+        "of tuning: the expected output over training's sampled decisions; both branches run)")
+    noise_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="scale of the Gumbel noise in training decisions: 'constant' 1, or 'cosine' from 1 "
+        "in the first epoch to 0 in the last, so that training ends on the decisions evaluation takes")
     global_k: int | None = Field(None, ge=0, description="global-k variant: target number of tuned blocks")
     k_weight: float = Field(1.0, ge=0.0)
     entropy_weight: float = Field(0.1, ge=0.0)
@@ -112,7 +120,7 @@ class PolicyParams(_Section):
         0.0, ge=0.0, le=1.0, description="std of the policy's last layer weights at the start (0: every image "
         "starts with the same logits, and a term that rewards per-image decisions has no gradient there)")
     init_tune_probability: float = Field(
-        0.5, gt=0.0, lt=1.0, description="probability of the tuned copy for every block at the start of training "
+        0.9, gt=0.0, lt=1.0, description="probability of the tuned copy for every block at the start of training "
         "(0.5: undecided; near 1: start as fine-tuning and learn where the frozen copy does better)")
     frozen_bn: Literal["pretrained", "target"] = Field(
         "pretrained", description="statistics the frozen copy's BatchNorm uses in training: 'pretrained' (its own, "
@@ -421,14 +429,19 @@ class StoreSettings(BaseSettings):
 
 
 class GateParams(_Section):
-    """The promotion gate the retrain flow applies to the evaluate stage's comparison.
+    """The promotion gate (the `gate` DVC stage, spottune/gate.py) on the evaluate stage's comparison.
 
-    SpotTune becomes production only when its test top-1 is at least `margin` above the fine-tuning
-    baseline's (on the same test images) and at least `floor` in absolute terms. A negative margin
-    allows a tie band. Left out of run dumps: it judges a run, it does not change what is trained.
+    It decides on the paired bootstrap confidence interval of SpotTune's test top-1 minus the
+    fine-tuning baseline's (same test images): `superiority` needs the CI's low end above 0,
+    `non_inferiority` above -margin. SpotTune's top-1 must also reach `floor`, and it must not be
+    significantly worse than the production model (the champion) on the same images. Left out of run
+    dumps: it judges a run, it does not change what is trained; and never overridden per run.
     """
 
-    margin: float = Field(0.0, ge=-1.0, le=1.0, description="candidate top-1 minus baseline top-1 must be >= this")
+    rule: Literal["superiority", "non_inferiority"] = Field(
+        "non_inferiority", description="superiority: CI low > 0; non_inferiority: CI low > -margin")
+    margin: float = Field(0.0, ge=0.0, le=1.0, description="the non-inferiority margin (top-1, 0.01 = one point); "
+                          "unused by superiority")
     floor: float = Field(0.0, ge=0.0, le=1.01, description="candidate top-1 must be >= this (above 1: never passes)")
 
 

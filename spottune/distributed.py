@@ -5,7 +5,8 @@
 torchrun starts one process per GPU and sets WORLD_SIZE, RANK and LOCAL_RANK; without them (a plain
 `spottune train`) nothing here does anything. Each process trains on its own shard of every epoch
 (DistributedSampler) with `data.batch_size` images per step, so the global batch is world_size
-times larger; DistributedDataParallel averages the gradients. Rank 0 alone evaluates and writes the
+times larger; DistributedDataParallel averages the gradients. The epoch's training loss and accuracy
+are summed over every rank's shard (`all_reduce_sum`). Rank 0 alone evaluates and writes the
 checkpoint, the model and the metrics; the others wait for it where files are read.
 """
 
@@ -65,6 +66,10 @@ class Distributed:
         # Every trainable parameter gets a gradient in every step (SpotTune hands its idle tuned copies
         # exact zeros), so DDP need not search for unused ones, which costs a synchronisation per step.
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over every process, in place (the epoch's training statistics: sums and counts)."""
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
     def barrier(self) -> None:
         if self.enabled:

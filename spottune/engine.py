@@ -6,11 +6,7 @@ name, fsync, rename) and read with `torch.load(weights_only=True)`: no code runs
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import os
 import random
-import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -22,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from spottune.atomic import atomic_write
 from spottune.errors import CheckpointError
 from spottune.models.base import TransferModel
 
@@ -99,6 +96,25 @@ class RunningStats:
             self.tuned_per_block = tuned if self.tuned_per_block is None else self.tuned_per_block + tuned
         self.images += n
 
+    def sum_over(self, all_reduce: Callable[[torch.Tensor], None], device: torch.device) -> None:
+        """Replace this process's totals by their sums over every process (one all_reduce of a flat tensor).
+
+        Why: under DDP each rank trains on its own shard; the loss and accuracy of rank 0's shard alone
+        are a sample, not the epoch's. Sums and counts add up exactly; means would not when shards differ.
+        Every rank must call this at the same point (it is a collective).
+        """
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        parts = [(self.loss_sum if self.loss_sum is not None else zero).double().reshape(1).to(device),
+                 (self.correct if self.correct is not None else zero).double().reshape(1).to(device),
+                 torch.tensor([float(self.images)], dtype=torch.float64, device=device)]
+        if self.tuned_per_block is not None:
+            parts.append(self.tuned_per_block.double().to(device))
+        flat = torch.cat(parts)
+        all_reduce(flat)
+        self.loss_sum, self.correct, self.images = flat[0], flat[1], int(flat[2].item())
+        if self.tuned_per_block is not None:
+            self.tuned_per_block = flat[3:]
+
     def summary(self) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
         out: dict[str, Any] = {
@@ -130,18 +146,22 @@ def train_one_epoch(
     setup: DeviceSetup,
     *,
     epoch: int,
+    epochs: int = 1,
     max_steps: int | None = None,
     progress: bool = True,
     forward: Callable[[torch.Tensor], Any] | None = None,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """One pass over `loader`; returns mean loss, accuracy, images/s and routing statistics.
 
     `forward` is what computes the outputs when it is not `model` itself: its DistributedDataParallel
     wrapper under torchrun (the regularisers and the epoch's temperature still come from `model`).
+    `all_reduce` (under torchrun) sums a tensor over every process in place: the epoch's statistics then
+    cover every rank's shard, not this rank's alone, and every rank returns the same numbers.
     """
     forward = model if forward is None else forward
     model.train()
-    model.set_epoch(epoch)
+    model.set_epoch(epoch, epochs)
     stats = RunningStats()
     total = min(len(loader), max_steps) if max_steps else len(loader)
     bar = _progress(loader, f"epoch {epoch}", progress, total)
@@ -154,6 +174,8 @@ def train_one_epoch(
         if progress and step % 10 == 0 and hasattr(bar, "set_postfix"):
             s = stats.summary()
             bar.set_postfix(loss=f"{s['loss']:.3f}", acc=f"{s['accuracy']:.3f}", img_s=f"{s['images_per_s']:.0f}")
+    if all_reduce is not None:
+        stats.sum_over(all_reduce, setup.device)
     if not torch.isfinite(stats.loss_sum):
         raise FloatingPointError(f"training loss is not finite in epoch {epoch}: lower the learning rates")
     return stats.summary()
@@ -227,7 +249,8 @@ def summarise_predictions(p: dict[str, torch.Tensor], num_classes: int) -> dict[
         "images": int(labels.numel()),
     }
     if "decisions" in p:
-        d = p["decisions"]
+        # Expectation decisions are probabilities: the routing is the branch each image leans to (argmax's).
+        d = (p["decisions"] > 0.5).float()
         fraction = d.float().mean(0)
         out["tuned_fraction_per_block"] = fraction.tolist()
         out["tuned_blocks_per_image"] = float(d.sum(1).mean())
@@ -257,65 +280,6 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
         torch.cuda.set_rng_state_all(state["cuda"])
     if loader_generator is not None and "loader" in state:
         loader_generator.set_state(state["loader"])
-
-
-def _temporary_prefix(path: Path) -> str:
-    """Temporary names carry host and pid, so a later writer can tell which ones were left by a dead process."""
-    name = path.name
-    if len(os.fsencode(name)) > 120:  # a long (valid) name must still leave room for ".tmp-host-pid"
-        name = f"{name[:30]}~{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
-    return f".{name}.tmp-{socket.gethostname()[:60]}-"
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete temporary files of `path` left by writers on this host that were killed mid-write (kill -9, OOM).
-
-    Why: a killed writer cannot clean up, and a checkpoint-sized leftover per preemption would fill
-    the disk. Only this host's files of processes that no longer run are touched: a live writer's
-    file, or one from another host sharing the folder, is left alone.
-    """
-    prefix = _temporary_prefix(path)
-    removed = []
-    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = tmp.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new one.
-
-    A writer killed at any point leaves `path` as it was (its temporary file is removed by the next
-    write); the directory is fsynced after the rename so the new name also survives a power cut.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from spottune.config import RuntimeSettings
+from spottune.config import DataParams, RuntimeSettings
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.engine import DeviceSetup, predict, summarise_predictions
 from spottune.errors import DataError
@@ -16,11 +16,19 @@ from spottune.models.backbones import input_normalization
 from spottune.training import load_model
 
 
-def evaluate_run(run_dir: Path, runtime: RuntimeSettings, *, data_root: Path | None = None, split: str = "test") -> dict[str, Any]:
-    """Predictions and metrics of a finished run on `split` of its own data (or of `data_root`)."""
+def evaluate_run(run_dir: Path, runtime: RuntimeSettings, *, data_root: Path | None = None, split: str = "test",
+                 images_of: DataParams | None = None) -> dict[str, Any]:
+    """Predictions and metrics of a finished run on `split` of its own data (or of `data_root`).
+
+    images_of: another run's data section; its images (root, manifest) with this model's own
+    preprocessing (image size), so two models trained apart are compared on the same test images.
+    """
     model, params, classes = load_model(run_dir)
     if data_root is not None:  # another ImageFolder tree: the run's manifest does not describe it
         params = params.model_copy(update={"data": params.data.model_copy(update={"root": Path(data_root), "manifest": None})})
+    elif images_of is not None:
+        same = {"root": images_of.root, "manifest": images_of.manifest, "val_fraction": images_of.val_fraction}
+        params = params.model_copy(update={"data": params.data.model_copy(update=same)})
     setup = DeviceSetup.resolve(runtime.device, params.optim.amp, params.optim.channels_last,
                                 input_normalization(params.model.backbone))
     model = model.to(setup.device)

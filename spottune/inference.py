@@ -65,7 +65,7 @@ class Predictor:
                       for p, j in zip(top.values[i], top.indices[i])]
             row = {"path": name, "label": ranked[0]["label"], "probability": ranked[0]["probability"], "top": ranked}
             if out.decisions is not None:
-                row["tuned_blocks"] = [int(b) for b in out.decisions[i].nonzero().flatten().tolist()]
+                row["tuned_blocks"] = [int(b) for b in (out.decisions[i] > 0.5).nonzero().flatten().tolist()]
             rows.append(row)
         return rows
 
@@ -108,6 +108,6 @@ def _with_end(items: Iterable[Path]) -> Iterator[Path | None]:
 
 def read_upload(data: bytes, name: str, max_pixels: int | None = None):
     """An uploaded image's bytes as an RGB image (open_image: bombs refused from the header)."""
-    from spottune.data.loaders import open_image
+    from spottune.data.images import open_image
 
     return open_image(io.BytesIO(data), name, max_pixels)

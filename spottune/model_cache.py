@@ -34,8 +34,9 @@ class Resolved:
     pointer: dict[str, Any] | None = None  # the production pointer, when ref is production
 
 
-def parse_model_ref(text: str) -> tuple[str, str]:
-    """'NAME@production' -> (NAME, 'production'); a bare NAME means NAME@production."""
+def parse_model_ref(text: str, option: str = "--model") -> tuple[str, str]:
+    """'NAME@production' -> (NAME, 'production'); a bare NAME means NAME@production. option names the
+    argument in the error."""
     from spottune.store import _check_name
 
     name, _, ref = text.partition("@")
@@ -45,7 +46,7 @@ def parse_model_ref(text: str) -> tuple[str, str]:
         if ref not in REFS:
             _check_name("version", ref)
     except StoreError as e:
-        raise ConfigError(f"--model {text!r}: {e}; expected NAME@production, NAME@latest or NAME@VERSION") from None
+        raise ConfigError(f"{option} {text!r}: {e}; expected NAME@production, NAME@latest or NAME@VERSION") from None
     return name, ref
 
 
@@ -141,8 +142,9 @@ def fetch_cached(store, resolved: Resolved, cache_dir: Path | None = None,
 
 
 def version_metadata(folder: Path) -> dict[str, Any]:
-    """What the store records beside a version's weights: manifest, gate, data version, params, test metrics."""
-    from spottune.store import GATE, MANIFEST
+    """What the store records beside a version's weights: manifest, gate, data version, params, test metrics,
+    lineage (None for a version published without one)."""
+    from spottune.store import GATE, LINEAGE, MANIFEST
 
     def read_json(fname: str) -> Any:
         try:
@@ -161,4 +163,5 @@ def version_metadata(folder: Path) -> dict[str, Any]:
         "gate": read_json(GATE), "data_version": data_version,
         "files": manifest.get("files"), "params": read_json("params.json"),
         "metrics": {k: metrics.get(k) for k in ("method", "backbone", "test") if k in metrics},
+        "lineage": read_json(LINEAGE),
     }

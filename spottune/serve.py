@@ -2,7 +2,7 @@
 
     GET  /health    {"status": "ok", "version": V}
     GET  /model     name, version, classes, and what the store records for the version (manifest,
-                    gate, data version, params, test metrics; for production, who promoted it and when)
+                    gate, data version, params, test metrics, lineage; for production, who promoted it and when)
     POST /predict   multipart field `file`: {"label", "probability", "top": [{label, probability}], "version"}
 
 Bad uploads get a 4xx answer with a JSON body {"error": "..."}: not an image (415), more pixels
@@ -140,7 +140,7 @@ def create_app(holder: ModelHolder, *, max_upload_bytes: int = 10_000_000, max_p
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from spottune.data.loaders import ImageTooLarge
+    from spottune.data.images import ImageTooLarge
     from spottune.errors import DataError
     from spottune.inference import read_upload
 

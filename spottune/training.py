@@ -13,21 +13,24 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from spottune.atomic import atomic_write
+from spottune.checkpoints import restore_checkpoint
 from spottune.config import OptimParams, Params, RuntimeSettings, validate_params
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.distributed import Distributed
-from spottune.engine import (
-    DeviceSetup, atomic_write, evaluate, load_checkpoint, rng_state, save_checkpoint, set_rng_state, train_one_epoch,
-)
+from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, train_one_epoch
 from spottune.errors import CheckpointError, ConfigError
 from spottune.models import TransferModel, build_model
 from spottune.models.backbones import input_normalization
+from spottune.runlock import RunLock
 
 MODEL_FORMAT = "spottune-model/1"
 
@@ -71,6 +74,7 @@ def fit(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    resume_unfinished: bool = False,
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
@@ -78,11 +82,34 @@ def fit(
 
     stop_after_epochs ends this invocation after that many epochs (a time slice on a preemptible
     machine); the run is then unfinished (returns None) and `resume=True` continues it.
+    resume_unfinished continues an unfinished run (a checkpoint, no model yet) when it was made with
+    these params and this data, and otherwise starts over, replacing what the folder holds: what a
+    retried pipeline stage wants. The run folder is locked (RunLock) for the whole call, so a second
+    training into it fails at once instead of mixing or deleting the first one's files.
     """
-    run = RunDir(out_dir)
     dist = Distributed.from_env()
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other")
+    if resume and (overwrite or resume_unfinished):
+        raise ConfigError("--resume excludes --overwrite and --resume-unfinished")
+    run = RunDir(out_dir)
+    with RunLock(run.root) if dist.is_main else nullcontext():  # rank 0 writes; the others only read
+        if resume_unfinished:
+            resume = run.checkpoint.is_file() and not run.weights.is_file()
+            overwrite = not resume
+        try:
+            return _fit(params, run, runtime, dist, resume=resume, overwrite=overwrite,
+                        stop_after_epochs=stop_after_epochs, log=log)
+        except CheckpointError as e:
+            if not (resume_unfinished and resume):
+                raise
+            if dist.is_main:
+                print(f"cannot resume ({e}): starting over", file=sys.stderr)
+            return _fit(params, run, runtime, dist, resume=False, overwrite=True,
+                        stop_after_epochs=stop_after_epochs, log=log)
+
+
+def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distributed, *, resume: bool,
+         overwrite: bool, stop_after_epochs: int | None, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """fit() once the run folder is locked."""
     if not resume and any(p.exists() for p in run.outputs()):
         if not overwrite:
             raise ConfigError(f"{run.root} already holds a run: pass --resume to continue it or --overwrite to replace it")
@@ -108,7 +135,7 @@ def fit(
     train_loader = make_loader(splits.train, params.data.batch_size, shuffle=sampler is None,
                                num_workers=params.data.num_workers, generator=loader_gen, pin_memory=pin,
                                drop_last=len(splits.train) > params.data.batch_size * dist.world_size, sampler=sampler)
-    eval_loader = lambda ds: make_loader(ds, params.data.eval_batch_size, shuffle=False,  # noqa: E731
+    eval_loader = lambda ds: make_loader(ds, params.data.eval_batch_size, shuffle=False,
                                          num_workers=params.data.num_workers, generator=torch.Generator(), pin_memory=pin)
 
     model = build_model(params, num_classes).to(setup.device)
@@ -122,16 +149,10 @@ def fit(
     params_json = params.model_dump(mode="json")
 
     start_epoch, history = 0, []
+    data = splits.identity()
     if resume:
-        ckpt = load_checkpoint(run.checkpoint)
-        if ckpt.get("params") != params_json:
-            raise CheckpointError(f"{run.checkpoint} was made with other params: {_first_difference(ckpt.get('params'), params_json)}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"], loader_gen)
-        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
-        log(f"resuming {run.root} after epoch {ckpt['epoch']}")
+        start_epoch, history = restore_checkpoint(run.checkpoint, params_json, data, model, optimizer, scheduler,
+                                                  loader_gen, log)
     forward = dist.wrap(model, setup.device)
 
     log(f"{params.model.method} on {params.model.backbone}: {len(splits.train)} train / {len(splits.val)} val / "
@@ -142,9 +163,10 @@ def fit(
         if sampler is not None:
             sampler.set_epoch(epoch)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch, forward=forward,
-                                      max_steps=params.optim.max_steps_per_epoch, progress=runtime.progress and dist.is_main)
-        train_stats["images_per_s"] *= dist.world_size  # every rank trains as many images as this one
+        train_stats = train_one_epoch(model, optimizer, train_loader, setup, epoch=epoch, epochs=params.optim.epochs,
+                                      forward=forward, max_steps=params.optim.max_steps_per_epoch,
+                                      progress=runtime.progress and dist.is_main,
+                                      all_reduce=dist.all_reduce_sum if dist.enabled else None)
         scheduler.step()
         if dist.is_main:
             val_stats = evaluate(model, eval_loader(splits.val), setup, num_classes) if len(splits.val) else {}
@@ -154,6 +176,7 @@ def fit(
             save_checkpoint(run.checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "rng": rng_state(loader_gen), "history": history, "params": params_json,
+                "data": data,
             })
         dist.barrier()
 
@@ -167,10 +190,12 @@ def fit(
         "method": params.model.method, "backbone": params.model.backbone, "classes": splits.classes,
         "device": str(setup.device) if setup.device.type == "cpu" else torch.cuda.get_device_name(setup.device),
         "processes": dist.world_size,
+        # CPU results are bit-identical only at the same thread count: `spottune reproduce` sets this one
+        "threads": torch.get_num_threads(),
         # an optional speed-up that failed is recorded, not fatal (spottune/models/block_graphs.py)
         "cuda_graphs": {"enabled": bool(model.graph_blocks) and setup.device.type == "cuda", "fell_back": model.graph_failure()},
         "test": test_stats, "history": history,
-        "train_images_per_s": dist.world_size * sum(h["train"]["images"] for h in history)
+        "train_images_per_s": sum(h["train"]["images"] for h in history)  # every rank's images
         / max(sum(h["train"]["seconds"] for h in history), 1e-9),
     }
     save_model(model, params, splits.classes, run)
@@ -178,14 +203,6 @@ def fit(
     log(f"test accuracy {test_stats['accuracy']:.4f} -> {run.root}")
     dist.stop()
     return metrics
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: checkpoint {a!r}, now {b!r}"
 
 
 def save_model(model: TransferModel, params: Params, classes: list[str], run: RunDir) -> None:

@@ -202,12 +202,13 @@ def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, ok: bool = Tru
 
 
 @contextlib.contextmanager
-def prefect_test_server(home: Path, log_level: str = "WARNING") -> Iterator[str]:
-    """Prefect's test server with PREFECT_HOME at `home`; yields its API URL. Prefect is imported only here,
-    after PREFECT_HOME is set, so it never reads or writes the user's own ~/.prefect."""
+def prefect_test_server(home: Path, log_level: str = "WARNING", **extra: str) -> Iterator[str]:
+    """Prefect's test server with PREFECT_HOME at `home` (and `extra` in this process's environment while it
+    runs); yields its API URL. Prefect is imported only here, after PREFECT_HOME is set, so it never reads
+    or writes the user's own ~/.prefect."""
     env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "SPOTTUNE_DEVICE": "cpu",
-           "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": log_level}
+           "SPOTTUNE_PROGRESS": "false", "PREFECT_LOGGING_LEVEL": log_level, **extra}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -240,3 +241,26 @@ def shifted_run(run: Path, out: Path, class_index: int, shift: float) -> Path:
     state[bias][class_index] += shift
     save_file(state, str(out / "model.safetensors"), metadata={"format": "spottune-model/1"})
     return out
+
+
+def comparison_with(difference: float, ci_low: float, ci_high: float, accuracy: float = 0.8,
+                    classes: tuple[str, ...] = ("a", "b")) -> dict:
+    """A comparison as `spottune compare --json` writes it (the fields the gate reads), with these statistics."""
+    return {"classes": list(classes),
+            "baseline": {"method": "finetune", "accuracy": accuracy - difference, "images": 1000},
+            "candidate": {"method": "spottune", "accuracy": accuracy, "images": 1000},
+            "bootstrap": {"difference": difference, "ci_low": ci_low, "ci_high": ci_high, "level": 0.95},
+            "mcnemar": {"a_only": 10, "b_only": 20, "p_value": 0.05}}
+
+
+def passed_gate():
+    """A passed verdict as the gate stage makes it (spottune.gate.decide on a clear win, no champion): what a
+    version needs to be promoted without force. Not bound to any weights."""
+    from spottune.config import GateParams
+    from spottune.gate import decide
+    from spottune.store import Gate
+
+    record = decide(comparison_with(0.05, 0.02, 0.08), GateParams(rule="superiority"),
+                    {"status": "no_store", "reason": "test"})
+    assert record["decision"] == "promote"
+    return Gate.from_record(record)

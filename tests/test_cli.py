@@ -62,7 +62,7 @@ def test_train_evaluate_compare_predict(fashion_root, tmp_path):
 )
 def test_bad_input_fails_clearly_and_writes_nothing(args, culprit, tmp_path):
     r = spottune("train", "--out", tmp_path / "run", *args)
-    assert r.returncode == 2
+    assert r.returncode == 3
     assert culprit in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -70,7 +70,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(args, culprit, tmp_path):
 def test_bad_params_file_is_named(tmp_path):
     (tmp_path / "params.yaml").write_text("model:\n  backbone: resnet50\n  wieghts: none\n")
     r = spottune("train", "--out", tmp_path / "run", cwd=tmp_path)
-    assert r.returncode == 2 and "model.wieghts" in r.stderr and "params.yaml" in r.stderr
+    assert r.returncode == 3 and "model.wieghts" in r.stderr and "params.yaml" in r.stderr
 
 
 def test_unreadable_image_stops_training_without_a_checkpoint(fashion_root, tmp_path):
@@ -80,7 +80,7 @@ def test_unreadable_image_stops_training_without_a_checkpoint(fashion_root, tmp_
     bad.write_bytes(b"")
     r = spottune("train", "--method", "finetune", "--out", tmp_path / "run", "--set", f"data.root={root}",
                  "--set", "data.image_size=32", "--set", "data.batch_size=400")
-    assert r.returncode == 2 and bad.name in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 3 and bad.name in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -89,7 +89,7 @@ def test_existing_run_is_not_overwritten_silently(fashion_root, tmp_path):
     args = ["train", "--method", "linear", "--out", tmp_path / "run", "--set", f"data.root={fashion_root}", *TINY]
     assert spottune(*args).returncode == 0
     r = spottune(*args)
-    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert r.returncode == 3 and "--resume" in r.stderr and "--overwrite" in r.stderr
     assert spottune(*args, "--overwrite").returncode == 0
 
 

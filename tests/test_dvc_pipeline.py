@@ -57,8 +57,12 @@ def pipeline_repo(tmp_path_factory) -> Path:
 def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipeline_repo):
     repo = pipeline_repo
     first = dvc("repro", cwd=repo)
-    assert ran(first) == {"prepare", "validate", "train_finetune", "train_spottune", "evaluate"}, first.stdout
+    assert ran(first) == {"prepare", "validate", "train_finetune", "train_spottune", "evaluate", "gate"}, first.stdout
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    gate = json.loads((repo / "metrics" / "gate.json").read_text())
+    assert gate["decision"] in ("promote", "refuse") and gate["rule"] == "non_inferiority" and gate["margin"] == 0.01
+    assert gate["vs_baseline"]["ci_low"] == metrics["difference_ci_low"] and gate["champion"]["status"] == "no_store"
+    assert not (repo / "artifacts").exists()
     assert {"finetune", "spottune", "difference", "mcnemar_p"} <= set(metrics)
     assert json.loads((repo / "metrics" / "validate.json").read_text())["success"] == 1
     assert metrics["test_images"] == 60
@@ -73,12 +77,19 @@ def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipel
 
     set_params(repo, policy={"temperature": 2.0})  # SpotTune only
     third = dvc("repro", cwd=repo)
-    assert ran(third) == {"train_spottune", "evaluate"}, third.stdout
+    assert ran(third) == {"train_spottune", "evaluate", "gate"}, third.stdout
+
+    set_params(repo, gate={"floor": 1.01})  # the gate's own params rerun the gate alone
+    fourth = dvc("repro", cwd=repo)
+    assert ran(fourth) == {"gate"}, fourth.stdout
+    gate = json.loads((repo / "metrics" / "gate.json").read_text())
+    assert gate["decision"] == "refuse" and "< floor 1.0100" in gate["reason"]
 
     shown = dvc("metrics", "diff", "HEAD", "--json", cwd=repo).stdout
     assert "metrics/spottune.json" in shown
     shown = dvc("metrics", "show", cwd=repo).stdout
     assert "metrics/evaluate.json" in shown and "test_accuracy" in shown
+    assert "metrics/gate.json" in shown and "vs_baseline.ci_low" in shown
     html = repo / "plots_out"
     dvc("plots", "show", "--out", str(html), cwd=repo)
     assert (html / "index.html").is_file() and "val_accuracy" in (html / "index.html").read_text()
@@ -89,11 +100,12 @@ def test_same_params_give_identical_evaluation_metrics(pipeline_repo):
     repo = pipeline_repo
     sh("git", "checkout", "-q", "params.yaml", cwd=repo)
     dvc("repro", cwd=repo)
-    before = {n: (repo / "metrics" / n).read_text() for n in ("finetune.json", "spottune.json", "evaluate.json")}
+    names = ("finetune.json", "spottune.json", "evaluate.json", "gate.json")
+    before = {n: (repo / "metrics" / n).read_text() for n in names}
     again = set()
-    for stage in ("train_spottune", "evaluate"):  # SpotTune samples routing noise: the stochastic one
+    for stage in ("train_spottune", "evaluate", "gate"):  # SpotTune samples routing noise: the stochastic one
         again |= ran(dvc("repro", "--force", "--no-run-cache", "--single-item", stage, cwd=repo))  # really trains again
-    assert again == {"train_spottune", "evaluate"}
+    assert again == {"train_spottune", "evaluate", "gate"}
     after = {n: (repo / "metrics" / n).read_text() for n in before}
     assert after == before
 
@@ -103,7 +115,7 @@ def test_exp_run_with_a_param_override(pipeline_repo):
     repo = pipeline_repo
     sh("git", "checkout", "-q", ".", cwd=repo)
     r = dvc("exp", "run", "-S", "policy.temperature_min=0.25", cwd=repo)
-    assert ran(r) == {"train_spottune", "evaluate"}, r.stdout
+    assert ran(r) == {"train_spottune", "evaluate", "gate"}, r.stdout
     assert yaml.safe_load((repo / "params.yaml").read_text())["policy"]["temperature_min"] == 0.25
     assert "0.25" in dvc("exp", "show", "--csv", cwd=repo).stdout
 

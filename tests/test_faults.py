@@ -30,7 +30,7 @@ import yaml
 
 from spottune.config import StoreSettings
 from spottune.errors import StoreError
-from spottune.store import MANIFEST, VERSION_FILES, ArtifactStore, Gate, open_store
+from spottune.store import MANIFEST, VERSION_FILES, ArtifactStore, open_store
 
 from support import (
     PROJECT,
@@ -39,13 +39,14 @@ from support import (
     dummy_aws_env,
     git_pipeline_repo,
     new_bucket,
+    passed_gate,
     restore_bucket,
     set_params,
     snapshot_bucket,
 )
 
 NAME = "digits"
-PASS = Gate(True, "beats finetune")
+PASS = passed_gate()
 BIN = Path(sys.executable).parent
 # Three epochs of three steps: each epoch lasts seconds on CPU, so a kill lands well inside one.
 TRAIN = {
@@ -155,7 +156,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(small_digi
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from spottune.engine import atomic_write
+    from spottune.atomic import atomic_write
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -202,7 +203,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
 
 def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     """Cleaning up is only for dead processes: two live writers must not delete each other's file."""
-    from spottune.engine import atomic_write, remove_stale_temporaries
+    from spottune.atomic import atomic_write, remove_stale_temporaries
 
     target = tmp_path / "metrics.json"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -287,7 +288,7 @@ def test_remade_routed_outputs_give_the_same_step_and_are_not_kept(monkeypatch):
     no routed output outlives the forward pass (without it, the next block keeps it)."""
     import weakref
 
-    import spottune.models.spottune as st
+    import spottune.models.split_training as st
 
     made = []
 
@@ -390,7 +391,7 @@ def test_recompute_frozen_keeps_nothing_of_the_frozen_branch_for_the_backward():
 
 def test_split_training_keeps_no_extra_block_output_where_autograd_keeps_the_branches(monkeypatch):
     """ResNet blocks end in ReLU, which keeps its output: the route then keeps F and F~ (no new memory), not F~ - F."""
-    import spottune.models.spottune as st
+    import spottune.models.split_training as st
 
     model = _spottune("resnet18", "none").train()
     model.execution = "split"
@@ -464,3 +465,68 @@ def test_usage_weight_adds_the_usage_term_to_the_loss():
     assert float(model.regularization(out)) == pytest.approx(2 * float(usage_term(out.tune_probability)), rel=1e-6)
     model.regularization(out).backward()
     assert model.policy.fc.bias.grad is not None
+
+
+def test_without_noise_training_decisions_are_the_argmax_and_still_carry_a_gradient():
+    from spottune.models.policy import sample_decisions
+
+    logits = torch.randn(128, 6, 2, requires_grad=True)
+    ours = sample_decisions(logits, 5.0, "gumbel", noise=0.0)
+    assert torch.equal(ours.detach(), sample_decisions(logits, 5.0, "argmax"))
+    (grad,) = torch.autograd.grad(ours, logits, torch.randn(128, 6))
+    assert grad.abs().sum() > 0
+    torch.manual_seed(1)
+    noisy = sample_decisions(logits, 5.0, "gumbel", noise=1.0)
+    assert not torch.equal(noisy.detach(), ours.detach())  # with noise, some images take the other branch
+
+
+def test_cosine_noise_schedule_goes_from_one_to_zero_and_constant_stays_at_one():
+    model = _spottune("resnet26", "none", noise_schedule="cosine")
+    scales = []
+    for epoch in range(5):
+        model.set_epoch(epoch, 5)
+        scales.append(model.noise)
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in itertools.pairwise(scales))
+    constant = _spottune("resnet26", "none")
+    constant.set_epoch(4, 5)
+    assert constant.noise == 1.0
+
+
+def test_expectation_decisions_mix_both_branches_by_the_tune_probability():
+    """eval_decisions 'expectation': each block returns F + p (F~ - F) with the image's own p."""
+    model = _spottune("resnet26", "none", eval_decisions="expectation", init_weight_std=0.5)
+    with torch.no_grad():  # make the copies differ, so that the mixture differs from either branch
+        for t in model.tuned_blocks.parameters():
+            t.add_(0.05 * torch.randn_like(t))
+    model.eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        p = tune_probability(model.policy(x))
+        assert torch.equal(out.decisions, p) and ((p > 0.01) & (p < 0.99)).any()
+        model.execution = "mixed"
+        expected = model(x, decisions=p).logits
+        argmax = model(x, decisions=(p > 0.5).float()).logits
+    torch.testing.assert_close(out.logits, expected)
+    assert not torch.allclose(out.logits, argmax)
+
+
+def test_tuned_l2sp_pulls_the_tuned_copy_toward_the_frozen_copy_in_place_of_weight_decay():
+    from spottune.config import OptimParams
+
+    torch.manual_seed(0)
+    model = SpotTuneNet(build_backbone("resnet26", "none", 32), 10, PolicyParams(), tuned_l2sp_alpha=0.5).train()
+    out = model(torch.randn(4, 3, 32, 32))
+    assert float(model.regularization(out)) == 0.0  # the tuned copy starts at the pretrained weights
+    weight = next(model.tuned_blocks.parameters())
+    with torch.no_grad():
+        weight.add_(0.1)
+    assert float(model.regularization(out)) == pytest.approx(0.5 * 0.5 * 0.01 * weight.numel(), rel=1e-4)
+    model.regularization(out).backward()
+    assert (weight.grad > 0).all()  # toward the frozen copy
+    groups = {g["name"]: g for g in model.parameter_groups(OptimParams(weight_decay=1e-4))}
+    assert groups["tuned"]["weight_decay"] == 0.0 and groups["net"]["weight_decay"] == 1e-4
+    assert any(p is weight for p in groups["tuned"]["params"])
+    plain = {g["name"] for g in _spottune("resnet26", "none").parameter_groups(OptimParams())}
+    assert plain == {"net", "head", "policy"}

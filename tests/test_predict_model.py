@@ -14,10 +14,10 @@ import pytest
 from spottune.config import StoreSettings
 from spottune.store import WEIGHTS, Gate, open_store, sha256_file
 
-from support import new_bucket, shifted_run, spottune, store_env
+from support import new_bucket, passed_gate, shifted_run, spottune, store_env
 
 NAME = "fashion"
-PASS = Gate(True, "test")
+PASS = passed_gate()
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_predict_by_name_fetches_once_and_reuses_the_verified_cache(backend, fin
     data[-1] ^= 1
     (cached / WEIGHTS).write_bytes(bytes(data))
     r = spottune("predict", "--model", f"{NAME}@production", images, env=env)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.returncode == 4 and "Traceback" not in r.stderr
     assert "cached copy refused" in r.stderr and WEIGHTS in r.stderr.splitlines()[-1], r.stderr
     assert r.stdout == ""
 
@@ -101,7 +101,7 @@ def test_predict_by_version_latest_and_clear_errors(finished_run, images, tmp_pa
     image = next(images.glob("*.png"))
 
     r = spottune("predict", "--model", f"{NAME}@production", image, env=env)
-    assert r.returncode == 2 and f"{NAME} has no production version" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 4 and f"{NAME} has no production version" in r.stderr and "Traceback" not in r.stderr
 
     store.publish(finished_run, NAME, "v1", gate=PASS)
     store.promote(NAME, "v1")
@@ -115,10 +115,10 @@ def test_predict_by_version_latest_and_clear_errors(finished_run, images, tmp_pa
     assert latest == _rows(spottune("predict", "--model", f"{NAME}@v2", "--json", image, env=env))
     assert by_default[0]["probability"] != latest[0]["probability"]
 
-    for ref, message in ((f"{NAME}@v9", "no such version"), ("../etc@production", "invalid model name"),
-                         (f"{NAME}@bad/version", "invalid version")):
+    for ref, message, code in ((f"{NAME}@v9", "no such version", 4), ("../etc@production", "invalid model name", 3),
+                               (f"{NAME}@bad/version", "invalid version", 3)):
         r = spottune("predict", "--model", ref, image, env=env)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (ref, r.stderr)
+        assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr, (ref, r.stderr)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -128,7 +128,7 @@ def test_predict_by_version_latest_and_clear_errors(finished_run, images, tmp_pa
 ])
 def test_bad_numbers_give_one_line_errors(args, message, finished_run, images, tmp_path):
     r = spottune("predict", "--run", finished_run, *args, images, env=store_env(StoreSettings()))
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr
+    assert r.returncode == 3 and r.stderr.strip() == f"error: {message}", r.stderr
 
 
 def test_run_and_model_are_exclusive_and_one_is_required(finished_run, images):
@@ -152,11 +152,11 @@ def test_csv_matches_json_and_is_written_atomically(finished_run, images, tmp_pa
     bad = images / "more" / "zz-broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     r = spottune("predict", "--run", finished_run, "--csv", out, "--batch-size", "2", images, env=env)
-    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 3 and str(bad) in r.stderr and "Traceback" not in r.stderr
     assert out.read_bytes() == before and sorted(p.name for p in out.parent.iterdir()) == ["predictions.csv"]
 
     r = spottune("predict", "--run", finished_run, images / "missing.png", env=env)
-    assert r.returncode == 2 and "missing.png does not exist" in r.stderr
+    assert r.returncode == 3 and "missing.png does not exist" in r.stderr
 
 
 def test_images_stream_through_in_batches(finished_run, fashion_root):

@@ -121,10 +121,10 @@ def test_non_image_files_are_skipped_and_a_disguised_one_is_named(capsys, tree, 
     disguised.write_text("path,label,split\na.png,coat,train\n")
     assert cli(capsys, "prepare", "--params", params)[0] == 0
     code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
-    assert code == 2 and "file_decodes" in text and "table.png" in text and "Traceback" not in text, text
+    assert code == 3 and "file_decodes" in text and "table.png" in text and "Traceback" not in text, text
 
     code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", "data.manifest=null")
-    assert code == 2 and "table.png" in text and "cannot decode" in text, text
+    assert code == 3 and "table.png" in text and "cannot decode" in text, text
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -143,7 +143,7 @@ def test_decompression_bombs_are_refused_from_their_header(capsys, tree, tmp_pat
     params = params_file(tmp_path, tree)
     assert cli(capsys, "prepare", "--params", params)[0] == 0
     code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
-    assert code == 2 and "pixels_within_limit" in text, text
+    assert code == 3 and "pixels_within_limit" in text, text
     assert "bomb-100mpx.png (10000x10000)" in text and "bomb-400mpx.png (20000x20000)" in text, text
 
     for bomb in (big, bigger):
@@ -202,7 +202,7 @@ def test_prepare_validate_and_training_refuse_symlinks_out_of_the_data_directory
     escape = tree / "train" / "coat" / "escape.png"
     escape.symlink_to(outside_file)
     code, text = cli(capsys, "prepare", "--params", params)
-    assert code == 2 and "train/coat/escape.png" in text and "outside the data directory" in text, text
+    assert code == 3 and "train/coat/escape.png" in text and "outside the data directory" in text, text
     assert (tmp_path / "prepared" / "manifest.csv").read_bytes() == manifest_before, "no manifest lists it"
 
     # a manifest written before the link was planted: validation and training still refuse it
@@ -213,14 +213,14 @@ def test_prepare_validate_and_training_refuse_symlinks_out_of_the_data_directory
     escape.unlink()
     escape.symlink_to(outside_file)
     code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
-    assert code == 2 and "file_inside_root" in text and "train/coat/escape.png" in text, text
+    assert code == 3 and "file_inside_root" in text and "train/coat/escape.png" in text, text
 
     manifest = tmp_path / "prepared" / "manifest.csv"
     for data in (DataParams(root=tree, manifest=manifest, image_size=32), DataParams(root=tree, image_size=32)):
         with pytest.raises(DataError, match="escape.png.*private"):
             build_datasets(data, seed=0)
     code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
-    assert code == 2 and "escape.png" in text and not (tmp_path / "run" / "checkpoint.pt").exists(), text
+    assert code == 3 and "escape.png" in text and not (tmp_path / "run" / "checkpoint.pt").exists(), text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_an_empty_data_directory_is_refused_and_nothing_is_written(capsys, tmp_p
     (root / "train" / "bag" / "README.txt").write_text("images go here\n")
     params = params_file(tmp_path, root)
     code, text = cli(capsys, "prepare", "--params", params)
-    assert code == 2 and "no image files" in text and str(root) in text, text
+    assert code == 3 and "no image files" in text and str(root) in text, text
     assert not (tmp_path / "prepared").exists()
     with pytest.raises(DataError, match="no image files"):
         materialise(str(root), tmp_path / "out", log=lambda _: None)
@@ -323,7 +323,7 @@ def test_data_overwrite_refuses_a_source_inside_the_output_or_an_output_inside_t
     for source, out in cases:
         r = subprocess.run([sys.executable, "-m", "spottune.cli", "data", str(source), "--out", str(out), "--overwrite"],
                            cwd=tmp_path / "elsewhere", env=clean_env(), capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and "inside" in r.stderr and "nothing was written or deleted" in r.stderr, r.stderr
+        assert r.returncode == 3 and "inside" in r.stderr and "nothing was written or deleted" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert snapshot_tree(tmp_path) == before, (source, out)
         assert not (work / "new").exists() and not list(tmp_path.rglob("*.partial/dataset.json"))
@@ -381,10 +381,10 @@ def test_a_split_without_images_fails_validation_and_training_names_it(capsys, t
     params = params_file(tmp_path, tree)
     assert cli(capsys, "prepare", "--params", params)[0] == 0
     code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
-    assert code == 2 and all(f"test/{c}" in text for c in FASHION), text
+    assert code == 3 and all(f"test/{c}" in text for c in FASHION), text
     manifest = tmp_path / "prepared" / "manifest.csv"
     code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}")
-    assert code == 2 and "no test images" in text and str(manifest) in text, text
+    assert code == 3 and "no test images" in text and str(manifest) in text, text
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -405,7 +405,7 @@ def test_a_malformed_model_json_is_one_line_naming_it(capsys, tmp_path, card):
     (run / "model.json").write_bytes(card)
     for command in (["evaluate", run], ["export-backbone", run, "--out", tmp_path / "b.safetensors"]):
         code, text = cli(capsys, *command)
-        assert code == 2 and text.startswith(f"error: {run / 'model.json'}") and text.count("\n") == 1, text
+        assert code == 3 and text.startswith(f"error: {run / 'model.json'}") and text.count("\n") == 1, text
     assert not (tmp_path / "b.safetensors").exists()
 
 
@@ -424,7 +424,7 @@ def test_a_manifest_with_a_bad_field_is_one_line_naming_it(capsys, tree, tmp_pat
     for command in (["validate", "--params", params, "--out-dir", tmp_path / "report"],
                     ["train", "--params", params, "--out", tmp_path / "run", "--set", f"data.manifest={manifest}"]):
         code, text = cli(capsys, *command)
-        assert code == 2 and text.startswith(f"error: {manifest}") and text.count("\n") == 1, text
+        assert code == 3 and text.startswith(f"error: {manifest}") and text.count("\n") == 1, text
         assert all(w in text for w in words), text
     assert not (tmp_path / "run").exists() and not (tmp_path / "report").exists()
 
@@ -447,7 +447,7 @@ def test_output_paths_that_cannot_be_written_fail_before_any_work_and_long_valid
 
     def refused(*args: Any, words: str) -> None:
         code, text = cli(capsys, *args)
-        assert code == 2 and text.startswith("error: ") and text.count("\n") == 1 and words in text, text
+        assert code == 3 and text.startswith("error: ") and text.count("\n") == 1 and words in text, text
         assert "Traceback" not in text
 
     validate = ("validate", "--params", params)
@@ -499,7 +499,7 @@ def test_prepare_refuses_a_manifest_path_that_is_not_a_regular_file(capsys, tree
     for kind, path in special_files(tmp_path).items():
         before = path.lstat()
         code, text = cli(capsys, "prepare", "--params", params, "--set", f"prepare.manifest={path}")
-        assert code == 2 and f"prepare.manifest {path} is a{'n' if kind[0] in 'aeiou' else ''} {kind}" in text, text
+        assert code == 3 and f"prepare.manifest {path} is a{'n' if kind[0] in 'aeiou' else ''} {kind}" in text, text
         assert text.count("\n") == 1, text
         after = path.lstat()
         assert stat_.S_IFMT(after.st_mode) == stat_.S_IFMT(before.st_mode) and after.st_ino == before.st_ino
@@ -518,7 +518,7 @@ def test_a_file_name_that_is_not_utf8_is_named_and_leaves_no_temporary_file(caps
     shutil.copyfile(next((tree / "train" / "bag").glob("*.png")), bad)
     params = params_file(tmp_path, tree)
     code, text = cli(capsys, "prepare", "--params", params)
-    assert code == 2 and "not UTF-8" in text and "photo-\\udcff\\udcfe.png" in text and text.count("\n") == 1, text
+    assert code == 3 and "not UTF-8" in text and "photo-\\udcff\\udcfe.png" in text and text.count("\n") == 1, text
     assert not (tmp_path / "prepared" / "manifest.csv").exists()
     assert not list(tmp_path.rglob("*.tmp")), list(tmp_path.rglob("*.tmp"))
 
@@ -626,9 +626,9 @@ def test_any_set_override_gives_params_or_a_config_error_naming_it(pairs):
 @pytest.mark.parametrize("pair,culprit", [("optim.epochs=[1, 2", "optim.epochs"), ("data.image_size={a: ", "data.image_size"),
                                           ("optim.lr_net=!!python/object/apply:os.system [ls]", "optim.lr_net"),
                                           ("model.weights=" + "w" * 5000, "model")])
-def test_cli_set_with_a_broken_value_exits_2_naming_the_key(capsys, tmp_path, pair, culprit):
+def test_cli_set_with_a_broken_value_exits_3_naming_the_key(capsys, tmp_path, pair, culprit):
     code, text = cli(capsys, "train", "--out", tmp_path / "run", "--set", pair)
-    assert code == 2 and culprit in text and "Traceback" not in text and len(text) < 2_000, text
+    assert code == 3 and culprit in text and "Traceback" not in text and len(text) < 2_000, text
     assert not (tmp_path / "run").exists()
 
 
@@ -649,7 +649,7 @@ def test_a_yaml_alias_bomb_in_params_is_refused_in_seconds_naming_the_file(tmp_p
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "prepare", "--params", str(path)], cwd=tmp_path,
                        env=clean_env(), capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 30
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
     assert "aliases are not allowed" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "prepared").exists()
     with pytest.raises(ConfigError, match="anchor &a at line 1"):
@@ -663,18 +663,18 @@ def test_an_out_of_range_seed_is_refused_naming_the_key_and_the_extremes_train(c
     died with a traceback ('Overflow when unpacking long'). Refused before any work; both extremes train."""
     params = params_file(tmp_path, tree, data={"manifest": None, "val_fraction": 0.25})
     code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / "run", "--set", f"optim.seed={seed}")
-    assert code == 2 and "optim.seed" in text and "Traceback" not in text and not (tmp_path / "run").exists(), text
+    assert code == 3 and "optim.seed" in text and "Traceback" not in text and not (tmp_path / "run").exists(), text
     for extreme in (2**63 - 1, -(2**63)) if seed == str(2**63) else ():
         code, text = cli(capsys, "train", "--params", params, "--out", tmp_path / f"run{extreme}",
                          "--set", f"optim.seed={extreme}")
         assert code == 0 and (tmp_path / f"run{extreme}" / "model.safetensors").is_file(), text
 
 
-def test_flow_command_line_set_with_a_broken_value_exits_2_naming_the_key(tmp_path):
+def test_flow_command_line_set_with_a_broken_value_exits_3_naming_the_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(tmp_path), "--set", "optim.epochs=[1, 2"],
                        cwd=PROJECT, env=clean_env(PREFECT_HOME=str(tmp_path / "prefect")), capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and "optim.epochs" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 3 and "optim.epochs" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "params.yaml").exists()
 
 
@@ -732,7 +732,7 @@ def test_store_misconfiguration_is_one_clear_line_without_secrets(moto_servers, 
     for command in (["models", "list", "fashion"], ["promote", "fashion", "v1"]):
         r = subprocess.run([sys.executable, "-m", "spottune.cli", *command], env=env, capture_output=True, text=True,
                            timeout=120, cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.startswith("error: cannot reach bucket"), r.stderr
+        assert r.returncode == 4 and r.stderr.startswith("error: cannot reach bucket"), r.stderr
         assert all(w in r.stderr for w in words) and "Traceback" not in r.stderr, r.stderr
         assert not leaks(r.stdout + r.stderr)
     assert list(tmp_path.iterdir()) == []
@@ -757,7 +757,7 @@ def test_credentials_in_an_endpoint_url_are_refused_without_being_repeated(capsy
         config = (repo / ".dvc" / "config").read_bytes()
         monkeypatch.chdir(repo)
         code, text = cli(capsys, "remote", "--params", repo / "params.yaml")
-        assert code == 2 and not leaks(text) and "credentials in the URL" in text, text
+        assert code == 3 and not leaks(text) and "credentials in the URL" in text, text
         assert (repo / ".dvc" / "config").read_bytes() == config and not (repo / ".dvc" / "config.local").exists()
 
 
@@ -779,7 +779,7 @@ def test_a_region_of_the_wrong_shape_is_refused_naming_the_variable(capsys, monk
     monkeypatch.chdir(repo)
     monkeypatch.setenv("SPOTTUNE_REMOTE_URL", "s3://models/dvcstore")
     code, text = cli(capsys, "remote", "--params", repo / "params.yaml")
-    assert code == 2 and "region" in text and not (repo / ".dvc" / "config.local").exists(), text
+    assert code == 3 and "region" in text and not (repo / ".dvc" / "config.local").exists(), text
     for ok in ("us-east-1", "eu-west-1", "default", "zg_1"):
         monkeypatch.setenv("SPOTTUNE_S3_REGION", ok)
         assert store_settings().s3_region == ok
@@ -799,7 +799,7 @@ def test_a_malformed_endpoint_is_refused_without_repeating_it(capsys, monkeypatc
                     SPOTTUNE_S3_BUCKET="models", SPOTTUNE_S3_ENDPOINT_URL=url, SPOTTUNE_S3_MAX_ATTEMPTS="1")
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "models", "list", "fashion"], env=env, capture_output=True,
                        text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and "SPOTTUNE_S3_ENDPOINT_URL" in r.stderr and "malformed" in r.stderr, r.stderr
+    assert r.returncode == 3 and "SPOTTUNE_S3_ENDPOINT_URL" in r.stderr and "malformed" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and SECRET_IN_URL not in r.stdout + r.stderr, r.stderr
     monkeypatch.setenv("SPOTTUNE_REMOTE_ENDPOINT_URL", url)
     with pytest.raises(ConfigError, match="malformed endpoint URL") as err:
@@ -832,7 +832,7 @@ def test_dvc_push_to_a_wrong_remote_names_bucket_and_endpoint(moto_servers, tmp_
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "data", "digits", "--out", "data/digits",
                         "--train-per-class", "2", "--test-per-class", "1", "--push"], cwd=repo, env=env,
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr
     assert f"s3://{bucket}/dvcstore at {endpoint}" in r.stderr and "dvc push" in r.stderr, r.stderr
     assert not leaks(r.stdout + r.stderr)
     config = (repo / ".dvc" / "config").read_text() + (repo / ".dvc" / "config.local").read_text()
@@ -854,7 +854,8 @@ def flow_project(tmp_path_factory) -> Path:
        "--train-per-class", "8", "--test-per-class", "4", "--track", cwd=repo, timeout=600)
     set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
                data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 2}, gate={"margin": -1.0, "floor": 0.0},
+               optim={"epochs": 1, "max_steps_per_epoch": 2},
+               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
                publish={"model_name": NAME, "promote": True})
     sh("git", "add", ".", cwd=repo)
     sh("git", "commit", "-q", "-m", "tiny pipeline", cwd=repo)
@@ -878,7 +879,7 @@ def s3_flow_env(moto_servers, monkeypatch, tmp_path) -> dict[str, str]:
     env = {**planted_credentials(tmp_path), "SPOTTUNE_STORE_BACKEND": "s3", "SPOTTUNE_S3_BUCKET": new_bucket(open_.url),
            "SPOTTUNE_S3_ENDPOINT_URL": open_.url, "SPOTTUNE_STORE_PREFIX": "team", "SPOTTUNE_S3_MAX_ATTEMPTS": "1",
            "SPOTTUNE_REMOTE_URL": f"s3://{new_bucket(open_.url)}/dvcstore", "SPOTTUNE_REMOTE_ENDPOINT_URL": open_.url,
-           "NO_PROXY": "127.0.0.1"}
+           "NO_PROXY": "127.0.0.1", "SPOTTUNE_MODEL_CACHE_DIR": str(tmp_path / "model-cache")}
     for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
@@ -965,7 +966,7 @@ def test_planted_credentials_reach_no_log_file_parameter_artifact_or_object(
         if "data version" in records["logs"]:
             break
         time.sleep(1)
-    assert "data version" in records["logs"] and "[stage validate]" in records["logs"], "the flow's logs were captured"
+    assert "data version" in records["logs"] and "Running stage 'validate'" in records["logs"], "the flow's logs were captured"
     assert "optim.max_steps_per_epoch" in records["parameters"] and "spottune-retrain-report" in records["artifacts"]
 
     found: dict[str, list[str]] = {}

@@ -22,12 +22,12 @@ import httpx
 import pytest
 
 from spottune.config import StoreSettings
-from spottune.store import WEIGHTS, Gate, open_store
+from spottune.store import WEIGHTS, open_store
 
-from support import free_port, new_bucket, shifted_run, store_env
+from support import free_port, new_bucket, passed_gate, shifted_run, store_env
 
 NAME = "fashion"
-PASS = Gate(True, "test")
+PASS = passed_gate()
 
 
 class Server:
@@ -248,16 +248,16 @@ def test_a_newly_promoted_version_is_served_without_restart(backend, finished_ru
         server.stop()
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], f"{NAME} has no production version"),
-    (["--poll-s", "0"], "--poll-s must be positive (got 0.0)"),
-    (["--max-upload-mb", "-1"], "--max-upload-mb must be positive (got -1.0)"),
-    (["--max-pixels", "0"], "--max-pixels must be positive (got 0)"),
+@pytest.mark.parametrize("args,message,code", [
+    ([], f"{NAME} has no production version", 4),  # the store's answer
+    (["--poll-s", "0"], "--poll-s must be positive (got 0.0)", 3),  # bad input
+    (["--max-upload-mb", "-1"], "--max-upload-mb must be positive (got -1.0)", 3),
+    (["--max-pixels", "0"], "--max-pixels must be positive (got 0)", 3),
 ])
-def test_serve_refuses_to_start_with_one_clear_line(args, message, tmp_path):
+def test_serve_refuses_to_start_with_one_clear_line(args, message, code, tmp_path):
     settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "serve", "--model", f"{NAME}@production",
                         "--port", str(free_port()), *args], capture_output=True, text=True, env=store_env(settings),
                        timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and message in r.stderr, r.stderr
+    assert r.returncode == code and r.stderr.strip().startswith("error: ") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -27,7 +27,6 @@ from spottune.store import (
     MANIFEST,
     VERSION_FILES,
     ArtifactStore,
-    Gate,
     IntegrityError,
     LocalBackend,
     PromotionRefused,
@@ -37,10 +36,10 @@ from spottune.store import (
     sha256_file,
 )
 
-from support import DUMMY_AWS, MotoServer, clean_env, free_port, new_bucket, s3_client
+from support import DUMMY_AWS, MotoServer, clean_env, free_port, new_bucket, passed_gate, s3_client
 
 NAME = "fashion"
-PASS = Gate(True, "beats finetune")
+PASS = passed_gate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +233,12 @@ def test_a_tampered_pointer_history_is_an_integrity_error_not_a_key_error(store,
     for action in (lambda: store.rollback(NAME), lambda: store.promote(NAME, "v1"), lambda: store.production(NAME)):
         with pytest.raises(IntegrityError, match="production.json is not a valid production pointer"):
             action()
-    if isinstance(store.backend, LocalBackend):  # the command line: one line, exit 2
+    if isinstance(store.backend, LocalBackend):  # the command line: one line, exit 4 (the store)
         from spottune.cli import main
 
         monkeypatch.setenv("SPOTTUNE_STORE_BACKEND", "local")
         monkeypatch.setenv("SPOTTUNE_STORE_ROOT", str(store.backend.root))
-        assert main(["rollback", NAME]) == 2
+        assert main(["rollback", NAME]) == 4
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "not a valid production pointer" in err, err
     assert [a["action"] for a in store.audit_trail(NAME)] == ["promote", "promote"]
@@ -259,6 +258,27 @@ def test_a_version_that_failed_the_gate_never_becomes_production(store, finished
         store.publish(other_run, NAME, "v2", gate=PASS)  # the verdict cannot be flipped by re-publishing
     gate = json.loads(store.backend.get_bytes(store.version_key(NAME, "v2", "gate.json"))[0])
     assert gate["passed"] is False and "below the baseline" in gate["reason"]
+
+
+def test_a_version_without_the_gate_record_needs_a_forced_promotion_which_is_audited(store, finished_run, other_run):
+    from spottune.store import Gate
+
+    store.publish(finished_run, NAME, "v1", gate=PASS)
+    store.promote(NAME, "v1", reason="gate passed")
+    store.publish(other_run, NAME, "v2", gate=Gate(None, "published by hand"))
+    assert {r.version: r.gate_passed for r in store.list_versions(NAME)} == {"v1": True, "v2": None}
+    with pytest.raises(PromotionRefused, match="no record of the pipeline's gate"):
+        store.promote(NAME, "v2")
+    with pytest.raises(PromotionRefused, match="needs a reason"):
+        store.promote(NAME, "v2", force=True, reason="  ")
+    assert store.production(NAME)["version"] == "v1" and len(store.audit_trail(NAME)) == 1
+
+    pointer = store.promote(NAME, "v2", force=True, reason="hotfix", actor="carol@ops")
+    assert pointer["forced"] is True and pointer["history"][-1]["forced"] is False
+    trail = store.audit_trail(NAME)
+    assert [(a["version"], a["forced"], a["reason"], a["by"]) for a in trail][-1] == ("v2", True, "hotfix", "carol@ops")
+    assert trail[0]["forced"] is False and all(a["at"] for a in trail)
+    assert store.rollback(NAME, reason="undo the hotfix")["forced"] is False
 
 
 def test_republish_after_a_failure_mid_upload_completes_without_duplicates(store, finished_run, other_run):
@@ -477,7 +497,10 @@ def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp
         assert args.func(args, None) == 0
         return capsys.readouterr().out
 
-    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789")
+    record = tmp_path / "gate.json"  # what the gate stage writes to metrics/gate.json
+    record.write_text(json.dumps(PASS.details))
+    run("publish", finished_run, "--name", NAME, "--version", "v1", "--data-version", "abcdef0123456789",
+        "--gate", record)
     run("publish", other_run, "--name", NAME, "--version", "v2", "--candidate-only")
     assert "production is now v1" in run("promote", NAME, "v1", "--reason", "first")
     with pytest.raises(PromotionRefused):
@@ -486,8 +509,11 @@ def test_cli_publish_promote_list_rollback(backend, finished_run, other_run, tmp
     assert rows["v1"]["production"] and rows["v2"]["gate_passed"] is False
     table = run("models", "list", NAME)
     assert "* v1" in table and "failed" in table
-    run("publish", other_run, "--name", NAME, "--version", "v3")
-    run("promote", NAME, "v3")
+    assert "no gate record" in run("publish", other_run, "--name", NAME, "--version", "v3")  # by hand
+    with pytest.raises(PromotionRefused, match="--force --reason"):
+        run("promote", NAME, "v3")
+    assert "forced" in run("promote", NAME, "v3", "--force", "--reason", "by hand")
+    assert "* v3" in run("models", "list", NAME) and " none " in run("models", "list", NAME)
     assert "production is now v1" in run("rollback", NAME)
 
 
@@ -538,7 +564,7 @@ def test_a_store_prefix_that_climbs_out_or_has_empty_parts_is_refused(moto, fini
                     SPOTTUNE_STORE_PREFIX=prefix)
     r = subprocess.run([sys.executable, "-m", "spottune.cli", "publish", str(finished_run), "--name", NAME],
                        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and "SPOTTUNE_STORE_PREFIX" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 3 and "SPOTTUNE_STORE_PREFIX" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 2, r.stderr
     with pytest.raises(StoreError, match="invalid store prefix"):
         ArtifactStore(LocalBackend(tmp_path / "store"), prefix)
@@ -552,7 +578,8 @@ def test_local_store_files_follow_the_umask(finished_run, tmp_path, umask, mode)
     could not read them. Files get 0666 & ~umask, as any other file the process creates."""
 
     env = clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"))
-    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"], ["promote", NAME, "v1"]):
+    for argv in (["publish", str(finished_run), "--name", NAME, "--version", "v1"],
+                 ["promote", NAME, "v1", "--force", "--reason", "by hand"]):
         r = subprocess.run([sys.executable, "-m", "spottune.cli", *argv], env=env, capture_output=True, text=True,
                            timeout=120, cwd=tmp_path, umask=umask)
         assert r.returncode == 0, r.stderr

@@ -177,7 +177,7 @@ def test_torchrun_trains_data_parallel_with_one_writer(digits_root, tmp_path):
     assert proc.stdout.count("test accuracy") == 1, "only rank 0 reports"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert [h["train"]["images"] for h in metrics["history"]] == [80, 80]  # rank 0's shard: 5 steps of 16
+    assert [h["train"]["images"] for h in metrics["history"]] == [160, 160]  # both shards: 2 x 5 steps of 16
     assert metrics["test"]["accuracy"] > 0.3, metrics["test"]["accuracy"]  # 10 classes: chance is 0.1
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]
@@ -193,3 +193,66 @@ def test_routing_statistics_say_how_per_image_the_routing_is():
     test = summarise_predictions(p, 2)
     assert test["minority_fraction_per_block"] == [0.0, 0.25, 0.0]
     assert test["mixed_blocks"] == 1
+
+
+def _epoch_on_a_shard(rank: int, world_size: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group: train one epoch on its own shard and write what it returns."""
+    import json
+    import os
+
+    from spottune.distributed import Distributed
+    from spottune.engine import DeviceSetup, train_one_epoch
+    from spottune.models.base import ModelOutput, TransferModel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+    class Probe(TransferModel):  # a linear classifier: the smallest model the engine trains
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.frozen_modules = []
+
+        def forward(self, x):
+            return ModelOutput(self.fc(x.flatten(1).float()))
+
+    torch.manual_seed(0)
+    model = Probe()
+    g = torch.Generator().manual_seed(rank + 1)  # shards differ: rank 1 has more images, other labels
+    images = torch.randn(8 * (rank + 1), 4, generator=g)
+    labels = torch.full((8 * (rank + 1),), rank)
+    loader = [(images[i:i + 4], labels[i:i + 4]) for i in range(0, len(images), 4)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the loss of every batch is the same model's
+    dist = Distributed(world_size, rank, rank)
+    stats = train_one_epoch(model, optimizer, loader, DeviceSetup(torch.device("cpu")), epoch=0, progress=False,
+                            all_reduce=dist.all_reduce_sum)
+    with torch.no_grad():
+        logits = model(images).logits
+        local = {"loss_sum": float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                 "correct": int((logits.argmax(1) == labels).sum()), "images": len(labels)}
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"stats": stats, "local": local}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_training_statistics_cover_every_ranks_shard(tmp_path):
+    """Two real processes (gloo on CPU) with shards of different sizes and labels: both report the loss and
+    accuracy of all 24 images, not their own shard's (before: rank 0's 8 images alone reached metrics)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from support import free_port
+
+    mp.spawn(_epoch_on_a_shard, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    images = sum(r["local"]["images"] for r in ranks)
+    loss = sum(r["local"]["loss_sum"] for r in ranks) / images
+    accuracy = sum(r["local"]["correct"] for r in ranks) / images
+    assert images == 24
+    for r in ranks:
+        assert r["stats"]["images"] == 24
+        assert r["stats"]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert r["stats"]["accuracy"] == pytest.approx(accuracy)
+    own = ranks[0]["local"]["loss_sum"] / ranks[0]["local"]["images"]
+    assert abs(own - loss) > 1e-3, "the shards must differ for this test to tell them apart"

@@ -130,7 +130,7 @@ def _oversized(root: Path) -> list[str]:
 def test_bad_data_fails_naming_the_check_and_the_files(capsys, root, tmp_path, breakage):
     expected = breakage(root)
     code, text = prepare_and_validate(capsys, tmp_path, root)
-    assert code == 2, text
+    assert code == 3, text
     assert "data validation failed" in text and "Traceback" not in text
     for words in expected:
         assert words in text, f"{words!r} not in:\n{text}"
@@ -144,7 +144,7 @@ def test_labels_come_from_params_when_given(capsys, root, tmp_path):
     params.write_text(params.read_text() + "  classes: [bag, coat]\n")
     assert cli(capsys, "prepare", "--params", params)[0] == 0
     code, text = cli(capsys, "validate", "--params", params, "--out-dir", tmp_path / "report")
-    assert code == 2 and "unexpected label(s)" in text and "trouser" in text
+    assert code == 3 and "unexpected label(s)" in text and "trouser" in text
 
 
 def test_manifest_with_wrong_columns_is_named(tmp_path):
@@ -154,3 +154,30 @@ def test_manifest_with_wrong_columns_is_named(tmp_path):
     bad.write_text("path,label\nx.png,a\n")
     with pytest.raises(DataError, match="m.csv"):
         read_manifest(bad)
+
+
+def test_reports_are_replaced_whole_never_written_through_a_link(capsys, root, tmp_path):
+    """Reports are written atomically (temporary name, rename), as every other output: a report file that is a
+    hard link into a cache (DVC's `hardlink` cache type links outputs so) is replaced, the cached bytes are
+    left alone. Before, `write_text` truncated and rewrote the shared inode: the cache's copy changed too."""
+    report = tmp_path / "report"
+    report.mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("result.json", "summary.json", "report.html", "gx.html"):
+        (cache / name).write_text("cached bytes of an earlier validation\n")
+        (report / name).hardlink_to(cache / name)
+    metrics = tmp_path / "metrics" / "validation.json"
+    metrics.parent.mkdir()
+    (cache / "metrics.json").write_text("cached metrics\n")
+    metrics.hardlink_to(cache / "metrics.json")
+    params = _params_file(tmp_path, root)
+    assert cli(capsys, "prepare", "--params", params)[0] == 0
+    code, text = cli(capsys, "validate", "--params", params, "--out-dir", report, "--metrics", metrics)
+    assert code == 0, text
+    for name in ("result.json", "summary.json", "report.html", "gx.html"):
+        assert (cache / name).read_text() == "cached bytes of an earlier validation\n", name
+        assert (report / name).stat().st_nlink == 1 and "cached bytes" not in (report / name).read_text()
+    assert (cache / "metrics.json").read_text() == "cached metrics\n"
+    assert json.loads(metrics.read_text())["success"] == 1
+    assert sorted(p.name for p in report.iterdir()) == ["gx.html", "report.html", "result.json", "summary.json"]

@@ -7,6 +7,7 @@ ImageFolder tree: ROOT/train, ROOT/test and ROOT/val (or val carved from train).
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 from dataclasses import dataclass
 from multiprocessing import forkserver
@@ -16,40 +17,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from spottune.config import DataParams
+from spottune.data.images import open_image
 from spottune.data.manifest import IMAGE_EXTENSIONS, outside_links, read_manifest
 from spottune.errors import DataError
 
 
-class ImageTooLarge(DataError):
-    """More pixels than allowed: refused from the header."""
-
-
-def open_image(source, name: str, max_pixels: int | None = None):
-    """An RGB image from a path or a binary file; DataError naming `name` when it does not decode.
-
-    Images over `max_pixels` (default: Pillow's Image.MAX_IMAGE_PIXELS, about 89 Mpx) are refused
-    from their header, before any decoding (ImageTooLarge): Pillow itself only warns up to twice
-    that and raises a non-OSError above it, so a decompression bomb would otherwise exhaust memory
-    or crash with a traceback.
-    """
-    from PIL import Image
-
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    try:
-        with Image.open(source) as img:
-            width, height = img.size
-            if limit and width * height > limit:
-                raise ImageTooLarge(f"refused image {name}: {width}x{height} pixels exceeds the limit of "
-                                    f"{limit} (a decompression bomb?)")
-            return img.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"refused image {name}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot decode image {name}: {e}") from None
-
-
 def load_rgb(path: str):
-    """Open an image file as RGB (open_image): what training, validation and predict read."""
+    """Open an image file as upright 8-bit RGB (open_image): what training, validation and predict read."""
     return open_image(path, str(path))
 
 
@@ -72,6 +46,24 @@ class DataSplits:
     val: Dataset
     test: Dataset
     classes: list[str]
+    data_sha256: str = ""  # what the splits were built from (data_identity): a checkpoint resumes only onto the same
+
+    def identity(self) -> dict:
+        """What a checkpoint records of its data, and what a resume compares (spottune/training.py)."""
+        return {"sha256": self.data_sha256, "classes": list(self.classes),
+                "images": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
+
+
+def data_identity(files: list[tuple[str, int]]) -> str:
+    """sha256 over (relative path, size in bytes) of every file a run reads, in order.
+
+    Why not the pixels: hashing every image at each start would cost as much as an epoch on big data.
+    With a manifest the caller passes the manifest itself, whose rows hold each image's sha256.
+    """
+    digest = hashlib.sha256()
+    for name, size in files:
+        digest.update(f"{name}\t{size}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def _image_folder(path: Path, transform, tree: Path):
@@ -107,7 +99,7 @@ def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[li
     for c in t.unique().tolist():
         idx = (t == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n = int(round(len(idx) * fraction)) if fraction > 0 else 0
+        n = round(len(idx) * fraction) if fraction > 0 else 0
         held += idx[:n].tolist()
         keep += idx[n:].tolist()
     return sorted(keep), sorted(held)
@@ -141,11 +133,13 @@ def _manifest_datasets(data: DataParams, train_tf, eval_tf) -> DataSplits:
     if not root.is_dir():
         raise DataError(f"data.root: directory not found: {root} (the manifest's paths are relative to it)")
     _refuse_outside(root, [root / r.path for r in rows])
+    manifest = Path(data.manifest)
     return DataSplits(
         ManifestDataset(root, by_split["train"], train_tf),
         ManifestDataset(root, by_split["val"], eval_tf),
         ManifestDataset(root, by_split["test"], eval_tf),
         classes,
+        hashlib.sha256(manifest.read_bytes()).hexdigest(),  # its rows hold every image's sha256
     )
 
 
@@ -170,7 +164,11 @@ def build_datasets(data: DataParams, seed: int) -> DataSplits:
         train = Subset(train, keep)
     classes = train.dataset.classes if isinstance(train, Subset) else train.classes
     _same_classes(classes, test.classes, root / "test")
-    return DataSplits(train, val, test, classes)
+    folders = [d.dataset if isinstance(d, Subset) else d for d in (train, test)] + \
+        ([] if isinstance(val, Subset) else [val])
+    files = [Path(p) for folder in folders for p, _ in folder.samples]
+    identity = data_identity([(f.relative_to(root).as_posix(), f.stat().st_size) for f in files])
+    return DataSplits(train, val, test, classes, identity)
 
 
 def _same_classes(expected: list[str], found: list[str], where: Path) -> None:

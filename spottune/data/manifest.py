@@ -28,6 +28,7 @@ from spottune.errors import DataError
 
 COLUMNS = ("path", "label", "split", "width", "height", "mode", "bytes", "sha256")
 SPLITS = ("train", "val", "test")
+ORIENTATION = 0x0112  # the EXIF tag
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -110,7 +111,7 @@ def _held_out(paths: list[str], fraction: float, rng: random.Random) -> set[str]
     """A seeded `fraction` of `paths` (rounded, per class by the caller)."""
     order = sorted(paths)
     rng.shuffle(order)
-    return set(order[: int(round(len(order) * fraction))]) if fraction > 0 else set()
+    return set(order[: round(len(order) * fraction)]) if fraction > 0 else set()
 
 
 def assign_splits(files: list[tuple[str, str, str | None]], params: PrepareParams,
@@ -146,7 +147,10 @@ def assign_splits(files: list[tuple[str, str, str | None]], params: PrepareParam
 
 
 def describe_file(path: Path) -> tuple[int | None, int | None, str | None, int, str]:
-    """(width, height, mode, bytes, sha256) from the bytes and the header only: no pixel decoding."""
+    """(width, height, mode, bytes, sha256) from the bytes and the header only: no pixel decoding.
+
+    Width and height are those of the image as decoded (spottune/data/images.py): after its EXIF
+    orientation, so a photo stored sideways is listed upright."""
     from PIL import Image
 
     data = path.read_bytes()
@@ -158,7 +162,9 @@ def describe_file(path: Path) -> tuple[int | None, int | None, str | None, int, 
         try:
             with Image.open(io.BytesIO(data)) as img:
                 (width, height), mode = img.size, img.mode
-        except Exception:  # noqa: BLE001 - any header failure is recorded as missing fields, reported by validate
+                if img.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # stored sideways: seen (and trained) upright
+                    width, height = height, width
+        except Exception:  # noqa: BLE001, S110 - any header failure is recorded as missing fields, reported by validate
             pass
         finally:
             Image.MAX_IMAGE_PIXELS = limit

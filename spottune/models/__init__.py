@@ -21,7 +21,8 @@ def build_model(params: Params, num_classes: int, *, pretrained: bool = True) ->
     m = params.model
     backbone = build_backbone(m.backbone, m.weights if pretrained else "none", params.data.image_size)
     if m.method == "spottune":
-        return SpotTuneNet(backbone, num_classes, params.policy, train_stem=m.train_stem, dropout=m.dropout)
+        return SpotTuneNet(backbone, num_classes, params.policy, train_stem=m.train_stem, dropout=m.dropout,
+                           tuned_l2sp_alpha=m.tuned_l2sp_alpha)
     return FineTuneNet(
         backbone, num_classes, m.method, last_k=m.last_k, l2sp_alpha=m.l2sp_alpha,
         train_stem=m.train_stem, dropout=m.dropout,

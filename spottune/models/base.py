@@ -60,8 +60,8 @@ class TransferModel(nn.Module):
 
         return next((g.failure for g in vars(self).values() if isinstance(g, BlockGraphs) and g.failure), None)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called before each epoch (temperature annealing)."""
+    def set_epoch(self, epoch: int, epochs: int = 1) -> None:
+        """Called before each epoch of `epochs` (temperature and noise schedules)."""
 
     def infer_batches(self, batches: Iterable[torch.Tensor]) -> Iterator[ModelOutput]:
         """Outputs for a stream of batches, in order; a model may queue work for the next batch early."""

@@ -43,18 +43,19 @@ import gc
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 # Other threads make CUDA calls while a step is captured: the loader's pin-memory thread, NCCL's
-# watchdog. In CUDA's default ("global") capture mode such a call invalidates the capture; in
-# "thread_local" mode only the capturing thread's own are refused. torch >= 2.14 lets
-# make_graphed_callables choose; older versions capture in global mode and may fail at random.
-_CAPTURE_OTHER_THREADS_FREE = (
-    {"capture_error_mode": "thread_local"}
-    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters else {})
+# watchdog. In CUDA's default ("global") capture mode such a call invalidates the capture and fails
+# in that thread too (measured with torch 2.11: "operation not permitted when stream is capturing" in
+# the pin-memory thread, which ends the run); in "thread_local" mode only the capturing thread's own
+# are refused. torch >= 2.14 lets make_graphed_callables choose; older versions get the mode through
+# the torch.cuda.graph they capture with (_thread_local_capture).
+_CHOOSES_MODE = "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters
 _CAPTURE_ATTEMPTS = 3  # a capture that fails this often: no more graphs for this model
 
 
@@ -176,11 +177,30 @@ def _capture_once(step: Callable[..., torch.Tensor], sample: tuple[torch.Tensor,
         # A capture that fails leaves its capture stream current (torch.cuda.graph's exit stops at the error)
         with torch.cuda.stream(torch.cuda.current_stream()):
             # allow_unused_input: an input the step does not train gets no gradient, as eagerly (a frozen prefix's)
-            return torch.cuda.make_graphed_callables(step, sample, allow_unused_input=True,
-                                                     **_CAPTURE_OTHER_THREADS_FREE)
+            if _CHOOSES_MODE:
+                return torch.cuda.make_graphed_callables(step, sample, allow_unused_input=True,
+                                                         capture_error_mode="thread_local")
+            with _thread_local_capture():
+                return torch.cuda.make_graphed_callables(step, sample, allow_unused_input=True)
     finally:
         if collecting:
             gc.enable()
         with torch.no_grad():  # the warm-up runs moved BatchNorm statistics: put them back
             for b, saved in buffers:
                 b.copy_(saved)
+
+
+@contextmanager
+def _thread_local_capture() -> Iterator[None]:
+    """torch.cuda.graph capturing in "thread_local" mode, for a make_graphed_callables that cannot ask for it."""
+    original = torch.cuda.graph
+
+    class graph(original):
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode: str = "thread_local") -> None:
+            super().__init__(cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode)
+
+    torch.cuda.graph = graph
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original

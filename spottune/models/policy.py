@@ -148,19 +148,32 @@ def usage_term(p: torch.Tensor) -> torch.Tensor:
     return (math.log(2) - mutual_information).mean()
 
 
-def sample_decisions(logits: torch.Tensor, temperature: float, mode: str) -> torch.Tensor:
-    """Turn (B, L, 2) logits into (B, L) decisions in {0, 1}.
+def sample_decisions(logits: torch.Tensor, temperature: float, mode: str, noise: float = 1.0) -> torch.Tensor:
+    """Turn (B, L, 2) logits into (B, L) decisions.
 
     'gumbel': straight-through Gumbel-Softmax (hard one-hot forward, soft gradient backward), with
              forward values exactly 0 and 1 (torch's `hard=True` returns 1 - s + s, which can be
              1 - 2**-24): a block can then return the chosen branch's output itself;
-    'argmax': deterministic, no gradient (evaluation); 'sample': stochastic hard sample, no gradient.
+    'argmax': deterministic, no gradient (evaluation); 'sample': stochastic hard sample, no gradient;
+    'expectation': the probability of the tuned copy itself (no noise, no gradient): each block then
+             returns the mixture F + p (F~ - F), the expected output over the decisions sampled in training.
+
+    The hard decision is argmax(logits + noise * g), g ~ Gumbel(0, 1): the temperature changes only the
+    soft part, i.e. the gradient's scale, never which branch runs. `noise` scales the Gumbel noise (1:
+    Gumbel-Softmax; 0: the training decisions are the evaluation's argmax, gradients still straight-through).
     Noise comes from torch's generator on the logits' device, so seeding reproduces it on CPU and GPU.
     """
     if mode in ("gumbel", "sample"):
-        soft = F.gumbel_softmax(logits.float(), tau=temperature, hard=False)
+        logits = logits.float()
+        if noise > 0:
+            # As F.gumbel_softmax draws it (same generator calls), so noise 1 gives its samples.
+            gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+            logits = logits + (gumbels if noise == 1 else noise * gumbels)
+        soft = (logits / temperature).softmax(-1)
         hard = (soft[..., 1] > soft[..., 0]).to(soft.dtype)  # torch's argmax: a tie takes index 0
         return hard + (soft[..., 1] - soft[..., 1].detach()) if mode == "gumbel" else hard
     if mode == "argmax":
         return (logits[..., 1] > logits[..., 0]).to(logits.dtype)
-    raise ValueError(f"unknown decision mode {mode!r}; allowed: gumbel, argmax, sample")
+    if mode == "expectation":
+        return tune_probability(logits)
+    raise ValueError(f"unknown decision mode {mode!r}; allowed: gumbel, argmax, sample, expectation")

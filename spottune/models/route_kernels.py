@@ -9,7 +9,7 @@ d in {0, 1}:
 In eager torch that is a lerp, a saved difference F~ - F, two masked products and a product then a
 reduction: about 14 passes over each block output per training step, and a block output sized tensor
 kept per block for the backward. These kernels take 7 passes and keep nothing: F and F~ are the
-outputs of the blocks' last activation, which autograd keeps anyway (`SpotTuneNet`'s `_Route`
+outputs of the blocks' last activation, which autograd keeps anyway (split_training.py's `_Route`
 decides what to save). Elsewhere (CPU, layouts the kernels do not take, no Triton) the same
 arithmetic runs in torch.
 

@@ -2,18 +2,16 @@
 
     x_{l+1} = (1 - I_l(x)) * F_l(x_l) + I_l(x) * F~_l(x_l),   I_l(x) in {0, 1} from the policy
 
-Three ways to execute it, all computing the same function:
+Three ways to execute it, all computing the same function (`SpotTuneNet.execution`; "auto" takes
+split in training and conditional otherwise):
 
-  mixed        both branches on the whole batch with autograd, then mixed (the 2019 design; the
-               reference the others are tested against)
-  split        training: a block whose decisions all agree runs the branch no image chose without
-               autograd (its output only feeds the decisions' gradient <g, F~ - F>); a block with
-               mixed decisions runs both with autograd. The routed output is the chosen branch's
-               own output (decisions are exactly 0 or 1), and its backward is the mixed form's,
-               each in one pass over the block output on CUDA (spottune/models/route_kernels.py).
-  conditional  no decision gradient (evaluation, inference): each image runs only its chosen branch,
-               in sub-batches cut from one sort of the decisions and padded to a multiple of
-               `bucket` images (few distinct shapes for cuDNN)
+  mode         what runs                                                   where
+  mixed        both branches on the whole batch with autograd, then mixed  `_mixed`, this module
+               (the 2019 design; the reference the others are tested against)
+  split        training: autograd through a branch only where some image   split_training.py
+               chose it, with the mixed form's gradients
+  conditional  no decision gradient (evaluation, inference): each image    conditional.py
+               runs only its chosen branch, in bucketed sub-batches
 
 Each forward reads the per-block counts of tuned images on the host once (one synchronisation,
 taken after the stem is queued, so the GPU works while the host waits). Unlike the 2019 code, the
@@ -27,11 +25,6 @@ previous batch's blocks: the same function, computed faster. In training (`graph
 spottune.training, on one GPU or under DDP) split execution replays the blocks, neck and head as
 CUDA graphs, one per routing pattern (spottune/models/block_graphs.py).
 
-A tuned copy that no image of the batch chose runs without autograd; its gradient in the mixed
-form is exactly zero, and split training hands it that zero in the backward (_ZeroGradients): SGD's
-momentum and weight decay still apply, and DistributedDataParallel needs no search for unused
-parameters.
-
 With `policy.frozen_bn: target` the frozen copy's BatchNorm normalises with the target batch's
 statistics in training and adapts its running statistics, as the 2019 code's "frozen" copy did
 (which also trained its BN affine weights; here every weight stays frozen). That copy is then no
@@ -43,8 +36,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
-from functools import cached_property
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -54,9 +46,17 @@ from spottune.config import OptimParams, PolicyParams
 from spottune.models.backbones import Backbone
 from spottune.models.base import ModelOutput, TransferModel, new_head, trainable
 from spottune.models.block_graphs import BlockGraphs
+from spottune.models.conditional import RoutingPlan, conditional_block
 from spottune.models.fold import FrozenConvReLU, fold_batchnorm
-from spottune.models.policy import GraphedPolicy, RoutingPolicy, sample_decisions, tune_probability, usage_term
-from spottune.models.route_kernels import per_image, route_backward, route_forward
+from spottune.models.policy import (
+    GraphedPolicy,
+    RoutingPolicy,
+    sample_decisions,
+    tune_probability,
+    usage_term,
+)
+from spottune.models.route_kernels import per_image
+from spottune.models.split_training import RemadeRoutes, split_block
 
 Execution = Literal["auto", "mixed", "split", "conditional"]
 # (decisions, tune probabilities, the decisions' plan (None for mixed execution), the event after which
@@ -64,55 +64,10 @@ Execution = Literal["auto", "mixed", "split", "conditional"]
 _Routing = tuple[torch.Tensor, torch.Tensor, "RoutingPlan | None", "torch.cuda.Event | None"]
 
 
-class RoutingPlan:
-    """Per block: how many images take the tuned copy (host ints, the one sync) and the order that groups them."""
-
-    def __init__(self, decisions: torch.Tensor, bucket: int) -> None:
-        self.chosen = decisions.detach() > 0.5  # (B, L)
-        self.batch = self.chosen.shape[0]
-        self.bucket = bucket
-        counts = self.chosen.sum(0)
-        self._ready: torch.cuda.Event | None = None
-        if counts.is_cuda:  # start the copy now; work queued after it (the stem) runs while the host waits
-            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-            self._host.copy_(counts, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(counts.device))
-        else:
-            self._host = counts
-
-    @cached_property
-    def tuned_counts(self) -> list[int]:
-        """Tuned images per block, on the host: the one synchronisation, which waits for the copy alone."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
-
-    @cached_property
-    def order(self) -> torch.Tensor:
-        """(L, B) stable sort per block: frozen-routed images first, then tuned-routed, each in batch order."""
-        return torch.argsort(self.chosen.T.to(torch.uint8), dim=1, stable=True)
-
-    @cached_property
-    def inverse(self) -> torch.Tensor:
-        return torch.argsort(self.order, dim=1)
-
-    def groups(self, block: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """(frozen indices, tuned indices, n_frozen, n_tuned); index tensors padded to a bucket multiple."""
-        n_t = self.tuned_counts[block]
-        n_f = self.batch - n_t
-        order = self.order[block]
-        return self._pad(order[:n_f]), self._pad(order[n_f:]), n_f, n_t
-
-    def _pad(self, idx: torch.Tensor) -> torch.Tensor:
-        n = idx.numel()
-        size = -(-n // self.bucket) * self.bucket if n else 0
-        return idx if size == n else torch.cat([idx, idx[:1].expand(size - n)])
-
-
 class SpotTuneNet(TransferModel):
     def __init__(
-        self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True, dropout: float = 0.0
+        self, backbone: Backbone, num_classes: int, policy: PolicyParams, *, train_stem: bool = True,
+        dropout: float = 0.0, tuned_l2sp_alpha: float = 0.0,
     ) -> None:
         super().__init__()
         self.stem = backbone.stem
@@ -131,6 +86,8 @@ class SpotTuneNet(TransferModel):
         self._modules.update(modules)
         self.policy_params = policy
         self.temperature = policy.temperature
+        self.noise = 1.0  # scale of the Gumbel noise in training decisions (set_epoch)
+        self.tuned_l2sp_alpha = tuned_l2sp_alpha
         self.execution: Execution = "auto"
         self.bucket = 32
         self.fold_frozen_bn = policy.frozen_bn == "pretrained"
@@ -207,7 +164,7 @@ class SpotTuneNet(TransferModel):
         """(B, L) decisions and the policy's (B, L) noise-free probabilities of tuning."""
         logits = self._graphed_policy(images) if self.graph_policy else self.policy(images)
         mode = "gumbel" if self.training else self.policy_params.eval_decisions
-        return sample_decisions(logits, self.temperature, mode), tune_probability(logits)
+        return sample_decisions(logits, self.temperature, mode, self.noise), tune_probability(logits)
 
     def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
         execution = self._execution()
@@ -244,6 +201,8 @@ class SpotTuneNet(TransferModel):
             yield self._run(*pending, execution)
 
     def _execution(self) -> Execution:
+        if not self.training and self.policy_params.eval_decisions == "expectation":
+            return "mixed"  # fractional decisions: every image runs both branches
         if self.execution != "auto":
             return self.execution
         # Training: both branches see the whole batch (the tuned copy's BN uses its statistics),
@@ -296,7 +255,7 @@ class SpotTuneNet(TransferModel):
     def _lean_blocks(self, x: torch.Tensor, decisions: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Split training as the CUDA graphs run it, keeping less for the backward: the frozen copy's fused
         units run under autograd with their own backward, keeping a ReLU mask rather than their output
-        (fold.py), and mixed blocks' outputs are kept as recipes (_RemadeRoutes). Their Python costs host
+        (fold.py), and mixed blocks' outputs are kept as recipes (RemadeRoutes). Their Python costs host
         time only where this runs: the eager steps before a capture and the capture itself, which then
         keep no more memory than the graph."""
         units = [m for b in self.runtime_frozen_blocks() for m in b.modules() if isinstance(m, FrozenConvReLU)]
@@ -312,21 +271,21 @@ class SpotTuneNet(TransferModel):
                 execution: Execution = "split", plan: RoutingPlan | None = None, remake: bool = False) -> torch.Tensor:
         """Blocks, neck and head: logits. Split training needs only the per-block tuned counts (a CUDA graph runs this).
 
-        remake: split training keeps a mixed block's output as its recipe (_RemadeRoutes), for the CUDA
+        remake: split training keeps a mixed block's output as its recipe (RemadeRoutes), for the CUDA
         graphs, in which the hooks' Python runs only while capturing.
         """
         # One autograd node hands each block its column; its backward stacks their decision gradients
         # (a column per block, `decisions[:, l]`, costs a zero-filled (B, L) gradient and an add per block).
         columns = decisions.unbind(1)
-        remade = _RemadeRoutes() if remake and execution == "split" else None
+        remade = RemadeRoutes() if remake and execution == "split" else None
         with remade.hooks() if remade else nullcontext():
             for l, (frozen, tuned) in enumerate(zip(self.runtime_frozen_blocks(), self.tuned_blocks)):
                 if execution == "mixed":
                     x = _mixed(frozen, tuned, x, columns[l])
                 elif execution == "split":
-                    x = _split(frozen, tuned, x, columns[l], counts[l], self.policy_params.recompute_frozen, remade)
+                    x = split_block(frozen, tuned, x, columns[l], counts[l], self.policy_params.recompute_frozen, remade)
                 else:
-                    x = _conditional(frozen, tuned, x, plan, l)
+                    x = conditional_block(frozen, tuned, x, plan, l)
             return self.head(self.neck(x))
 
     def _graphable(self, x: torch.Tensor) -> bool:
@@ -334,9 +293,15 @@ class SpotTuneNet(TransferModel):
         return self._replays_as_graph(x) and not self.policy_params.recompute_frozen
 
     def parameter_groups(self, optim: OptimParams) -> list[dict]:
-        net = trainable([*self.stem.parameters(), *self.tuned_blocks.parameters(), *self.neck.parameters()])
+        shared = [*self.stem.parameters(), *self.neck.parameters()]
+        net = [{"name": "net", "params": trainable([*shared, *self.tuned_blocks.parameters()]), "lr": optim.lr_net,
+                "weight_decay": optim.weight_decay}]
+        if self.tuned_l2sp_alpha:  # the tuned copy is pulled toward the pretrained weights instead of toward zero
+            net = [{**net[0], "params": trainable(shared)},
+                   {"name": "tuned", "params": trainable(self.tuned_blocks.parameters()), "lr": optim.lr_net,
+                    "weight_decay": 0.0}]
         return [
-            {"name": "net", "params": net, "lr": optim.lr_net, "weight_decay": optim.weight_decay},
+            *net,
             {"name": "head", "params": list(self.head.parameters()), "lr": optim.lr_head, "weight_decay": optim.weight_decay},
             {"name": "policy", "params": list(self.policy.parameters()), "lr": optim.lr_policy,
              "weight_decay": optim.policy_weight_decay},
@@ -344,7 +309,8 @@ class SpotTuneNet(TransferModel):
 
     def regularization(self, output: ModelOutput) -> torch.Tensor | None:
         """Global-k: pull the number of tuned blocks toward k, and each block's tuning rate to 0 or 1.
-        Usage (`usage_weight`): reward decisions that differ between the images of a batch (usage_term)."""
+        Usage (`usage_weight`): reward decisions that differ between the images of a batch (usage_term).
+        L2-SP (`tuned_l2sp_alpha`): alpha/2 ||w~ - w||^2, the tuned copy's distance from the frozen copy."""
         p = self.policy_params
         terms = []
         if p.global_k is not None and output.decisions is not None:
@@ -355,196 +321,21 @@ class SpotTuneNet(TransferModel):
             terms.append(p.k_weight * k_term + p.entropy_weight * entropy)
         if p.usage_weight > 0 and output.tune_probability is not None:
             terms.append(p.usage_weight * usage_term(output.tune_probability))
+        if self.tuned_l2sp_alpha:
+            pairs = zip(self.tuned_blocks.parameters(), self.frozen_blocks.parameters())
+            terms.append(0.5 * self.tuned_l2sp_alpha * sum(((t - f) ** 2).sum() for t, f in pairs if t.requires_grad))
         return sum(terms) if terms else None
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, epochs: int = 1) -> None:
         p = self.policy_params
         self.temperature = max(p.temperature_min, p.temperature * math.pow(p.temperature_decay, epoch))
+        if p.noise_schedule == "cosine":
+            self.noise = 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs - 1)))
+        else:
+            self.noise = 1.0
 
 
 def _mixed(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Both branches on the whole batch, mixed per image: F + d * (F~ - F)."""
     f, t = frozen(x), tuned(x)
     return torch.lerp(f, t, per_image(d.to(f.dtype), f))
-
-
-def _split(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, d: torch.Tensor, n_tuned: int,
-           recompute: bool = False, remade: _RemadeRoutes | None = None) -> torch.Tensor:
-    """Training: autograd through a branch only where some image chose it; see the module docstring.
-
-    recompute: where some image chose the tuned copy, keep nothing of the frozen branch (neither its
-    activations nor F~ - F) and run it again in the backward pass: it has no state and no randomness,
-    so the gradients are the same.
-    remade: where images disagree, the routed output is kept by the layers that read it as its recipe.
-    """
-    if n_tuned == 0:
-        f = frozen(x)
-        with torch.no_grad():  # still in train mode: its BN statistics move as in the mixed form
-            t = tuned(x)
-        return _ZeroGradients.apply(_Route.apply(f.to(t.dtype), t, d, False, True), *trainable(tuned.parameters()))
-    all_tuned = n_tuned == x.shape[0]
-    t = tuned(x)
-    if recompute:
-        return _RecomputedRoute.apply(x, t, d, frozen, all_tuned)
-    with torch.no_grad() if all_tuned else nullcontext():  # all tuned: F only feeds the decision gradient
-        f = frozen(x).to(t.dtype)
-    y = _Route.apply(f, t, d, all_tuned, False)
-    if remade is not None and not all_tuned:
-        remade.routed(y, f, t, d)
-    return y
-
-
-class _RemadeRoutes:
-    """Saved-tensor hooks: a mixed block's routed output is kept as its recipe (F, F~, d) and made again in the backward.
-
-    Why: that output is a third block-output-sized tensor beside F and F~ (which the branches' last
-    ReLUs and the route keep anyway), and the layers that read it (the next block's first convolutions,
-    the neck) would each keep it. Its recipe keeps nothing new; remaking it is one select pass over the
-    block output in the backward, the same bits (route_forward), shared by the layers of a block that
-    read it (their backward steps come one after another). Only the latest routed output is known, and
-    only while the next block reads it, so a tensor that later takes its memory is never mistaken for it.
-    """
-
-    def __init__(self) -> None:
-        self._latest: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._remade: tuple[tuple, torch.Tensor] | None = None  # (recipe, output) last made in the backward
-
-    def routed(self, y: torch.Tensor, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor) -> None:
-        self._latest = (y, (f.detach(), t.detach(), d.detach().to(t.dtype)))
-
-    @contextmanager
-    def hooks(self) -> Iterator[None]:
-        """Armed around the blocks, neck and head; the latest output is let go at the end (each kept
-        recipe refers to these hooks until the backward pass)."""
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield
-        finally:
-            self._latest = None
-
-    def _pack(self, saved: torch.Tensor):
-        if self._latest is not None:
-            y, recipe = self._latest
-            if (saved.data_ptr() == y.data_ptr() and saved.shape == y.shape and saved.stride() == y.stride()
-                    and saved.dtype == y.dtype):
-                return recipe
-        return saved
-
-    def _unpack(self, saved):
-        if not isinstance(saved, tuple):
-            return saved
-        if self._remade is None or self._remade[0] is not saved:
-            self._remade = (saved, route_forward(*saved))
-        return self._remade[1]
-
-
-class _ZeroGradients(torch.autograd.Function):
-    """The identity on x, whose backward gives `params` an exact zero gradient.
-
-    Why: a tuned copy that no image of the batch took has, in the mixed formulation, a gradient of
-    exactly zero, and autograd would leave it None. Handed over in the step (a memset per tensor),
-    every trainable parameter has a gradient after every backward: SGD applies its momentum and weight
-    decay as the mixed form would, and DistributedDataParallel needs no search for unused parameters
-    (a traversal of the autograd graph and a host-device synchronisation every step).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.params = params  # their shapes and layouts only: nothing is read in the backward
-        return x
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return (g, *(torch.zeros_like(p) for p in ctx.params))
-
-
-class _Route(torch.autograd.Function):
-    """F + d * (F~ - F) per image for decisions d in {0, 1}, with the mixed formulation's backward.
-
-    The output is the chosen branch's own tensor where all images agree (no kernel), else a per-image
-    select. Backward: g to the chosen branch, <g, F~ - F> to each decision. For that it keeps F and F~
-    where autograd keeps one of them anyway (a ResNet block's last ReLU keeps its output), else F~ - F:
-    one block output at most. The arithmetic is spottune/models/route_kernels.py's.
-    """
-
-    @staticmethod
-    def forward(ctx, f: torch.Tensor, t: torch.Tensor, d: torch.Tensor, all_tuned: bool, all_frozen: bool):
-        w = d.detach().to(t.dtype)
-        ctx.all_tuned, ctx.all_frozen, ctx.d_dtype = all_tuned, all_frozen, d.dtype
-        ctx.has_f = ctx.needs_input_grad[2] and (_kept_by_autograd(f) or _kept_by_autograd(t))
-        if ctx.has_f:
-            ctx.save_for_backward(t, f, w)
-        else:
-            ctx.save_for_backward(t - f if ctx.needs_input_grad[2] else None, None, w)
-        if all_tuned:
-            return t
-        if all_frozen:
-            return f
-        return route_forward(f, t, w)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        t, f, w = ctx.saved_tensors
-        need_f = ctx.needs_input_grad[0] and not ctx.all_frozen
-        need_t = ctx.needs_input_grad[1] and not ctx.all_tuned
-        grad_f, grad_t, grad_d = route_backward(g, t, f, w, need_f, need_t, ctx.needs_input_grad[2])
-        if ctx.needs_input_grad[0] and ctx.all_frozen:
-            grad_f = g
-        if ctx.needs_input_grad[1] and ctx.all_tuned:
-            grad_t = g
-        return grad_f, grad_t, None if grad_d is None else grad_d.to(ctx.d_dtype), None, None
-
-
-def _kept_by_autograd(x: torch.Tensor) -> bool:
-    """Whether autograd keeps x itself for its own backward (a ReLU keeps its output): keeping it again is free."""
-    saved = getattr(x.grad_fn, "_saved_result", None) if x.grad_fn is not None else None
-    return isinstance(saved, torch.Tensor) and saved.data_ptr() == x.data_ptr()
-
-
-class _RecomputedRoute(torch.autograd.Function):
-    """_Route with the frozen branch F run inside: F's output is not kept, and the backward runs F again.
-
-    Saves the block input and F~, which autograd keeps anyway (the tuned copy's first convolution
-    and, in a ResNet block, its last ReLU), so the frozen branch costs no memory for the backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, t: torch.Tensor, d: torch.Tensor, frozen: nn.Module, all_tuned: bool):
-        with torch.no_grad():
-            f = frozen(x).to(t.dtype)
-        w = d.detach().to(t.dtype)
-        ctx.frozen, ctx.all_tuned, ctx.d_dtype = frozen, all_tuned, d.dtype
-        ctx.autocast = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
-        ctx.save_for_backward(x, t, w)
-        return t if all_tuned else route_forward(f, t, w)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, t, w = ctx.saved_tensors
-        grad_x = grad_t = None
-        through_frozen = ctx.needs_input_grad[0] and not ctx.all_tuned
-        autocast = torch.autocast("cuda", ctx.autocast, cache_enabled=False) if ctx.autocast else nullcontext()
-        with torch.enable_grad(), autocast:  # the forward's precision, so F is the forward's F
-            xx = x.detach().requires_grad_(through_frozen)
-            f = ctx.frozen(xx).to(t.dtype)
-        grad_f, grad_t, grad_d = route_backward(g, t, f.detach(), w, through_frozen,
-                                                ctx.needs_input_grad[1] and not ctx.all_tuned, ctx.needs_input_grad[2])
-        if through_frozen:
-            (grad_x,) = torch.autograd.grad(f, xx, grad_f)
-        if ctx.needs_input_grad[1] and ctx.all_tuned:
-            grad_t = g
-        return grad_x, grad_t, None if grad_d is None else grad_d.to(ctx.d_dtype), None, None
-
-
-def _conditional(frozen: nn.Module, tuned: nn.Module, x: torch.Tensor, plan: RoutingPlan, l: int) -> torch.Tensor:
-    """Each image through the branch it chose only; the whole batch through one branch when all agree."""
-    idx_f, idx_t, n_f, n_t = plan.groups(l)
-    if n_t == 0:
-        return frozen(x)
-    if n_f == 0:
-        return tuned(x)
-    # Indexing, not index_select: index_select returns NCHW for a channels_last batch, and every
-    # block after the first mixed one would then run its convolutions in the slow layout.
-    y_f = frozen(x[idx_f])[:n_f]
-    y_t = tuned(x[idx_t])[:n_t]
-    return torch.cat([y_f, y_t.to(y_f.dtype)])[plan.inverse[l]]

@@ -9,8 +9,8 @@ Modules (everything below is importable from `spottune.store` itself):
     artifacts.py   ArtifactStore: publish, verify, list, fetch; open_store, load_production_model
     promotion.py   production pointer (compare-and-swap), promote, rollback, audit trail (ArtifactStore's mixin)
     backends.py    Backend protocol, LocalBackend, S3Backend, open_backend, s3_region, key checks, current_umask
-    values.py      file names and formats, Gate, VersionInfo, PublishResult, name/prefix checks,
-                   content_version, check_safetensors
+    values.py      file names and formats, Gate (and the gate stage's record checks), VersionInfo,
+                   PublishResult, name/prefix checks, content_version, check_safetensors
     cards.py       model_card_markdown (model_card.md)
     hashing.py     sha256 of bytes, files and streams: the one place the store hashes
     errors.py      StoreMisconfigured, ObjectMissing, IntegrityError, WriteConflict, PromotionRefused
@@ -24,12 +24,21 @@ Layout (keys below the configured prefix):
     models/NAME/versions/VERSION/data_version.txt    the data.dvc hash given by the caller
     models/NAME/versions/VERSION/report.md           the evaluation report (or a note that none was given)
     models/NAME/versions/VERSION/model_card.md       human-readable summary
-    models/NAME/versions/VERSION/gate.json           the promotion gate's result: failed => candidate forever
+    models/NAME/versions/VERSION/gate.json           the gate stage's record (metrics/gate.json) and verdict:
+                                                     failed => candidate forever; none (published by hand)
+                                                     => promotable only with force and a reason
+    models/NAME/versions/VERSION/lineage.json        git commit and state, dvc.lock's sha256, data version, params,
+                                                     experiment, packages, threads, device, flow run (spottune.lineage)
+    models/NAME/versions/VERSION/dvc.lock, data.dvc  the pipeline's state and the data's DVC file when it was published
+    models/NAME/versions/VERSION/git.diff            only when the checkout was dirty: its tracked changes
     models/NAME/versions/VERSION/MANIFEST.json       sha256 and size of every file above; written LAST
     models/NAME/production.json                      the production pointer; written last on promotion
-    models/NAME/audit/<UTC timestamp>-<uuid>.json    one object per promotion or rollback, never overwritten
+    models/NAME/audit/<UTC timestamp>-<uuid>.json    one object per promotion or rollback (who, when, reason,
+                                                     forced), never overwritten
 
 Invariants:
+- lineage.json and its files are there for versions published with a lineage (every flow run and
+  `spottune publish`); versions stored before lineage existed lack them and stay valid.
 - A version is complete only once its MANIFEST.json exists and every file it lists is present with
   the listed size; only complete versions whose files hash to the manifest are promoted or fetched.
 - The manifest is written with a create-only condition, so it is never replaced: publishing a
@@ -42,23 +51,103 @@ load_production_model only).
 """
 
 from spottune.store.artifacts import ArtifactStore, load_production_model, open_store
-from spottune.store.backends import Backend, LocalBackend, S3Backend, current_umask, open_backend, s3_region
+from spottune.store.backends import (
+    Backend,
+    LocalBackend,
+    S3Backend,
+    current_umask,
+    open_backend,
+    s3_region,
+)
 from spottune.store.cards import model_card_markdown
-from spottune.store.errors import IntegrityError, ObjectMissing, PromotionRefused, StoreMisconfigured, WriteConflict
+from spottune.store.errors import (
+    IntegrityError,
+    ObjectMissing,
+    PromotionRefused,
+    StoreMisconfigured,
+    WriteConflict,
+)
 from spottune.store.hashing import CHUNK, sha256_bytes, sha256_file, sha256_stream
 from spottune.store.values import (
-    CAS_ATTEMPTS, GATE, HISTORY_LIMIT, MANIFEST, NAME_RE, RUN_FILES, RUN_MODEL_FORMAT, STORE_FORMAT, VERSION_FILES,
-    WEIGHTS, Gate, PublishResult, VersionInfo, check_prefix, check_safetensors, content_version, default_actor,
+    CAS_ATTEMPTS,
+    DATA_DVC,
+    DVC_LOCK,
+    GATE,
+    GATE_RECORD_FORMAT,
+    GIT_DIFF,
+    HISTORY_LIMIT,
+    LINEAGE,
+    LINEAGE_FILES,
+    MANIFEST,
+    NAME_RE,
+    RUN_FILES,
+    RUN_MODEL_FORMAT,
+    STORE_FORMAT,
+    VERSION_FILES,
+    WEIGHTS,
+    Gate,
+    Lineage,
+    PublishResult,
+    VersionInfo,
+    check_gate_for,
+    check_prefix,
+    check_safetensors,
+    content_version,
+    default_actor,
+    gated_by_pipeline,
+    is_gate_record,
+    lineage_identity,
 )
-from spottune.store.values import _check_name as _check_name  # spottune.model_cache checks model names with it
+from spottune.store.values import (
+    _check_name as _check_name,  # spottune.model_cache checks model names with it
+)
 
 __all__ = [
-    "ArtifactStore", "load_production_model", "open_store",
-    "Backend", "LocalBackend", "S3Backend", "current_umask", "open_backend", "s3_region",
+    "CAS_ATTEMPTS",
+    "CHUNK",
+    "DATA_DVC",
+    "DVC_LOCK",
+    "GATE",
+    "GATE_RECORD_FORMAT",
+    "GIT_DIFF",
+    "HISTORY_LIMIT",
+    "LINEAGE",
+    "LINEAGE_FILES",
+    "MANIFEST",
+    "NAME_RE",
+    "RUN_FILES",
+    "RUN_MODEL_FORMAT",
+    "STORE_FORMAT",
+    "VERSION_FILES",
+    "WEIGHTS",
+    "ArtifactStore",
+    "Backend",
+    "Gate",
+    "IntegrityError",
+    "Lineage",
+    "LocalBackend",
+    "ObjectMissing",
+    "PromotionRefused",
+    "PublishResult",
+    "S3Backend",
+    "StoreMisconfigured",
+    "VersionInfo",
+    "WriteConflict",
+    "check_gate_for",
+    "check_prefix",
+    "check_safetensors",
+    "content_version",
+    "current_umask",
+    "default_actor",
+    "gated_by_pipeline",
+    "is_gate_record",
+    "lineage_identity",
+    "load_production_model",
     "model_card_markdown",
-    "IntegrityError", "ObjectMissing", "PromotionRefused", "StoreMisconfigured", "WriteConflict",
-    "CHUNK", "sha256_bytes", "sha256_file", "sha256_stream",
-    "CAS_ATTEMPTS", "GATE", "HISTORY_LIMIT", "MANIFEST", "NAME_RE", "RUN_FILES", "RUN_MODEL_FORMAT", "STORE_FORMAT",
-    "VERSION_FILES", "WEIGHTS", "Gate", "PublishResult", "VersionInfo", "check_prefix", "check_safetensors",
-    "content_version", "default_actor",
+    "open_backend",
+    "open_store",
+    "s3_region",
+    "sha256_bytes",
+    "sha256_file",
+    "sha256_stream",
 ]

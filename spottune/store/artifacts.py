@@ -19,8 +19,28 @@ from spottune.store.errors import IntegrityError, ObjectMissing, PromotionRefuse
 from spottune.store.hashing import sha256_bytes, sha256_file, sha256_stream
 from spottune.store.promotion import PromotionMixin
 from spottune.store.values import (
-    GATE, MANIFEST, RUN_FILES, RUN_MODEL_FORMAT, STORE_FORMAT, VERSION_FILES, WEIGHTS, Gate, PublishResult,
-    VersionInfo, _check_name, _dump, _now, check_prefix, check_safetensors, content_version, default_actor,
+    GATE,
+    LINEAGE,
+    LINEAGE_FILES,
+    MANIFEST,
+    RUN_FILES,
+    RUN_MODEL_FORMAT,
+    STORE_FORMAT,
+    VERSION_FILES,
+    WEIGHTS,
+    Gate,
+    Lineage,
+    PublishResult,
+    VersionInfo,
+    _check_name,
+    _dump,
+    _now,
+    check_gate_for,
+    check_prefix,
+    check_safetensors,
+    content_version,
+    default_actor,
+    lineage_identity,
 )
 
 
@@ -71,12 +91,14 @@ class ArtifactStore(PromotionMixin):
             manifest = json.loads(data)
             files = manifest["files"]
             for fname, entry in files.items():
-                if fname not in VERSION_FILES:
+                if fname not in VERSION_FILES and fname not in LINEAGE_FILES:
                     raise ValueError(f"unexpected file {fname!r}")
                 if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) or int(entry["size"]) < 0:
                     raise ValueError(f"bad entry for {fname!r}")
-            if set(files) != set(VERSION_FILES):
-                raise ValueError(f"files {sorted(files)} are not {sorted(VERSION_FILES)}")
+            if not set(VERSION_FILES) <= set(files):
+                raise ValueError(f"files {sorted(files)} lack {sorted(set(VERSION_FILES) - set(files))}")
+            if set(files) & set(LINEAGE_FILES) and LINEAGE not in files:
+                raise ValueError(f"lineage files {sorted(set(files) & set(LINEAGE_FILES))} without {LINEAGE}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{self.backend.url(key)} is not a valid manifest: {e}") from None
         return manifest, sha256_bytes(data)
@@ -116,6 +138,7 @@ class ArtifactStore(PromotionMixin):
         gate: Gate,
         data_version: str | None = None,
         report: Path | None = None,
+        lineage: Lineage | None = None,
         actor: str | None = None,
         log: Callable[[str], None] = lambda _: None,
     ) -> PublishResult:
@@ -125,23 +148,31 @@ class ArtifactStore(PromotionMixin):
         failure mid-upload only sends what is missing. A version whose manifest already exists is
         left as it is when its files are the same, and refused when they differ. The version
         defaults to `content_version`: 12 hex of the weights' sha256 and 6 of every published file,
-        so the same files always map to the same version and other content never clashes with it. The gate's verdict is one of the files: a failed gate makes a candidate
-        that `promote` will always refuse.
+        so the same files always map to the same version and other content never clashes with it. The gate's
+        verdict is one of the files: a failed gate makes a candidate that `promote` will always refuse; a
+        pass must carry the gate stage's record for these weights (check_gate_for), and no verdict
+        (passed None) makes a version that only a forced promotion moves to production. With a lineage,
+        lineage.json and its files (dvc.lock, data.dvc, git.diff) are stored and listed in the manifest like
+        the rest; publishing the same run again from another flow run (only lineage's flow_run differs) is a
+        no-op that keeps the first record.
         """
         from tempfile import TemporaryDirectory
 
         _check_name("model name", name)
         with TemporaryDirectory(prefix="spottune-publish-") as tmp:
             files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report)
+            files |= _stage_lineage(Path(tmp), lineage)
             entries = {f: {"sha256": sha256_file(p), "size": p.stat().st_size} for f, p in files.items()}
-            version = _check_name("version", version or content_version(entries))
+            check_gate_for(gate, entries[WEIGHTS]["sha256"], str(run_dir))
+            record = lineage.record if lineage is not None else None
+            version = _check_name("version", version or content_version(entries, record))
             existing = self._existing_manifest(name, version)
             if existing is not None:
-                return self._same_or_refuse(name, version, existing, entries)
+                return self._same_or_refuse(name, version, existing, entries, record)
 
             stored = self.backend.list_sizes(self.version_key(name, version) + "/")
             uploaded, skipped = [], []
-            for fname in VERSION_FILES:
+            for fname in [*VERSION_FILES, *(f for f in LINEAGE_FILES if f in files)]:
                 key = self.version_key(name, version, fname)
                 entry = entries[fname]
                 if stored.get(key) == entry["size"] and self._stored_sha256(key) == entry["sha256"]:
@@ -160,7 +191,7 @@ class ArtifactStore(PromotionMixin):
             except WriteConflict:  # a concurrent publisher finished first
                 existing = self._existing_manifest(name, version)
                 assert existing is not None
-                return self._same_or_refuse(name, version, existing, entries)
+                return self._same_or_refuse(name, version, existing, entries, record)
             if self.read_manifest(name, version)[1] != sha256_bytes(data):
                 raise IntegrityError(f"{self.backend.url(key)} did not verify after upload")
             log(f"published {name} {version} -> {self.backend.url(key)}")
@@ -178,14 +209,41 @@ class ArtifactStore(PromotionMixin):
             return None
 
     def _same_or_refuse(self, name: str, version: str, existing: tuple[dict[str, Any], str],
-                        entries: dict[str, dict[str, Any]]) -> PublishResult:
+                        entries: dict[str, dict[str, Any]], lineage: dict[str, Any] | None) -> PublishResult:
         manifest, manifest_sha = existing
-        differ = sorted(f for f in entries if manifest["files"].get(f) != entries[f])
+        differ = sorted(f for f in set(entries) | set(manifest["files"]) if manifest["files"].get(f) != entries.get(f))
+        if differ == [LINEAGE] and lineage is not None and self._stored_lineage_identity(name, version) == \
+                lineage_identity(lineage):
+            differ = []  # published before by another flow run: the first record stays
         if differ:
             raise StoreError(f"{name} {version} is already published with other content ({', '.join(differ)} "
                              f"differ in {self.backend.url(self.version_key(name, version, MANIFEST))}): "
                              "publish under a new version")
-        return PublishResult(version, manifest_sha, [], list(VERSION_FILES), already_published=True)
+        return PublishResult(version, manifest_sha, [], sorted(manifest["files"]), already_published=True)
+
+    def _stored_lineage_identity(self, name: str, version: str) -> dict[str, Any] | None:
+        try:
+            return lineage_identity(json.loads(self.read_verified(name, version, LINEAGE)))
+        except (StoreError, ValueError, AttributeError):
+            return None
+
+    def read_verified(self, name: str, version: str, fname: str) -> bytes:
+        """One file of a complete version, its bytes checked against the manifest (IntegrityError if not).
+
+        For the small files (lineage, metrics, gate) that `models show` reads without fetching the weights.
+        """
+        manifest, _ = self.read_manifest(name, version)
+        entry = manifest["files"].get(fname)
+        key = self.version_key(name, version, fname)
+        if entry is None:
+            raise ObjectMissing(f"{name} {version} has no {fname} (its manifest does not list it)")
+        got = self.backend.get_bytes(key)
+        if got is None:
+            raise PromotionRefused(f"{name} {version} is incomplete: {self.backend.url(key)} is missing")
+        if len(got[0]) != entry["size"] or sha256_bytes(got[0]) != entry["sha256"]:
+            raise IntegrityError(f"{self.backend.url(key)} does not match its manifest: sha256 {sha256_bytes(got[0])}, "
+                                 f"manifest says {entry['sha256']}")
+        return got[0]
 
     def _stage(self, run_dir: Path, tmp: Path, name: str, gate: Gate, data_version: str | None,
                report: Path | None) -> dict[str, Path]:
@@ -301,6 +359,19 @@ class ArtifactStore(PromotionMixin):
         finally:
             tmp.unlink(missing_ok=True)
 
+
+def _stage_lineage(tmp: Path, lineage: Lineage | None) -> dict[str, Path]:
+    """lineage.json (canonical JSON, so the same record gives the same bytes) and its files, as files in tmp."""
+    if lineage is None:
+        return {}
+    unknown = sorted(set(lineage.files) - set(LINEAGE_FILES[1:]))
+    if unknown:
+        raise StoreError(f"lineage files {unknown} are not among {list(LINEAGE_FILES[1:])}")
+    out = {}
+    for fname, data in {LINEAGE: _dump(lineage.record), **lineage.files}.items():
+        (tmp / fname).write_bytes(data)
+        out[fname] = tmp / fname
+    return out
 
 
 def open_store(settings: StoreSettings, *, check: bool = True) -> ArtifactStore:

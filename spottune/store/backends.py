@@ -133,7 +133,7 @@ class LocalBackend:
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
         try:
-            f = open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below, once it is known to exist
         except FileNotFoundError:
             raise ObjectMissing(f"{self.url(key)} does not exist") from None
         with f:
@@ -218,8 +218,12 @@ class S3Backend:
         """One clear sentence for the failures a user can fix; never a botocore traceback."""
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
-            ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError, ReadTimeoutError,
+            ClientError,
             ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
         )
 
         where = self.url(key) if key else f"bucket {self.bucket!r}"

@@ -10,12 +10,21 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from spottune.errors import StoreError
 from spottune.store.errors import IntegrityError, PromotionRefused, WriteConflict
-from spottune.store.values import CAS_ATTEMPTS, GATE, HISTORY_LIMIT, STORE_FORMAT, _check_name, _dump, default_actor
+from spottune.store.values import (
+    CAS_ATTEMPTS,
+    GATE,
+    HISTORY_LIMIT,
+    STORE_FORMAT,
+    _check_name,
+    _dump,
+    default_actor,
+    gated_by_pipeline,
+)
 
 if TYPE_CHECKING:
     from spottune.store.backends import Backend
@@ -49,7 +58,7 @@ class PromotionMixin:
             _check_pointer_entry(pointer, "")
             history = pointer.get("history", [])
             if not isinstance(history, list):
-                raise ValueError(f"history is a {type(history).__name__}, not a list")
+                raise TypeError(f"history is a {type(history).__name__}, not a list")
             for i, entry in enumerate(history):
                 _check_pointer_entry(entry, f"history[{i}]: ")
         except (ValueError, KeyError, TypeError, AttributeError, StoreError) as e:
@@ -61,25 +70,34 @@ class PromotionMixin:
         data = self.backend.get_bytes(self.version_key(name, version, GATE))
         return json.loads(data[0]) if data else {"passed": False, "reason": "no gate.json"}
 
-    def promote(self, name: str, version: str, *, reason: str = "", actor: str | None = None) -> dict[str, Any]:
+    def promote(self, name: str, version: str, *, reason: str = "", actor: str | None = None,
+                force: bool = False) -> dict[str, Any]:
         """Make VERSION production: verify manifest, files and gate first; write the pointer last.
 
         Refuses (PromotionRefused) an incomplete version, one whose files do not hash to its
-        manifest, or one whose recorded gate failed. Promoting the current production version is a
-        no-op. The pointer is replaced by compare-and-swap, so concurrent promotions serialise;
-        each success appends one audit record.
+        manifest, or one whose recorded gate failed (force or not). A version without the gate
+        stage's record (published by hand, or before the gate was a stage) needs force and a
+        reason; the pointer and its audit record then say forced: true. Promoting the current
+        production version is a no-op. The pointer is replaced by compare-and-swap, so concurrent
+        promotions serialise; each success appends one audit record.
         """
         manifest, manifest_sha = self.verify_version(name, version)
         gate = self._gate_of(name, version)
-        if gate.get("passed") is not True or manifest.get("gate_passed") is not True:
+        if gate.get("passed") is False or manifest.get("gate_passed") is False:
             raise PromotionRefused(f"{name} {version} failed its promotion gate ({gate.get('reason') or 'no reason'}): "
                                    "it stays a candidate and never becomes production")
+        gated = gate.get("passed") is True and manifest.get("gate_passed") is True and gated_by_pipeline(gate)
+        if not gated and not force:
+            raise PromotionRefused(f"{name} {version} has no record of the pipeline's gate ({gate.get('reason') or 'none'}): "
+                                   "promote it with --force --reason TEXT (kept in the audit trail)")
+        if not gated and not reason.strip():
+            raise PromotionRefused(f"{name} {version}: a forced promotion needs a reason (--reason TEXT)")
 
         def update(current: dict[str, Any] | None) -> dict[str, Any] | None:
             if current is not None and current["version"] == version:
                 return None
             history = ([*current.get("history", []), _history_entry(current)] if current else [])[-HISTORY_LIMIT:]
-            return {"version": version, "manifest_sha256": manifest_sha, "history": history}
+            return {"version": version, "manifest_sha256": manifest_sha, "history": history, "forced": not gated}
 
         return self._swap_pointer(name, "promote", update, reason, actor)
 
@@ -102,7 +120,7 @@ class PromotionMixin:
             previous = current["history"][-1]
             self.verify_version(name, previous["version"], previous["manifest_sha256"])
             return {"version": previous["version"], "manifest_sha256": previous["manifest_sha256"],
-                    "history": current["history"][:-1]}
+                    "history": current["history"][:-1], "forced": False}
 
         return self._swap_pointer(name, "rollback", update, reason, actor)
 
@@ -118,7 +136,7 @@ class PromotionMixin:
                 assert current is not None
                 self._audit(name, current)  # a retry after an outage between pointer and audit record
                 return current
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             new = {"format": STORE_FORMAT, "name": name, **new, "action": action,
                    "previous_version": current["version"] if current else None,
                    "by": actor or default_actor(), "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "reason": reason,
@@ -147,7 +165,8 @@ class PromotionMixin:
         record = {"format": STORE_FORMAT, "action": pointer.get("action"), "name": name,
                   "version": pointer["version"], "manifest_sha256": pointer.get("manifest_sha256"),
                   "previous_version": pointer.get("previous_version"), "by": pointer.get("by"),
-                  "at": pointer.get("at"), "reason": pointer.get("reason", "")}
+                  "at": pointer.get("at"), "reason": pointer.get("reason", ""),
+                  "forced": pointer.get("forced", False)}
         try:
             self.backend.put_bytes(key, _dump(record), if_absent=True)
         except WriteConflict:
@@ -166,11 +185,11 @@ class PromotionMixin:
 def _check_pointer_entry(entry: Any, where: str) -> None:
     """A pointer, or one entry of its history: a valid version and a sha256 (what promote and rollback use)."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}expected an object, got {type(entry).__name__}")
+        raise TypeError(f"{where}expected an object, got {type(entry).__name__}")
     _check_name("version", entry["version"])
     if not isinstance(entry.get("manifest_sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["manifest_sha256"]):
         raise ValueError(f"{where}manifest_sha256 of {entry['version']} is not a sha256")
 
 
 def _history_entry(pointer: dict[str, Any]) -> dict[str, Any]:
-    return {k: pointer.get(k) for k in ("version", "manifest_sha256", "by", "at", "action")}
+    return {k: pointer.get(k) for k in ("version", "manifest_sha256", "by", "at", "action", "forced")}

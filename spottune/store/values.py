@@ -9,7 +9,7 @@ import re
 import socket
 import struct
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,13 @@ WEIGHTS = "model.safetensors"
 VERSION_FILES: tuple[str, ...] = (
     WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
 )
+# Lineage (spottune.lineage): stored with versions published with it, each listed in the manifest like the
+# files above; versions published before lineage existed have none of them.
+LINEAGE = "lineage.json"
+DVC_LOCK = "dvc.lock"
+DATA_DVC = "data.dvc"
+GIT_DIFF = "git.diff"
+LINEAGE_FILES: tuple[str, ...] = (LINEAGE, DVC_LOCK, DATA_DVC, GIT_DIFF)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` also matches before a final newline
 # A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
 # Repeated here so publishing needs no torch import; a test checks they agree.
@@ -33,16 +40,77 @@ HISTORY_LIMIT = 100
 CAS_ATTEMPTS = 20
 
 
+GATE_RECORD_FORMAT = "spottune-gate/1"  # metrics/gate.json, as the `gate` stage (spottune/gate.py) writes it
+
+
 @dataclass(frozen=True)
 class Gate:
-    """The promotion gate's verdict for one version, recorded in its gate.json (and so in its manifest)."""
+    """The promotion gate's verdict for one version, recorded in its gate.json (and so in its manifest).
 
-    passed: bool
+    passed: True or False as the `gate` stage decided (details then hold its record, metrics/gate.json);
+    None when no gate ran (a version published by hand): promoting it needs force and a reason.
+    """
+
+    passed: bool | None
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "reason": self.reason, "details": self.details}
+
+    @classmethod
+    def from_record(cls, record: Any, source: str = "gate record") -> Gate:
+        """The verdict of a `gate` stage record (metrics/gate.json); StoreError naming SOURCE when it is not one."""
+        if not is_gate_record(record):
+            raise StoreError(f"{source} is not a record of the gate stage (format {GATE_RECORD_FORMAT}, "
+                             "decision promote|refuse, reason): run `dvc repro gate` or `spottune gate`")
+        return cls(record["decision"] == "promote", record["reason"], dict(record))
+
+
+def is_gate_record(record: Any) -> bool:
+    """Whether RECORD has the shape of what the `gate` stage writes (metrics/gate.json)."""
+    return (isinstance(record, dict) and record.get("format") == GATE_RECORD_FORMAT
+            and record.get("decision") in ("promote", "refuse") and isinstance(record.get("reason"), str))
+
+
+def gated_by_pipeline(gate_json: Any) -> bool:
+    """A version's gate.json holds the gate stage's record, and its verdict agrees with the record's decision."""
+    if not isinstance(gate_json, dict) or not is_gate_record(gate_json.get("details")):
+        return False
+    return gate_json.get("passed") is (gate_json["details"]["decision"] == "promote")
+
+
+def check_gate_for(gate: Gate, weights_sha256: str, where: str) -> None:
+    """Refuse a verdict that cannot belong to these weights: a pass without the gate stage's record, or a
+    record made for other weights (the candidate's sha256 that the stage records)."""
+    if gate.passed is True and not is_gate_record(gate.details):
+        raise StoreError(f"{where}: a passed gate must carry the gate stage's record (metrics/gate.json); "
+                         "publish without one and promote with --force --reason, or run the gate")
+    if is_gate_record(gate.details) and gate.passed is not (gate.details["decision"] == "promote"):
+        raise StoreError(f"{where}: the verdict (passed {gate.passed}) disagrees with the gate record's decision "
+                         f"{gate.details['decision']!r}")
+    recorded = (gate.details.get("candidate") or {}).get("weights_sha256") if is_gate_record(gate.details) else None
+    if recorded is not None and recorded != weights_sha256:
+        raise StoreError(f"{where}: the gate record is for weights {str(recorded)[:12]}..., these are "
+                         f"{weights_sha256[:12]}...: use the gate.json of this run")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a version was built from (spottune.lineage collects it): lineage.json's record, and the files
+    stored beside it (dvc.lock, data.dvc, git.diff: name -> bytes)."""
+
+    record: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def lineage_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The part of a lineage record that names what was built: all but flow_run, which names who asked.
+
+    Why: a flow run that retrains nothing publishes the same files again; its own flow run id must not
+    make them a new version (or a refused one), so versions are named and compared without it.
+    """
+    return {k: v for k, v in record.items() if k != "flow_run"}
 
 
 @dataclass(frozen=True)
@@ -70,20 +138,23 @@ class PublishResult:
     already_published: bool
 
 
-def content_version(entries: dict[str, dict[str, Any]]) -> str:
+def content_version(entries: dict[str, dict[str, Any]], lineage: dict[str, Any] | None = None) -> str:
     """The default version of a set of files: 12 hex of the weights' sha256, then 6 hex of the sha256 of
     every published file (metrics.json with its timings, model.json, gate, report, data version, ...).
 
     The same files always give the same version (re-publishing is a no-op), while identical weights
     published with anything else (a forced retrain's new timings, another clone's run) get a version of
-    their own instead of clashing with the one already stored.
+    their own instead of clashing with the one already stored. With a lineage record, lineage.json
+    counts by its identity (lineage_identity), so the flow run that published it does not.
     """
     digests = {f: e["sha256"] for f, e in sorted(entries.items())}
+    if lineage is not None:
+        digests[LINEAGE] = sha256_bytes(_dump(lineage_identity(lineage)))
     return f"{entries[WEIGHTS]['sha256'][:12]}-{sha256_bytes(_dump(digests))[:6]}"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def default_actor() -> str:

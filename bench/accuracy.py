@@ -305,8 +305,9 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
     import numpy as np
     import torch
 
-    from spottune.config import RuntimeSettings, load_params
-    from spottune.evaluate import evaluate_run
+    from spottune.compare import evaluate_run
+    from spottune.config import load_params
+    from spottune.settings import RuntimeSettings
     from spottune.training import export_backbone, fit
 
     started = time.perf_counter()
@@ -486,7 +487,7 @@ def paired_difference(a_runs: list[dict], b_runs: list[dict], samples: int = 200
     import numpy as np
     import torch
 
-    from spottune.evaluate import bootstrap_difference
+    from spottune.stats import bootstrap_difference
 
     seeds = sorted({r["seed"] for r in a_runs} & {r["seed"] for r in b_runs})
     a = {r["seed"]: r for r in a_runs}
@@ -590,9 +591,11 @@ def _minority(result: dict) -> list[float]:
 
 def _mixed_blocks(result: dict) -> int:
     """Blocks where 5% to 95% of the test images tune (recomputed for runs that predate the metric)."""
+    from spottune.stats import mixed_blocks
+
     if "mixed_blocks" in result["test"]:
         return result["test"]["mixed_blocks"]
-    return sum(0.05 <= f <= 0.95 for f in result["test"]["tuned_fraction_per_block"])
+    return mixed_blocks(result["test"]["tuned_fraction_per_block"])
 
 
 def summary(done: dict[str, dict], profile: Profile, suite_name: str = "lite0") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The retrain report: a pure function of the evaluate stage's comparison and the gate stage's verdict.
+"""The retrain report: a pure function of the compare stage's comparison and the gate stage's verdict.
 
 No Prefect here, so the report's bytes can be tested (and reused) without a server. The report must
 be deterministic (no timestamps, no run ids): re-publishing the same retrain after a failure has to

@@ -1,4 +1,4 @@
-"""The `retrain` flow: version the data -> validate -> train both methods -> evaluate -> gate -> publish -> promote.
+"""The `retrain` flow: version the data -> validate -> train both methods -> compare -> gate -> publish -> promote.
 
 What each stage computes is defined once, in dvc.yaml: the tasks here run DVC (flows/dvc_runner.py,
 its output streamed to the Prefect log) or call the library (data versioning, the artifact store).
@@ -46,12 +46,13 @@ from flows.gpu_slot import gpu_slot
 from flows.lineage import flow_lineage
 
 if TYPE_CHECKING:
-    from spottune.config import Params, StoreSettings
+    from spottune.config import Params
+    from spottune.settings import StoreSettings
     from spottune.store import Gate, Lineage
 
 GPU_LIMIT = "spottune-gpu"
 PARAMS_FILE = "params.yaml"
-# What the pipeline writes that the flow reads: these mirror dvc.yaml's evaluate and train_spottune outs.
+# What the pipeline writes that the flow reads: these mirror dvc.yaml's compare and train_spottune outs.
 COMPARISON_JSON = Path("reports/comparison.json")
 COMPARISON_MD = Path("reports/comparison.md")
 GATE_JSON = Path("metrics/gate.json")  # the gate stage's record
@@ -140,8 +141,8 @@ def version_data(project: Path, params: Params) -> str:
     """`dvc add` the data tree (push when a DVC remote is configured); the data.dvc md5 is the data version."""
     import yaml
 
-    from spottune.config import RemoteSettings
     from spottune.data import versioning
+    from spottune.settings import RemoteSettings
 
     logger = get_run_logger()
     dvc_file = versioning.version_data(project / params.data.root, RemoteSettings.resolve(params.remote),
@@ -174,15 +175,15 @@ def train(root: Path, stage: str) -> None:
     dvc_runner.run_dvc(root, "repro", stage, what=f"stage {stage}", log=_log)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(root: Path) -> None:
-    """The evaluate stage: the comparison of both runs on the same test images."""
-    dvc_runner.run_dvc(root, "repro", "evaluate", what="stage evaluate", log=_log)
+@task(name="compare", cache_policy=NO_CACHE)
+def compare(root: Path) -> None:
+    """The compare stage: both runs on the same test images, with the paired statistics."""
+    dvc_runner.run_dvc(root, "repro", "compare", what="stage compare", log=_log)
 
 
 @task(name="experiment", cache_policy=NO_CACHE, task_run_name="experiment-{name}")
 def experiment(root: Path, name: str, overrides: dict[str, Any], env: dict[str, str]) -> None:
-    """Every stage (validate, train_finetune, train_spottune, evaluate, gate) as DVC experiment NAME in ROOT,
+    """Every stage (validate, train_finetune, train_spottune, compare, gate) as DVC experiment NAME in ROOT,
     a private checkout; DVC skips what the overrides do not change. No retries, as for the stages."""
     dvc_runner.run_experiment(root, name, overrides, log=_log, env=env)
 
@@ -194,11 +195,11 @@ def push_experiment(root: Path, name: str) -> str | None:
 
 
 def read_comparison(root: Path) -> tuple[dict[str, Any], str]:
-    """The evaluate stage's comparison (JSON) and Markdown report, from the checkout the stages ran in."""
+    """The compare stage's comparison (JSON) and Markdown report, from the checkout the stages ran in."""
     try:
         return json.loads((root / COMPARISON_JSON).read_text()), (root / COMPARISON_MD).read_text()
     except (OSError, ValueError) as e:
-        raise StageFailed(f"stage evaluate finished but its outputs are unreadable: {e}") from None
+        raise StageFailed(f"stage compare finished but its outputs are unreadable: {e}") from None
 
 
 def experiment_name() -> str:
@@ -317,7 +318,7 @@ def run_stages(project: Path, params: Params, overrides: dict[str, Any], exp: st
             validate(root)
             train(root, "train_finetune")
             train(root, "train_spottune")
-            evaluate(root)
+            compare(root)
         else:
             if not own_checkout:
                 root = checkouts.enter_context(private_checkout(project, exp, carry_workspace=True,

@@ -20,9 +20,10 @@ import json
 import sys
 from pathlib import Path
 
-from spottune.config import BACKBONES, METHODS, RuntimeSettings, load_params
+from spottune.config import BACKBONES, METHODS, load_params
 from spottune.errors import SpotTuneError
 from spottune.outputs import output_dir, output_file
+from spottune.settings import RuntimeSettings
 
 
 def _params(args: argparse.Namespace):
@@ -64,7 +65,7 @@ def cmd_data(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     output_dir(args.out, "--out")
     remote = None
     if args.track or args.push:  # validate the remote settings before any work
-        from spottune.config import RemoteSettings
+        from spottune.settings import RemoteSettings
 
         remote = RemoteSettings.resolve(_params(args).remote)
     if args.keep_existing and (args.out / DATASET_CARD).is_file():
@@ -113,8 +114,8 @@ def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 
 def cmd_remote(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    from spottune.config import RemoteSettings
     from spottune.data.versioning import configure_remote, repo_root
+    from spottune.settings import RemoteSettings
 
     remote = RemoteSettings.resolve(_params(args).remote)
     if not configure_remote(remote, repo_root(Path.cwd())):
@@ -135,7 +136,7 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     metrics = fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite,
                   resume_unfinished=args.resume_unfinished, stop_after_epochs=args.stop_after_epochs)
     if metrics is not None and (args.metrics or args.plots):
-        from spottune.evaluate import learning_curve, training_metrics
+        from spottune.training import learning_curve, training_metrics
 
         _write_json(args.metrics, training_metrics(metrics))
         _write_json(args.plots, learning_curve(metrics))
@@ -153,7 +154,7 @@ def cmd_export_backbone(args: argparse.Namespace, runtime: RuntimeSettings) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    from spottune.evaluate import evaluate_run
+    from spottune.compare import evaluate_run
 
     output_file(args.out, "--out")
     result = evaluate_run(args.run, runtime, data_root=args.data_root, split=args.split)
@@ -168,7 +169,7 @@ def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.atomic import atomic_write
-    from spottune.evaluate import compare_runs, comparison_markdown
+    from spottune.compare import compare_runs, comparison_markdown
     from spottune.training import write_json
 
     for option, path in (("--report", args.report), ("--json", args.json), ("--metrics", args.metrics)):
@@ -181,7 +182,7 @@ def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     if args.json:
         write_json(args.json, comparison)
     if args.metrics or args.plots_dir:
-        from spottune.evaluate import comparison_metrics, per_class_rows, routing_rows
+        from spottune.compare import comparison_metrics, per_class_rows, routing_rows
 
         _write_json(args.metrics, comparison_metrics(comparison))
         if args.plots_dir:

@@ -4,8 +4,8 @@
 (the data contract), `data`/`model`/`policy`/`optim` (training) and `remote` (where DVC keeps data).
 Everything below the CLI receives these models, never raw dicts, files or environment variables.
 Unknown keys and bad values are refused with the dotted key named, so a typo fails before any work
-starts. The environment may override where things live (endpoints) and supply secrets, never what
-is computed; credentials never appear in params.yaml (boto3's standard chain finds them).
+starts. The environment (spottune/settings.py) may say where things live (endpoints, the store),
+never what is computed; credentials never appear in params.yaml (boto3's standard chain finds them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spottune.endpoints import (
     REGION_PATTERN,
@@ -38,7 +37,6 @@ def _no_nul_in_paths(value: Any) -> Any:
     if isinstance(value, Path) and "\x00" in str(value):
         raise ValueError("path contains a NUL byte")
     return value
-
 
 
 class _Section(BaseModel):
@@ -218,48 +216,7 @@ class Params(_Section):
     publish: PublishParams = Field(default_factory=lambda: PublishParams(), exclude=True)
 
 
-class RuntimeSettings(BaseSettings):
-    """Where and how to run, from the environment: never changes what a run computes."""
-
-    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_", extra="ignore")
-
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    progress: bool = Field(True, description="show progress bars")
-    cuda_graphs: bool = Field(True, description="replay training steps as CUDA graphs on GPUs "
-                              "(spottune/models/block_graphs.py); false runs them eagerly: the same function, slower")
-    fashion_mnist_dir: Path = Path("/usr/share/datasets/fashion-mnist")
-
-
-class RemoteSettings(BaseSettings):
-    """The DVC remote: params.yaml's `remote` section, with SPOTTUNE_REMOTE_* taking precedence.
-
-    Endpoints differ per machine (a local S3-compatible server in tests, AWS in production), so
-    the environment wins over the file; the file never overrides the environment.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_REMOTE_", extra="ignore")
-
-    name: str = "storage"
-    url: str | None = None
-    endpoint_url: str | None = None
-    region: str | None = None
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return env_settings, init_settings
-
-    @classmethod
-    def resolve(cls, params: RemoteParams) -> RemoteSettings:
-        """Environment over params.yaml, then re-checked against the params rules."""
-        merged = cls(**params.model_dump())
-        try:
-            RemoteParams.model_validate(merged.model_dump())
-        except ValidationError as e:
-            raise ConfigError(_format_error(e, "remote settings (params.yaml + SPOTTUNE_REMOTE_*)")) from None
-        return merged
-
-
-def _format_error(err: ValidationError, source: str) -> str:
+def format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -382,54 +339,11 @@ def validate_params(raw: dict[str, Any], source: str = "parameters") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
-
-
-class StoreSettings(BaseSettings):
-    """Where published models live, from the environment (SPOTTUNE_STORE_*, SPOTTUNE_S3_*).
-
-    Credentials are deliberately absent: the S3 backend takes them from boto3's standard chain
-    (AWS_* environment variables, shared profile, instance role), so they never reach params, logs
-    or uploaded artifacts. Where the models are stored never changes what a run computes.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_", extra="ignore")
-
-    store_backend: Literal["local", "s3"] = Field("local", description="'local' (a folder, the default) or 's3'")
-    store_root: Path = Field(Path("artifacts"), description="folder of the local backend")
-    store_prefix: str = Field("", pattern=r"^([A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*)?$",
-                              description="key prefix inside the bucket (or the local folder)")
-    s3_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name")
-    s3_endpoint_url: str | None = Field(None, pattern=r"^https?://", description="S3-compatible endpoint (default: AWS)")
-    s3_region: str | None = Field(None, pattern=REGION_PATTERN, description="S3 region (letters, digits, '-' and "
-                                  "'_'); unset: AWS_REGION, then boto3's chain (AWS_DEFAULT_REGION, the profile's "
-                                  "region), as the AWS SDKs do")
-    s3_multipart_threshold_mb: int = Field(64, ge=5, description="files above this size upload in parts")
-    s3_multipart_chunksize_mb: int = Field(16, ge=5, description="size of one part (S3's minimum is 5 MiB)")
-    s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode, backoff)")
-    s3_connect_timeout_s: float = Field(5.0, gt=0)
-    s3_read_timeout_s: float = Field(60.0, gt=0)
-    model_cache_dir: Path | None = Field(None, description="where fetched model versions are kept (one folder per "
-                                         "version); default $XDG_CACHE_HOME/spottune/models or ~/.cache/spottune/models")
-
-    _endpoint_shape = field_validator("s3_endpoint_url")(check_endpoint_url)
-
-    @field_validator("store_prefix")
-    @classmethod
-    def _prefix_stays_inside(cls, value: str) -> str:
-        if any(p in (".", "..") for p in value.split("/")):
-            raise ValueError("a prefix may not hold '.' or '..' parts (it would climb out of the store)")
-        return value
-
-    @model_validator(mode="after")
-    def _bucket_for_s3(self) -> StoreSettings:
-        if self.store_backend == "s3" and not self.s3_bucket:
-            raise ValueError("store_backend 's3' needs a bucket: set SPOTTUNE_S3_BUCKET")
-        return self
+        raise ConfigError(format_error(e, source)) from None
 
 
 class GateParams(_Section):
-    """The promotion gate (the `gate` DVC stage, spottune/gate.py) on the evaluate stage's comparison.
+    """The promotion gate (the `gate` DVC stage, spottune/gate.py) on the compare stage's comparison.
 
     It decides on the paired bootstrap confidence interval of SpotTune's test top-1 minus the
     fine-tuning baseline's (same test images): `superiority` needs the CI's low end above 0,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from spottune.atomic import atomic_write
 from spottune.errors import CheckpointError
 from spottune.models.base import TransferModel
+from spottune.stats import mixed_blocks
 
 
 @dataclass
@@ -257,7 +258,7 @@ def summarise_predictions(p: dict[str, torch.Tensor], num_classes: int) -> dict[
         # How per-image the routing is: the share of images that take a block's less common branch,
         # and the blocks where 5% to 95% of images tune (a per-block choice has none).
         out["minority_fraction_per_block"] = torch.minimum(fraction, 1 - fraction).tolist()
-        out["mixed_blocks"] = int(((fraction >= 0.05) & (fraction <= 0.95)).sum())
+        out["mixed_blocks"] = mixed_blocks(out["tuned_fraction_per_block"])
         out["tuned_fraction_per_class_block"] = [
             d[labels == c].mean(0).tolist() if (labels == c).any() else None for c in range(num_classes)
         ]

@@ -1,6 +1,6 @@
 """The promotion gate: the `gate` DVC stage (`spottune gate`), which writes metrics/gate.json.
 
-It reads the evaluate stage's comparison (SpotTune against fine-tuning on the same test images, with
+It reads the compare stage's comparison (SpotTune against fine-tuning on the same test images, with
 the paired bootstrap confidence interval of the difference in top-1), params.yaml's `gate` section,
 and the artifact store's production version of `publish.model_name` (the champion). All must hold to
 promote:
@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from spottune.config import GateParams, Params, RuntimeSettings, StoreSettings
+from spottune.config import GateParams, Params
 from spottune.errors import ConfigError, DataError
+from spottune.settings import RuntimeSettings, StoreSettings
 from spottune.store.values import GATE_RECORD_FORMAT
 
 DEFAULT_COMPARISON = Path("reports/comparison.json")
@@ -73,7 +74,7 @@ def floor_check(comparison: dict[str, Any], gate: GateParams) -> dict[str, Any]:
 
 def champion_statistics(candidate_correct: Any, champion_correct: Any, method: str, version: str) -> dict[str, Any]:
     """Paired statistics of candidate minus champion on the same images; refused when the CI is wholly below 0."""
-    from spottune.evaluate import bootstrap_difference, mcnemar_exact
+    from spottune.stats import bootstrap_difference, mcnemar_exact
 
     boot = bootstrap_difference(champion_correct, candidate_correct)
     passed = not boot["ci_high"] < 0
@@ -170,7 +171,7 @@ def compare_with_champion(candidate_run: Path, folder: Path, about: dict[str, An
     """The candidate and the champion on the candidate's own test images (each with its own preprocessing)."""
     import torch
 
-    from spottune.evaluate import evaluate_run
+    from spottune.compare import evaluate_run
 
     cand = evaluate_run(candidate_run, runtime)
     champ = evaluate_run(folder, runtime, images_of=run_data(candidate_run))
@@ -224,7 +225,7 @@ def read_comparison(path: Path) -> dict[str, Any]:
     try:
         comparison = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist: run the evaluate stage first (`dvc repro evaluate`)") from None
+        raise DataError(f"{path} does not exist: run the compare stage first (`dvc repro compare`)") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path} is not a readable comparison: {e}") from None
     missing = [k for k in ("baseline", "candidate", "bootstrap", "mcnemar", "classes") if k not in comparison]
@@ -264,7 +265,7 @@ def cmd_gate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("gate", help="the promotion gate on the evaluate stage's comparison -> metrics/gate.json")
+    p = subparsers.add_parser("gate", help="the promotion gate on the compare stage's comparison -> metrics/gate.json")
     p.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml if present)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a parameter other than gate.* (gate.* is refused: the gate is params.yaml's)")

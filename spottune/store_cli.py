@@ -30,7 +30,7 @@ def store_settings():
     """StoreSettings from the environment, validation errors turned into a ConfigError naming the variable."""
     from pydantic import ValidationError
 
-    from spottune.config import StoreSettings
+    from spottune.settings import StoreSettings
 
     try:
         return StoreSettings()

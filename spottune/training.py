@@ -23,7 +23,7 @@ import torch
 
 from spottune.atomic import atomic_write
 from spottune.checkpoints import restore_checkpoint
-from spottune.config import OptimParams, Params, RuntimeSettings, validate_params
+from spottune.config import OptimParams, Params, validate_params
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.distributed import Distributed
 from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, train_one_epoch
@@ -31,6 +31,7 @@ from spottune.errors import CheckpointError, ConfigError
 from spottune.models import TransferModel, build_model
 from spottune.models.backbones import input_normalization
 from spottune.runlock import RunLock
+from spottune.settings import RuntimeSettings
 
 MODEL_FORMAT = "spottune-model/1"
 
@@ -277,3 +278,35 @@ def export_backbone(run_dir: Path, out: Path) -> dict[str, Any]:
     out = Path(out)
     atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"backbone": params.model.backbone}))
     return {"backbone": params.model.backbone, "source_classes": classes, "tensors": len(state), "path": str(out)}
+
+
+# Files for `dvc metrics` and `dvc plots` of one run: small, flat, deterministic (no timings).
+
+
+def training_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalars of a finished run that `dvc metrics show/diff` should list."""
+    last = metrics["history"][-1] if metrics["history"] else {}
+    out = {
+        "test_accuracy": metrics["test"]["accuracy"],
+        "test_loss": metrics["test"]["loss"],
+        "train_loss": last.get("train", {}).get("loss"),
+        "train_accuracy": last.get("train", {}).get("accuracy"),
+        "val_accuracy": last.get("val", {}).get("accuracy"),
+        "epochs": len(metrics["history"]),
+    }
+    if "tuned_blocks_per_image" in metrics["test"]:
+        out["tuned_blocks_per_image"] = metrics["test"]["tuned_blocks_per_image"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def learning_curve(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per epoch: train and val loss/accuracy (and SpotTune's tuned blocks per image)."""
+    rows = []
+    for h in metrics["history"]:
+        row = {"epoch": h["epoch"], "train_loss": h["train"]["loss"], "train_accuracy": h["train"]["accuracy"]}
+        if h.get("val"):
+            row |= {"val_loss": h["val"]["loss"], "val_accuracy": h["val"]["accuracy"]}
+            if "tuned_blocks_per_image" in h["val"]:
+                row["val_tuned_blocks_per_image"] = h["val"]["tuned_blocks_per_image"]
+        rows.append(row)
+    return rows

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from spottune.config import RemoteSettings
 from spottune.errors import ConfigError, DataError, ServiceError
+from spottune.settings import RemoteSettings
 
 
 def dvc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from spottune.config import StoreSettings
 from spottune.errors import StoreError
+from spottune.settings import StoreSettings
 from spottune.store.backends import Backend, open_backend
 from spottune.store.cards import model_card_markdown
 from spottune.store.errors import IntegrityError, ObjectMissing, PromotionRefused, WriteConflict

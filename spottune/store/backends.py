@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from spottune.config import StoreSettings
 from spottune.errors import StoreError
+from spottune.settings import StoreSettings
 from spottune.store.errors import ObjectMissing, StoreMisconfigured, WriteConflict
 from spottune.store.hashing import CHUNK, file_chunks, sha256_bytes
 

@@ -1,18 +1,21 @@
-"""SpotTune against its baseline on the same test images: accuracy, paired significance, routing."""
+"""SpotTune against its baseline on the same test images: each run's predictions (`evaluate_run`, also
+`spottune evaluate` for one run), the paired comparison (`spottune compare`, the DVC stage `compare`),
+its Markdown report and its files for `dvc metrics` and `dvc plots`."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spottune.config import DataParams, RuntimeSettings
+from spottune.config import DataParams
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.engine import DeviceSetup, predict, summarise_predictions
 from spottune.errors import DataError
 from spottune.models.backbones import input_normalization
+from spottune.settings import RuntimeSettings
+from spottune.stats import bootstrap_difference, mcnemar_exact, mixed_blocks
 from spottune.training import load_model
 
 
@@ -42,30 +45,6 @@ def evaluate_run(run_dir: Path, runtime: RuntimeSettings, *, data_root: Path | N
     p = predict(model, loader, setup, progress=runtime.progress)
     return {"run": str(run_dir), "method": params.model.method, "predictions": p,
             "metrics": summarise_predictions(p, len(classes)), "classes": classes}
-
-
-def mcnemar_exact(a_correct: torch.Tensor, b_correct: torch.Tensor) -> dict[str, float]:
-    """Exact two-sided McNemar test on paired correctness: only discordant pairs count."""
-    b = int((a_correct & ~b_correct).sum())  # a right, b wrong
-    c = int((~a_correct & b_correct).sum())  # a wrong, b right
-    n = b + c
-    if n == 0:
-        return {"a_only": b, "b_only": c, "p_value": 1.0}
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return {"a_only": b, "b_only": c, "p_value": min(1.0, 2 * tail)}
-
-
-def bootstrap_difference(a_correct: torch.Tensor, b_correct: torch.Tensor, *, samples: int = 2000, seed: int = 0,
-                         level: float = 0.95) -> dict[str, float]:
-    """Paired bootstrap confidence interval of accuracy(b) - accuracy(a). Each tensor holds one score per
-    test image: whether it was right (or, in the benchmark, how many seeds got it right). Float64, so the
-    mean difference is not rounded through float32."""
-    diff = b_correct.double() - a_correct.double()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(diff), (samples, len(diff)), generator=g)
-    means = diff[idx].mean(1).sort().values
-    lo, hi = means[int((1 - level) / 2 * samples)], means[min(samples - 1, int((1 + level) / 2 * samples))]
-    return {"difference": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level}
 
 
 def compare_runs(baseline_dir: Path, candidate_dir: Path, runtime: RuntimeSettings, *, data_root: Path | None = None) -> dict[str, Any]:
@@ -125,35 +104,6 @@ def comparison_markdown(c: dict[str, Any]) -> str:
 # Files for `dvc metrics` and `dvc plots`: small, flat, deterministic (no timings, which differ per run).
 
 
-def training_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The scalars of a finished run that `dvc metrics show/diff` should list."""
-    last = metrics["history"][-1] if metrics["history"] else {}
-    out = {
-        "test_accuracy": metrics["test"]["accuracy"],
-        "test_loss": metrics["test"]["loss"],
-        "train_loss": last.get("train", {}).get("loss"),
-        "train_accuracy": last.get("train", {}).get("accuracy"),
-        "val_accuracy": last.get("val", {}).get("accuracy"),
-        "epochs": len(metrics["history"]),
-    }
-    if "tuned_blocks_per_image" in metrics["test"]:
-        out["tuned_blocks_per_image"] = metrics["test"]["tuned_blocks_per_image"]
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def learning_curve(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per epoch: train and val loss/accuracy (and SpotTune's tuned blocks per image)."""
-    rows = []
-    for h in metrics["history"]:
-        row = {"epoch": h["epoch"], "train_loss": h["train"]["loss"], "train_accuracy": h["train"]["accuracy"]}
-        if h.get("val"):
-            row |= {"val_loss": h["val"]["loss"], "val_accuracy": h["val"]["accuracy"]}
-            if "tuned_blocks_per_image" in h["val"]:
-                row["val_tuned_blocks_per_image"] = h["val"]["tuned_blocks_per_image"]
-        rows.append(row)
-    return rows
-
-
 def comparison_metrics(c: dict[str, Any]) -> dict[str, Any]:
     """Both methods' test accuracy and loss, the paired difference with its CI, McNemar's p, routing."""
     base, cand = c["baseline"], c["candidate"]
@@ -170,11 +120,6 @@ def comparison_metrics(c: dict[str, Any]) -> dict[str, Any]:
         out[cand["method"]]["tuned_blocks_per_image"] = cand["tuned_blocks_per_image"]
         out[cand["method"]]["mixed_blocks"] = mixed_blocks(cand["tuned_fraction_per_block"])
     return out
-
-
-def mixed_blocks(tuned_fraction_per_block: list[float]) -> int:
-    """Blocks whose routing differs between images: 5% to 95% of them take the tuned copy."""
-    return sum(0.05 <= f <= 0.95 for f in tuned_fraction_per_block)
 
 
 def routing_rows(c: dict[str, Any]) -> list[dict[str, Any]]:

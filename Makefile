@@ -38,9 +38,10 @@ deploy: $(VENV)/.installed
 		$(PIPELINE_ENV) $(BIN)/prefect work-pool create spottune-cpu --type process
 	$(PIPELINE_ENV) SPOTTUNE_PROJECT_DIR="$(CURDIR)" $(BIN)/prefect --no-prompt deploy --all
 
-# The whole suite (CI). test-fast leaves out the tests that train, those that start dvc, moto, Prefect or
-# uvicorn, and the GPU ones (markers: tests/conftest.py).
+# The whole suite (CI), after ruff. test-fast leaves out the slow tests, those that start dvc, moto,
+# Prefect or uvicorn, and the GPU ones (markers: tests/conftest.py).
 test: setup
+	$(BIN)/ruff check spottune flows bench tests
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -2,8 +2,9 @@
 finished run and a moto S3 server per session. Helpers live in support.py.
 
 Markers (registered in pyproject.toml; `make test` runs them all, `make test-fast` none of them):
-  slow         the test itself trains: fit(), `spottune train` to the end, a DVC training stage, a flow
-               run or the benchmark (the session's one tiny `finished_run` is shared setup, not this)
+  slow         the test itself trains (fit(), `spottune train` to the end, a DVC training stage, a flow
+               run, the benchmark), or takes more than about 3 s on 2 cores (child processes that
+               import torch, hypothesis fuzzing); the session's one tiny `finished_run` is shared setup
   integration  a real external part runs: dvc, the moto S3 server, Prefect's server, uvicorn
   gpu          CUDA code paths; skipped here without a GPU (pytest_collection_modifyitems)
 A missing optional package skips through support.requires, a missing GPU through the marker."""
@@ -112,7 +113,7 @@ def _tiny_params(root: Path, **sections: dict[str, Any]):
 
 @pytest.fixture
 def runtime():
-    from spottune.config import RuntimeSettings
+    from spottune.settings import RuntimeSettings
 
     return RuntimeSettings(device="cpu", progress=False)
 
@@ -129,7 +130,8 @@ def tiny_params():
 @pytest.fixture(scope="session")
 def finished_run(fashion_root, tmp_path_factory) -> Path:
     """A real finished run directory (model.safetensors, model.json, metrics.json, checkpoint.pt)."""
-    from spottune.config import RuntimeSettings, validate_params
+    from spottune.config import validate_params
+    from spottune.settings import RuntimeSettings
     from spottune.training import fit
 
     params = validate_params({

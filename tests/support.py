@@ -150,6 +150,22 @@ def git_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:
     return repo
 
 
+def tiny_flow_project(repo: Path, name: str, *, per_class: tuple[int, int], steps_per_epoch: int) -> Path:
+    """Give a git_pipeline_repo(with_flows=True) tiny real data (Fashion-MNIST, per_class = (train, test)
+    images per class, tracked by DVC) and tiny params whose gate any model passes; commit it all."""
+    sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
+       "--train-per-class", str(per_class[0]), "--test-per-class", str(per_class[1]), "--track", cwd=repo,
+       timeout=600)
+    set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
+               data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
+               optim={"epochs": 1, "max_steps_per_epoch": steps_per_epoch},
+               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
+               publish={"model_name": name, "promote": True})
+    sh("git", "add", ".", cwd=repo)
+    sh("git", "commit", "-q", "-m", "pipeline on a tiny dataset", cwd=repo)
+    return repo
+
+
 def set_params(repo: Path, **sections: dict) -> None:
     """Merge keys into sections of the repository's params.yaml."""
     path = repo / "params.yaml"

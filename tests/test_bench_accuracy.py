@@ -75,13 +75,13 @@ def test_paired_difference_refuses_different_test_images():
 
 
 def test_paired_difference_is_the_pipelines_bootstrap_over_seeds():
-    """The benchmark's CI is spottune.evaluate's bootstrap on per-image counts over the seeds, scaled."""
+    """The benchmark's CI is spottune.stats' bootstrap on per-image counts over the seeds, scaled."""
     import base64
 
     import numpy as np
     import torch
 
-    from spottune.evaluate import bootstrap_difference
+    from spottune.stats import bootstrap_difference
 
     bench = _bench()
     rng = np.random.default_rng(1)

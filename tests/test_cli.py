@@ -60,6 +60,7 @@ def test_train_evaluate_compare_predict(fashion_root, tmp_path):
         (["--set", "data.root=/no/such/dir"], "/no/such/dir"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_fails_clearly_and_writes_nothing(args, culprit, tmp_path):
     r = spottune("train", "--out", tmp_path / "run", *args)
     assert r.returncode == 3
@@ -73,6 +74,7 @@ def test_bad_params_file_is_named(tmp_path):
     assert r.returncode == 3 and "model.wieghts" in r.stderr and "params.yaml" in r.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_image_stops_training_without_a_checkpoint(fashion_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(fashion_root, root)
@@ -115,8 +117,9 @@ def test_resume_unfinished_continues_matching_runs_and_restarts_the_others(fashi
     assert metrics["history"][0]["lr"]["head"] == 0.5
 
 
+@pytest.mark.slow
 def test_library_imports_no_orchestration_package():
-    code = ("import sys, spottune.cli, spottune.training, spottune.evaluate; "
+    code = ("import sys, spottune.cli, spottune.training, spottune.compare; "
             "bad = {'prefect', 'dvc', 'great_expectations', 'boto3'} & set(sys.modules); print(sorted(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

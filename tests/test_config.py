@@ -71,7 +71,7 @@ def test_parse_overrides_nests():
 
 
 def test_runtime_settings_come_from_the_environment(monkeypatch):
-    from spottune.config import RuntimeSettings
+    from spottune.settings import RuntimeSettings
 
     monkeypatch.delenv("SPOTTUNE_CUDA_GRAPHS", raising=False)
     assert RuntimeSettings().cuda_graphs is True  # training steps replay as CUDA graphs unless told not to

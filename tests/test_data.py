@@ -83,6 +83,7 @@ def test_datasets_from_an_image_folder(fashion_root, tiny_params):
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and 0 <= y < 10
 
 
+@pytest.mark.slow
 def test_workers_of_a_loader_for_a_gpu_start_from_a_server_and_load_the_same_batches(fashion_root, tiny_params):
     """Pinning for a GPU, the workers start from a forkserver (a fork of a process using CUDA may abort its
     child: loaders.py), and decode the same images in the same order as the main process does alone."""

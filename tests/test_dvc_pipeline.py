@@ -57,8 +57,8 @@ def pipeline_repo(tmp_path_factory) -> Path:
 def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipeline_repo):
     repo = pipeline_repo
     first = dvc("repro", cwd=repo)
-    assert ran(first) == {"prepare", "validate", "train_finetune", "train_spottune", "evaluate", "gate"}, first.stdout
-    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert ran(first) == {"prepare", "validate", "train_finetune", "train_spottune", "compare", "gate"}, first.stdout
+    metrics = json.loads((repo / "metrics" / "compare.json").read_text())
     gate = json.loads((repo / "metrics" / "gate.json").read_text())
     assert gate["decision"] in ("promote", "refuse") and gate["rule"] == "non_inferiority" and gate["margin"] == 0.01
     assert gate["vs_baseline"]["ci_low"] == metrics["difference_ci_low"] and gate["champion"]["status"] == "no_store"
@@ -66,7 +66,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipel
     assert {"finetune", "spottune", "difference", "mcnemar_p"} <= set(metrics)
     assert json.loads((repo / "metrics" / "validate.json").read_text())["success"] == 1
     assert metrics["test_images"] == 60
-    assert len(json.loads((repo / "plots" / "evaluate" / "routing.json").read_text())) == 16
+    assert len(json.loads((repo / "plots" / "compare" / "routing.json").read_text())) == 16
     assert [r["epoch"] for r in json.loads((repo / "plots" / "spottune" / "learning_curve.json").read_text())] == [0, 1]
     sh("git", "add", ".", cwd=repo)
     sh("git", "commit", "-q", "-m", "first run", cwd=repo)
@@ -77,7 +77,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipel
 
     set_params(repo, policy={"temperature": 2.0})  # SpotTune only
     third = dvc("repro", cwd=repo)
-    assert ran(third) == {"train_spottune", "evaluate", "gate"}, third.stdout
+    assert ran(third) == {"train_spottune", "compare", "gate"}, third.stdout
 
     set_params(repo, gate={"floor": 1.01})  # the gate's own params rerun the gate alone
     fourth = dvc("repro", cwd=repo)
@@ -88,7 +88,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_a_param_touches(pipel
     shown = dvc("metrics", "diff", "HEAD", "--json", cwd=repo).stdout
     assert "metrics/spottune.json" in shown
     shown = dvc("metrics", "show", cwd=repo).stdout
-    assert "metrics/evaluate.json" in shown and "test_accuracy" in shown
+    assert "metrics/compare.json" in shown and "test_accuracy" in shown
     assert "metrics/gate.json" in shown and "vs_baseline.ci_low" in shown
     html = repo / "plots_out"
     dvc("plots", "show", "--out", str(html), cwd=repo)
@@ -100,12 +100,12 @@ def test_same_params_give_identical_evaluation_metrics(pipeline_repo):
     repo = pipeline_repo
     sh("git", "checkout", "-q", "params.yaml", cwd=repo)
     dvc("repro", cwd=repo)
-    names = ("finetune.json", "spottune.json", "evaluate.json", "gate.json")
+    names = ("finetune.json", "spottune.json", "compare.json", "gate.json")
     before = {n: (repo / "metrics" / n).read_text() for n in names}
     again = set()
-    for stage in ("train_spottune", "evaluate", "gate"):  # SpotTune samples routing noise: the stochastic one
+    for stage in ("train_spottune", "compare", "gate"):  # SpotTune samples routing noise: the stochastic one
         again |= ran(dvc("repro", "--force", "--no-run-cache", "--single-item", stage, cwd=repo))  # really trains again
-    assert again == {"train_spottune", "evaluate", "gate"}
+    assert again == {"train_spottune", "compare", "gate"}
     after = {n: (repo / "metrics" / n).read_text() for n in before}
     assert after == before
 
@@ -115,7 +115,7 @@ def test_exp_run_with_a_param_override(pipeline_repo):
     repo = pipeline_repo
     sh("git", "checkout", "-q", ".", cwd=repo)
     r = dvc("exp", "run", "-S", "policy.temperature_min=0.25", cwd=repo)
-    assert ran(r) == {"train_spottune", "evaluate", "gate"}, r.stdout
+    assert ran(r) == {"train_spottune", "compare", "gate"}, r.stdout
     assert yaml.safe_load((repo / "params.yaml").read_text())["policy"]["temperature_min"] == 0.25
     assert "0.25" in dvc("exp", "show", "--csv", cwd=repo).stdout
 

@@ -58,6 +58,7 @@ OVERRIDES = {
 }
 
 
+@pytest.mark.slow
 def test_each_override_reaches_the_stage_as_the_flow_validated_it(repo):
     from flows.dvc_runner import run_experiment, set_param_args, unused_experiment_name
     from flows.retrain import load_settings

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from spottune.config import StoreSettings
 from spottune.errors import StoreError
+from spottune.settings import StoreSettings
 from spottune.store import MANIFEST, VERSION_FILES, ArtifactStore, open_store
 
 from support import (
@@ -293,7 +293,8 @@ def aws() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def finished_run(small_digits, tmp_path_factory) -> Path:
     """A real finished run (a linear probe, one step) to publish."""
-    from spottune.config import RuntimeSettings, validate_params
+    from spottune.config import validate_params
+    from spottune.settings import RuntimeSettings
     from spottune.training import fit
 
     params = validate_params({**TRAIN, "data": {**TRAIN["data"], "root": str(small_digits)},
@@ -467,7 +468,7 @@ def test_s3_killed_mid_promotion_never_leaves_an_unverified_or_unaudited_product
 
 PROMOTER = textwrap.dedent("""
     import json, sys, time
-    from spottune.config import StoreSettings
+    from spottune.settings import StoreSettings
     from spottune.store import open_store
 
     settings, name, version, actor, start = json.loads(sys.argv[1])
@@ -477,6 +478,7 @@ PROMOTER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_promotions_from_two_processes_at_once_serialise_and_are_both_audited(backend, finished_run, tmp_path,
                                                                               request):

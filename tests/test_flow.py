@@ -38,6 +38,7 @@ from support import (
     requires,
     set_params,
     sh,
+    tiny_flow_project,
 )
 
 requires("dvc", "prefect")  # Prefect is not imported here: PREFECT_HOME is set first (prefect_api)
@@ -65,16 +66,7 @@ def project(tmp_path_factory) -> Path:
     origin = tmp_path_factory.mktemp("origin") / "origin.git"
     sh("git", "init", "-q", "--bare", str(origin), cwd=repo)
     sh("git", "remote", "add", "origin", str(origin), cwd=repo)
-    sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
-       "--train-per-class", "12", "--test-per-class", "6", "--track", cwd=repo)
-    set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
-               data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 1},
-               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
-               publish={"model_name": NAME, "promote": True})
-    sh("git", "add", ".", cwd=repo)
-    sh("git", "commit", "-q", "-m", "pipeline on a tiny dataset", cwd=repo)
-    return repo
+    return tiny_flow_project(repo, NAME, per_class=(12, 6), steps_per_epoch=1)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +86,7 @@ def local_store_env(root: Path) -> dict[str, str]:
 
 
 def open_local(root: Path):
-    from spottune.config import StoreSettings
+    from spottune.settings import StoreSettings
     from spottune.store import open_store
 
     return open_store(StoreSettings(store_backend="local", store_root=root))
@@ -188,7 +180,7 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     store.verify_version(NAME, r["version"])
     # every step ran, as a Prefect task
     names = set(task_run_names())
-    for step in ("version-data", "validate", "train-train_finetune", "train-train_spottune", "evaluate", "gate",
+    for step in ("version-data", "validate", "train-train_finetune", "train-train_spottune", "compare", "gate",
                  "report", "publish", "promote"):
         assert any(n.startswith(step) for n in names), (step, names)
     # the data version is data.dvc's md5
@@ -456,7 +448,7 @@ def moto_url(tmp_path_factory) -> Iterator[str]:
 @pytest.mark.slow
 def test_rerun_after_an_upload_failure_neither_duplicates_nor_corrupts(first_run, project, moto_url, monkeypatch):
     import flows.retrain as flows_retrain
-    from spottune.config import StoreSettings
+    from spottune.settings import StoreSettings
     from spottune.store import MANIFEST, VERSION_FILES, S3Backend, open_store
 
     bucket = new_bucket(moto_url)

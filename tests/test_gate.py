@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from spottune.config import GateParams, RuntimeSettings, StoreSettings, validate_params
+from spottune.config import GateParams, validate_params
 from spottune.errors import ConfigError, StoreError
 from spottune.gate import decide, refuse_gate_overrides, run_gate
+from spottune.settings import RuntimeSettings, StoreSettings
 from spottune.store import Gate, PromotionRefused, gated_by_pipeline, open_store
 
 from support import comparison_with, passed_gate, shifted_run, store_env
@@ -100,7 +101,7 @@ def biased(finished_run, tmp_path_factory) -> Path:
 def self_comparison():
     """A run against itself, as `spottune compare` computes it (once per run): a CI of exactly [0, 0], which
     the default non-inferiority rule passes, so only the champion can refuse."""
-    from spottune.evaluate import compare_runs
+    from spottune.compare import compare_runs
 
     done: dict[Path, str] = {}
 
@@ -208,6 +209,7 @@ def spottune(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Completed
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_spottune_gate_writes_the_record_and_refuses_gate_overrides(finished_run, self_comparison, local, tmp_path):
     project = tmp_path / "project"
     (project / "reports").mkdir(parents=True)

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spottune.config import StoreSettings, load_params
+from spottune.config import load_params
 from spottune.errors import ConfigError
 from spottune.lineage import collect_lineage, find_project
+from spottune.settings import StoreSettings
 from spottune.store import LINEAGE, ArtifactStore, IntegrityError, Lineage, open_store
 
 from support import clean_env, passed_gate
@@ -166,6 +167,7 @@ def cli_env(tmp_path) -> dict[str, str]:
                      SPOTTUNE_MODEL_CACHE_DIR=str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_models_show_latest_production_and_a_version_without_lineage(project, finished_run, cli_env, tmp_path):
     r = spottune("publish", finished_run, "--name", NAME, "--version", "old", cwd=tmp_path, env=cli_env)
     assert r.returncode == 0 and "no lineage recorded" in r.stdout, r.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spottune.config import StoreSettings
+from spottune.settings import StoreSettings
 from spottune.store import WEIGHTS, Gate, open_store, sha256_file
 
 from support import new_bucket, passed_gate, shifted_run, spottune, store_env
@@ -45,6 +45,7 @@ def _rows(r: subprocess.CompletedProcess) -> list[dict]:
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_predict_by_name_fetches_once_and_reuses_the_verified_cache(backend, finished_run, images, tmp_path, request):
     settings = _settings(backend, tmp_path, request)
@@ -93,6 +94,7 @@ def test_predict_by_name_fetches_once_and_reuses_the_verified_cache(backend, fin
     assert sorted(p.name for p in (cache / NAME).iterdir()) == ["v1"]  # no temporary folders left
 
 
+@pytest.mark.slow
 def test_predict_by_version_latest_and_clear_errors(finished_run, images, tmp_path):
 
     settings = StoreSettings(store_backend="local", store_root=tmp_path / "artifacts")
@@ -138,6 +140,7 @@ def test_run_and_model_are_exclusive_and_one_is_required(finished_run, images):
         assert r.returncode == 2 and "--run" in r.stderr and "--model" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_csv_matches_json_and_is_written_atomically(finished_run, images, tmp_path):
     env = store_env(StoreSettings())
     out = tmp_path / "out" / "predictions.csv"
@@ -184,7 +187,8 @@ def test_images_stream_through_in_batches(finished_run, fashion_root):
 def test_a_spottune_model_by_name_streams_batches_as_it_predicts_images_one_by_one(fashion_root, tmp_path):
     """SpotTune queues each batch's policy one batch ahead: rows still pair with their images, and
     the routing (tuned blocks) and classes equal those of one image at a time."""
-    from spottune.config import RuntimeSettings, validate_params
+    from spottune.config import validate_params
+    from spottune.settings import RuntimeSettings
     from spottune.training import fit
 
     params = validate_params({

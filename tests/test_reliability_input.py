@@ -30,8 +30,9 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from spottune.config import Params, RemoteSettings, load_params, validate_params
+from spottune.config import Params, load_params, validate_params
 from spottune.errors import ConfigError, DataError, StoreError
+from spottune.settings import RemoteSettings
 
 from support import (
     PROJECT,
@@ -44,9 +45,8 @@ from support import (
     new_bucket,
     new_pipeline_repo,
     prefect_test_server,
-    set_params,
-    sh,
     snapshot_bucket,
+    tiny_flow_project,
 )
 
 FASHION = ("bag", "coat", "sandal", "trouser")
@@ -105,6 +105,7 @@ def tree(fashion_root, tmp_path) -> Path:
 # Non-image files and decompression bombs
 
 
+@pytest.mark.slow
 def test_non_image_files_are_skipped_and_a_disguised_one_is_named(capsys, tree, tmp_path):
     """Files without an image extension are not images of a class: the manifest leaves them out, so
     validation and training never see them. A text file named .png is an image by its name: validation
@@ -260,7 +261,7 @@ def test_materialise_makes_odd_label_names_safe_or_refuses_them(fashion_root, tm
 def test_odd_label_names_survive_prepare_validate_and_training(capsys, fashion_root, tmp_path, monkeypatch):
     """A tree used as it is (no `spottune data`): the labels pass through the CSV manifest, GX, the loaders
     and the model card unchanged, and no label is ever run by a shell."""
-    from spottune.config import RuntimeSettings
+    from spottune.settings import RuntimeSettings
     from spottune.training import fit
 
     monkeypatch.chdir(tmp_path)
@@ -307,6 +308,7 @@ def snapshot_tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_data_overwrite_refuses_a_source_inside_the_output_or_an_output_inside_the_source(fashion_root, tmp_path):
     """`spottune data SRC --out OUT --overwrite` removed OUT as a whole: with SRC inside OUT that deleted the
     source and everything beside it. Refused before anything is deleted or written, as is OUT inside SRC."""
@@ -581,6 +583,7 @@ def assert_names_a_key(message: str, doc: dict[Any, Any]) -> None:
     assert len(message) < 20_000, "a message a person can read"
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(params_docs())
 @example({" ": None})  # found by the fuzzer: the message named a key nobody could see
@@ -595,6 +598,7 @@ def test_any_params_structure_gives_params_or_a_config_error_naming_the_key(doc)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(st.text(max_size=200), params_docs().map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
                  st.sampled_from(["optim: {epochs: !!int x}", "data: {root: 2001-02-30}", "- a", "a: [", "\x00"])))
+@pytest.mark.slow
 def test_any_params_file_gives_params_or_a_config_error_naming_the_file(tmp_path, text):
     path = tmp_path / "params.yaml"
     path.write_text(text)
@@ -810,7 +814,7 @@ def test_a_malformed_endpoint_is_refused_without_repeating_it(capsys, monkeypatc
 def test_the_store_never_repeats_an_endpoint_that_botocore_refuses(monkeypatch):
     """Belt and braces below the settings: whatever botocore refuses as an endpoint, the StoreError shows
     scheme and host at most."""
-    from spottune.config import StoreSettings
+    from spottune.settings import StoreSettings
     from spottune.store import S3Backend
 
     settings = StoreSettings.model_construct(**{**StoreSettings(store_backend="s3", s3_bucket="models").model_dump(),
@@ -850,16 +854,7 @@ TRAINING = {"optim.max_steps_per_epoch": 1}
 def flow_project(tmp_path_factory) -> Path:
     """A git + DVC repository with this project's pipeline and flows on tiny real data (as in test_flow.py)."""
     repo = git_pipeline_repo(tmp_path_factory.mktemp("secrets") / "repo", with_flows=True)
-    sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
-       "--train-per-class", "8", "--test-per-class", "4", "--track", cwd=repo, timeout=600)
-    set_params(repo, prepare={"val_fraction": 0.25}, validate={"min_images_per_class": 2, "min_rows": 10},
-               data={"image_size": 32, "batch_size": 16, "eval_batch_size": 64},
-               optim={"epochs": 1, "max_steps_per_epoch": 2},
-               gate={"rule": "non_inferiority", "margin": 1.0, "floor": 0.0},  # any tiny model passes
-               publish={"model_name": NAME, "promote": True})
-    sh("git", "add", ".", cwd=repo)
-    sh("git", "commit", "-q", "-m", "tiny pipeline", cwd=repo)
-    return repo
+    return tiny_flow_project(repo, NAME, per_class=(8, 4), steps_per_epoch=2)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ def spottune(*args, env: dict[str, str] | None = None, cwd: Path | None = None) 
 # Exit codes: 2 usage, 3 bad input, 4 external service, 1 internal
 
 
+@pytest.mark.slow
 def test_each_kind_of_failure_has_its_own_exit_code(tmp_path):
     usage = spottune("train", "--method", "linear")  # --out missing: argparse
     assert usage.returncode == 2 and "--out" in usage.stderr and "usage:" in usage.stderr, usage.stderr
@@ -54,7 +55,7 @@ def test_each_kind_of_failure_has_its_own_exit_code(tmp_path):
     assert bad_store_setting.returncode == 3 and "SPOTTUNE_STORE_PREFIX" in bad_store_setting.stderr
 
     # an internal error (a bug): the traceback is kept and the code is 1, never one of the codes above
-    bug = subprocess.run([sys.executable, "-c", ("import sys, spottune.cli as c, spottune.evaluate as e\n"
+    bug = subprocess.run([sys.executable, "-c", ("import sys, spottune.cli as c, spottune.compare as e\n"
                           "def broken(*a, **k): raise AssertionError('a bug')\n"
                           "e.evaluate_run = broken\nsys.exit(c.main(['evaluate', 'run']))")],
                          capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=120)
@@ -74,6 +75,7 @@ def _sliced_run(root: Path, out: Path, tiny_params, runtime):
     return params
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_resume_unfinished_starts_over(fashion_root, tiny_params, runtime, tmp_path,
                                                                        capsys):
     """Images added under the same data.root, or a class removed: --resume refuses naming what changed,
@@ -170,6 +172,7 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_training_into_a_held_run_folder_fails_naming_the_holder_and_deletes_nothing(fashion_root,
                                                                                               tmp_path):
     run = tmp_path / "run"
@@ -194,6 +197,7 @@ def test_a_second_training_into_a_held_run_folder_fails_naming_the_holder_and_de
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_two_trainings_started_together_into_one_folder_one_runs_the_other_is_refused(fashion_root, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--method", "linear", "--out", run, "--set", f"data.root={fashion_root}", "--overwrite", *TINY]

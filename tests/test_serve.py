@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from spottune.config import StoreSettings
+from spottune.settings import StoreSettings
 from spottune.store import WEIGHTS, open_store
 
 from support import free_port, new_bucket, passed_gate, shifted_run, store_env

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from spottune.config import StoreSettings
 from spottune.errors import SpotTuneError, StoreError
+from spottune.settings import StoreSettings
 from spottune.store import (
     MANIFEST,
     VERSION_FILES,

@@ -235,6 +235,7 @@ def _epoch_on_a_shard(rank: int, world_size: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_training_statistics_cover_every_ranks_shard(tmp_path):
     """Two real processes (gloo on CPU) with shards of different sizes and labels: both report the loss and
     accuracy of all 24 images, not their own shard's (before: rank 0's 8 images alone reached metrics)."""

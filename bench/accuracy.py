@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spottune.atomic import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 # Relative to the repository root, where the benchmark runs: result files name no machine's paths.
 RESULTS = Path("bench/results/accuracy")
@@ -351,11 +353,7 @@ def run_job(job: Job, results: Path, work: Path, device: str) -> dict:
 
 
 def _write_result(results: Path, job: Job, out: dict) -> dict:
-    path = results / job.key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(results / job.key, out, indent=1)
     return out
 
 
@@ -729,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         done = load_done(args.results)
         write_report(args.doc, report_markdown(done, profile, args.doc.parent))
         out = args.results / "summary.json"
-        out.write_text(json.dumps(summary(done, profile), indent=1) + "\n")
+        write_json(out, summary(done, profile), indent=1)
         print(f"wrote {args.doc} and {out}")
     return 0
 

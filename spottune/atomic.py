@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 
 def _temporary_prefix(path: Path) -> str:
@@ -46,6 +48,11 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    """`obj` as indented JSON (and a final newline) at `path`, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
 
 
 def atomic_write(path: Path, write) -> None:

@@ -53,7 +53,7 @@ def _runtime_settings() -> RuntimeSettings:
 
 def _write_json(path: Path | None, obj) -> None:
     if path is not None:
-        from spottune.training import write_json
+        from spottune.atomic import write_json
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_json(path, obj)
@@ -160,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     result = evaluate_run(args.run, runtime, data_root=args.data_root, split=args.split)
     text = json.dumps(result["metrics"], indent=2)
     if args.out:
-        from spottune.training import write_json
+        from spottune.atomic import write_json
 
         write_json(args.out, result["metrics"])
     print(text)
@@ -168,9 +168,8 @@ def cmd_evaluate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
-    from spottune.atomic import atomic_write
+    from spottune.atomic import atomic_write, write_json
     from spottune.compare import compare_runs, comparison_markdown
-    from spottune.training import write_json
 
     for option, path in (("--report", args.report), ("--json", args.json), ("--metrics", args.metrics)):
         output_file(path, option)

@@ -247,10 +247,10 @@ def read_record(path: Path) -> dict[str, Any]:
 
 def cmd_gate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     """Decide, write the record atomically, print the decision; a refusal is a result (exit 0), not an error."""
+    from spottune.atomic import write_json
     from spottune.config import load_params
     from spottune.outputs import output_file
     from spottune.store_cli import store_settings
-    from spottune.training import write_json
 
     refuse_gate_overrides([pair.partition("=")[0].strip() for pair in args.set or []], "spottune gate --set")
     default = Path("params.yaml")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from spottune.atomic import atomic_write
+from spottune.atomic import atomic_write, write_json
 from spottune.checkpoints import restore_checkpoint
 from spottune.config import OptimParams, Params, validate_params
 from spottune.data.loaders import build_datasets, make_loader
@@ -62,10 +62,6 @@ def lr_factor(optim: OptimParams) -> Callable[[int], float]:
     if optim.schedule == "step":
         return lambda e: optim.gamma ** sum(e >= m for m in optim.step_milestones)
     return lambda e: 1.0
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def fit(

@@ -30,24 +30,9 @@ from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, t
 from spottune.errors import CheckpointError, ConfigError
 from spottune.models import TransferModel, build_model
 from spottune.models.backbones import input_normalization
+from spottune.rundir import MODEL_FORMAT, RunDir
 from spottune.runlock import RunLock
 from spottune.settings import RuntimeSettings
-
-MODEL_FORMAT = "spottune-model/1"
-
-
-class RunDir:
-    """The files of one run, by name."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.checkpoint = self.root / "checkpoint.pt"
-        self.weights = self.root / "model.safetensors"
-        self.model_card = self.root / "model.json"
-        self.metrics = self.root / "metrics.json"
-
-    def outputs(self) -> list[Path]:
-        return [self.checkpoint, self.weights, self.model_card, self.metrics]
 
 
 def seed_everything(seed: int) -> None:

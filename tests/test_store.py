@@ -27,6 +27,7 @@ from spottune.store import (
     MANIFEST,
     VERSION_FILES,
     ArtifactStore,
+    Gate,
     IntegrityError,
     LocalBackend,
     PromotionRefused,
@@ -247,7 +248,7 @@ def test_a_tampered_pointer_history_is_an_integrity_error_not_a_key_error(store,
 def test_a_version_that_failed_the_gate_never_becomes_production(store, finished_run, other_run):
     store.publish(finished_run, NAME, "v1", gate=PASS)
     store.promote(NAME, "v1")
-    store.publish_candidate(other_run, NAME, "v2", reason="0.2 points below the baseline")
+    store.publish(other_run, NAME, "v2", gate=Gate(False, "0.2 points below the baseline"))
 
     with pytest.raises(PromotionRefused, match="failed its promotion gate"):
         store.promote(NAME, "v2")
@@ -261,8 +262,6 @@ def test_a_version_that_failed_the_gate_never_becomes_production(store, finished
 
 
 def test_a_version_without_the_gate_record_needs_a_forced_promotion_which_is_audited(store, finished_run, other_run):
-    from spottune.store import Gate
-
     store.publish(finished_run, NAME, "v1", gate=PASS)
     store.promote(NAME, "v1", reason="gate passed")
     store.publish(other_run, NAME, "v2", gate=Gate(None, "published by hand"))
@@ -630,16 +629,6 @@ def test_a_multipart_upload_cut_off_by_an_outage_is_aborted_and_leaves_no_parts(
     with pytest.raises(StoreError):
         store.publish(finished_run, NAME, "v2", gate=PASS)
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-
-
-def test_run_layout_matches_training():
-    """spottune.store repeats the run's file names and model format to publish without importing torch."""
-    from spottune import store
-    from spottune.training import MODEL_FORMAT, RunDir
-
-    run = RunDir(Path("r"))
-    assert store.RUN_FILES == (run.weights.name, run.model_card.name, run.metrics.name)
-    assert store.RUN_MODEL_FORMAT == MODEL_FORMAT
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spottune.errors import StoreError
+from spottune.rundir import MODEL_FORMAT, RUN_FILES
 from spottune.settings import StoreSettings
 from spottune.store.backends import Backend, open_backend
 from spottune.store.cards import model_card_markdown
@@ -23,8 +24,6 @@ from spottune.store.values import (
     LINEAGE,
     LINEAGE_FILES,
     MANIFEST,
-    RUN_FILES,
-    RUN_MODEL_FORMAT,
     STORE_FORMAT,
     VERSION_FILES,
     WEIGHTS,
@@ -197,11 +196,6 @@ class ArtifactStore(PromotionMixin):
             log(f"published {name} {version} -> {self.backend.url(key)}")
             return PublishResult(version, sha256_bytes(data), uploaded, skipped, already_published=False)
 
-    def publish_candidate(self, run_dir: Path, name: str, version: str | None = None, *, reason: str,
-                          **kwargs: Any) -> PublishResult:
-        """Publish a version that failed (or skipped) the gate: stored and listed, never promotable."""
-        return self.publish(run_dir, name, version, gate=Gate(False, reason), **kwargs)
-
     def _existing_manifest(self, name: str, version: str) -> tuple[dict[str, Any], str] | None:
         try:
             return self.read_manifest(name, version)
@@ -258,9 +252,9 @@ class ArtifactStore(PromotionMixin):
             metrics = json.loads(metrics_json.read_text())
         except (OSError, ValueError) as e:
             raise StoreError(f"{run_dir}: unreadable model.json or metrics.json: {e}") from None
-        if not isinstance(card, dict) or card.get("format") != RUN_MODEL_FORMAT:
+        if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
             got = card.get("format") if isinstance(card, dict) else card
-            raise StoreError(f"{model_json}: unknown format {got!r}, expected {RUN_MODEL_FORMAT}")
+            raise StoreError(f"{model_json}: unknown format {got!r}, expected {MODEL_FORMAT}")
         if not isinstance(metrics, dict):
             raise StoreError(f"{metrics_json}: expected a JSON object")
         if report is not None and not Path(report).is_file():

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from spottune.errors import StoreError
+from spottune.rundir import WEIGHTS
 from spottune.store.errors import IntegrityError
 from spottune.store.hashing import sha256_bytes
 
 STORE_FORMAT = "spottune-store/1"
 MANIFEST = "MANIFEST.json"
 GATE = "gate.json"
-WEIGHTS = "model.safetensors"
 VERSION_FILES: tuple[str, ...] = (
     WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
 )
@@ -32,10 +32,6 @@ DATA_DVC = "data.dvc"
 GIT_DIFF = "git.diff"
 LINEAGE_FILES: tuple[str, ...] = (LINEAGE, DVC_LOCK, DATA_DVC, GIT_DIFF)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` also matches before a final newline
-# A finished run's files and model format, as spottune.training writes them (RunDir, MODEL_FORMAT).
-# Repeated here so publishing needs no torch import; a test checks they agree.
-RUN_FILES: tuple[str, str, str] = (WEIGHTS, "model.json", "metrics.json")
-RUN_MODEL_FORMAT = "spottune-model/1"
 HISTORY_LIMIT = 100
 CAS_ATTEMPTS = 20
 

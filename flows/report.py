@@ -68,8 +68,14 @@ def routing_heatmap_png(classes: list[str], matrix: list[list[float]]) -> bytes 
 
 
 def retrain_report(comparison_md: str, comparison: dict[str, Any], gate: Gate, data_version: str,
-                   overrides: dict[str, Any], png: bytes | None) -> str:
-    """The published report: gate verdict, data version, overrides, the comparison, the routing picture."""
+                   overrides: dict[str, Any], png: bytes | None) -> tuple[str, str]:
+    """The published report (gate verdict, data version, overrides, the comparison, then the routing
+    per class and its picture) and its summary, everything before the routing (what a terminal shows)."""
+    summary = summary_section(comparison_md, gate, data_version, overrides)
+    return summary + routing_section(comparison, png), summary
+
+
+def summary_section(comparison_md: str, gate: Gate, data_version: str, overrides: dict[str, Any]) -> str:
     verdict = "passed" if gate.passed else "refused: not promoted"
     lines = [
         "# Retrain report",
@@ -81,10 +87,16 @@ def retrain_report(comparison_md: str, comparison: dict[str, Any], gate: Gate, d
         "",
         *("#" + line if line.startswith("#") else line for line in comparison_md.splitlines()),
     ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def routing_section(comparison: dict[str, Any], png: bytes | None) -> str:
+    """Which blocks SpotTune tunes per class, as a table and (when drawn) a picture; empty without routing."""
     found = routing_matrix(comparison)
-    if found:
-        classes, matrix = found
-        lines += ["", "## Which blocks SpotTune tunes, per class", "", routing_block_table(classes, matrix)]
-        if png:
-            lines += ["", f"![tuned fraction per class and block](data:image/png;base64,{base64.b64encode(png).decode()})"]
+    if not found:
+        return ""
+    classes, matrix = found
+    lines = ["", "## Which blocks SpotTune tunes, per class", "", routing_block_table(classes, matrix)]
+    if png:
+        lines += ["", f"![tuned fraction per class and block](data:image/png;base64,{base64.b64encode(png).decode()})"]
     return "\n".join(lines).rstrip() + "\n"

@@ -231,8 +231,9 @@ def gate(root: Path, store_settings: StoreSettings, name: str, stage_ran: bool) 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report(project: Path, comparison: dict[str, Any], comparison_md: str, verdict: Gate, data_version: str,
-           overrides: dict[str, Any]) -> Path:
-    """The Markdown report with the per-class routing picture: a file, a PNG, and a Prefect artifact."""
+           overrides: dict[str, Any]) -> tuple[Path, str]:
+    """The Markdown report with the per-class routing picture: a file, a PNG, and a Prefect artifact.
+    Returns the file and the report's summary (everything before the routing section)."""
     from prefect.artifacts import create_markdown_artifact
 
     from flows.report import retrain_report, routing_heatmap_png, routing_matrix
@@ -241,11 +242,11 @@ def report(project: Path, comparison: dict[str, Any], comparison_md: str, verdic
     png = routing_heatmap_png(*found) if found else None
     if png:
         (project / ROUTING_PNG).write_bytes(png)
-    text = retrain_report(comparison_md, comparison, verdict, data_version, overrides, png)
+    text, summary = retrain_report(comparison_md, comparison, verdict, data_version, overrides, png)
     (project / REPORT_MD).write_text(text)
     create_markdown_artifact(markdown=text, key=ARTIFACT_KEY,
                              description="SpotTune vs fine-tuning: gate, statistics, routing per class")
-    return project / REPORT_MD
+    return project / REPORT_MD, summary
 
 
 @task(name="check-store", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -354,7 +355,7 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
                                                  store_settings, checkouts)
         comparison, comparison_md = read_comparison(root)
         pushed_to = push_experiment(root, exp) if exp else None
-        report_path = report(root, comparison, comparison_md, verdict, data_version, overrides)
+        report_path, summary_md = report(root, comparison, comparison_md, verdict, data_version, overrides)
         report_md = report_path.read_text()
         lineage = flow_lineage(root, root / CANDIDATE_RUN, params, data_version, experiment=exp)
         published = publish(root, store_settings, name, verdict, data_version, report_path, experiment=exp,
@@ -371,7 +372,7 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
     return {"status": status, "promoted": promoted, "gate_passed": verdict.passed, "reason": verdict.reason,
             "model": name, "data_version": data_version, "overrides": overrides, "experiment": exp,
             "experiment_pushed_to": pushed_to, "report": str(report_path) if root == project else None,
-            "report_md": report_md, "baseline_accuracy": verdict.details["baseline"]["accuracy"],
+            "report_md": report_md, "summary_md": summary_md, "baseline_accuracy": verdict.details["baseline"]["accuracy"],
             "candidate_accuracy": verdict.details["candidate"]["accuracy"], **published}
 
 
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(result["report_md"].split("\n## Which blocks")[0])
+    print(result["summary_md"])
     print(result["status"])
     print(f"stored at {result['url']}")
     return 0

@@ -203,6 +203,8 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     # the report: comparison, statistics, routing per class (table and PNG), published with the model
     report = (local_store / "models" / NAME / "versions" / r["version"] / "report.md").read_text()
     assert report == r["report_md"] == (project / "reports" / "retrain.md").read_text()
+    # what the command line prints: the report up to its routing section
+    assert report.startswith(r["summary_md"]) and "McNemar" in r["summary_md"] and "Which blocks" not in r["summary_md"]
     for words in ("test top-1", "McNemar", "bootstrap CI", "Which blocks SpotTune tunes, per class",
                   "data:image/png;base64,", r["data_version"]):
         assert words in report, words

@@ -14,12 +14,12 @@ Prints a table and writes JSON. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from spottune.atomic import write_json
 from spottune.config import validate_params
 from spottune.data.loaders import build_datasets, make_loader
 from spottune.engine import DeviceSetup
@@ -72,7 +72,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['workers']:>8} {r['images_per_s']:>10.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "root": str(args.root), "rows": rows}, indent=2) + "\n")
+    write_json(args.out, {"cpus": os.cpu_count(), "root": str(args.root), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import cuda_time, gpu_batch, hold_weights, set_routing
 
+from spottune.atomic import write_json
 from spottune.config import validate_params
 from spottune.distributed import Distributed
 from spottune.models import build_model
@@ -123,8 +124,8 @@ def main() -> None:
                   f"{rank_env.world_size * r['alone_ms'] / bcast:8.2f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "trained_routing")}
-        args.out.write_text(json.dumps({"gpus": f"{rank_env.world_size} x {gpu}", "cpu_cores": os.cpu_count(),
-                                        "torch": torch.__version__, "args": meta, "rows": rows}, indent=2) + "\n")
+        write_json(args.out, {"gpus": f"{rank_env.world_size} x {gpu}", "cpu_cores": os.cpu_count(),
+                              "torch": torch.__version__, "args": meta, "rows": rows})
     rank_env.stop()
 
 

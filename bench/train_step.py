@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from spottune.atomic import write_json
 from spottune.config import validate_params
 from spottune.models import build_model
 
@@ -365,8 +366,7 @@ def main() -> None:
     repo = Path(__file__).resolve().parents[1]
     meta = {k: (str(v.resolve().relative_to(repo)) if isinstance(v, Path) and v.resolve().is_relative_to(repo)
                 else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "args": meta, "rows": rows,
-                                    "policy": policy_row}, indent=2) + "\n")
+    write_json(args.out, {"gpu": gpu, "torch": torch.__version__, "args": meta, "rows": rows, "policy": policy_row})
 
 
 if __name__ == "__main__":

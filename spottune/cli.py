@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. optim.epochs=2")
 
     p = sub.add_parser("data", help="materialise a real dataset as an ImageFolder tree (and version it with DVC)")
-    p.add_argument("source", help="fashion-mnist | digits | torchvision:NAME | PATH (ImageFolder) | decathlon:ROOT/TASK")
+    p.add_argument("source", help="fashion-mnist | digits | mnist | torchvision:NAME | PATH (ImageFolder) | decathlon:ROOT/TASK")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-per-class", type=int, default=None)
     p.add_argument("--test-per-class", type=int, default=None)

@@ -172,7 +172,7 @@ def train_one_epoch(
         images, labels = setup.images(images), labels.to(setup.device, non_blocking=True)
         loss, out = train_step(model, forward, optimizer, images, labels, setup)
         stats.add(loss, out.logits, labels, out.decisions)
-        if progress and step % 10 == 0 and hasattr(bar, "set_postfix"):
+        if progress and step % 10 == 0:  # a tqdm bar
             s = stats.summary()
             bar.set_postfix(loss=f"{s['loss']:.3f}", acc=f"{s['accuracy']:.3f}", img_s=f"{s['images_per_s']:.0f}")
     if all_reduce is not None:

@@ -68,7 +68,7 @@ class FineTuneNet(TransferModel):
         self._graphs.reset()
         return self
 
-    def forward(self, images: torch.Tensor, decisions: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, images: torch.Tensor) -> ModelOutput:
         if self._replays_as_graph(images):
             return ModelOutput(self._graphs((images,), self._logits, [self.stem, self.blocks, self.neck, self.head]))
         return ModelOutput(self._logits(images))

@@ -4,7 +4,7 @@ Two backends behind one small interface (`Backend`): a local folder (the embedde
 S3-compatible object storage through boto3. Everything that matters for safety lives above the
 interface, in `ArtifactStore`, so both backends get the same guarantees and the same tests.
 
-Modules (everything below is importable from `spottune.store` itself):
+Modules (what the rest of the project uses is importable from `spottune.store` itself):
 
     artifacts.py   ArtifactStore: publish, verify, list, fetch; open_store, load_production_model
     promotion.py   production pointer (compare-and-swap), promote, rollback, audit trail (ArtifactStore's mixin)
@@ -51,15 +51,7 @@ load_production_model only).
 """
 
 from spottune.store.artifacts import ArtifactStore, load_production_model, open_store
-from spottune.store.backends import (
-    Backend,
-    LocalBackend,
-    S3Backend,
-    current_umask,
-    open_backend,
-    s3_region,
-)
-from spottune.store.cards import model_card_markdown
+from spottune.store.backends import Backend, LocalBackend, S3Backend
 from spottune.store.errors import (
     IntegrityError,
     ObjectMissing,
@@ -67,53 +59,32 @@ from spottune.store.errors import (
     StoreMisconfigured,
     WriteConflict,
 )
-from spottune.store.hashing import CHUNK, sha256_bytes, sha256_file, sha256_stream
+from spottune.store.hashing import sha256_file
 from spottune.store.values import (
-    CAS_ATTEMPTS,
     DATA_DVC,
-    DVC_LOCK,
     GATE,
-    GATE_RECORD_FORMAT,
     GIT_DIFF,
-    HISTORY_LIMIT,
     LINEAGE,
-    LINEAGE_FILES,
     MANIFEST,
-    NAME_RE,
-    STORE_FORMAT,
     VERSION_FILES,
     WEIGHTS,
     Gate,
     Lineage,
     PublishResult,
     VersionInfo,
-    check_gate_for,
-    check_prefix,
     check_safetensors,
-    content_version,
-    default_actor,
     gated_by_pipeline,
-    is_gate_record,
-    lineage_identity,
 )
 from spottune.store.values import (
     _check_name as _check_name,  # spottune.model_cache checks model names with it
 )
 
 __all__ = [
-    "CAS_ATTEMPTS",
-    "CHUNK",
     "DATA_DVC",
-    "DVC_LOCK",
     "GATE",
-    "GATE_RECORD_FORMAT",
     "GIT_DIFF",
-    "HISTORY_LIMIT",
     "LINEAGE",
-    "LINEAGE_FILES",
     "MANIFEST",
-    "NAME_RE",
-    "STORE_FORMAT",
     "VERSION_FILES",
     "WEIGHTS",
     "ArtifactStore",
@@ -129,21 +100,9 @@ __all__ = [
     "StoreMisconfigured",
     "VersionInfo",
     "WriteConflict",
-    "check_gate_for",
-    "check_prefix",
     "check_safetensors",
-    "content_version",
-    "current_umask",
-    "default_actor",
     "gated_by_pipeline",
-    "is_gate_record",
-    "lineage_identity",
     "load_production_model",
-    "model_card_markdown",
-    "open_backend",
     "open_store",
-    "s3_region",
-    "sha256_bytes",
     "sha256_file",
-    "sha256_stream",
 ]

@@ -276,11 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spottune", description="SpotTune adaptive fine-tuning and its baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def with_params(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml if present)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. optim.epochs=2")
+    def command(name: str, func, summary: str, *, params: bool = False) -> argparse.ArgumentParser:
+        """A subcommand running func(args, runtime); params=True: it reads params.yaml (--params, --set)."""
+        p = sub.add_parser(name, help=summary)
+        if params:
+            p.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml if present)")
+            p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. optim.epochs=2")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("data", help="materialise a real dataset as an ImageFolder tree (and version it with DVC)")
+    p = command("data", cmd_data, "materialise a real dataset as an ImageFolder tree (and version it with DVC)", params=True)
     p.add_argument("source", help="fashion-mnist | digits | mnist | torchvision:NAME | PATH (ImageFolder) | decathlon:ROOT/TASK")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-per-class", type=int, default=None)
@@ -291,25 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", action="store_true",
                    help="version the top folder of OUT with DVC (dvc add data -> data.dvc); push when a remote is set")
     p.add_argument("--push", action="store_true", help="like --track, and fail when no remote is configured")
-    with_params(p)
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("prepare", help="write the manifest (path, label, split, size, sha256) of data.root to prepare.manifest")
-    with_params(p)
-    p.set_defaults(func=cmd_prepare)
+    p = command("prepare", cmd_prepare, "write the manifest (path, label, split, size, sha256) of data.root to prepare.manifest", params=True)
 
-    p = sub.add_parser("validate", help="check the manifest and the images against the data contract")
-    with_params(p)
+    p = command("validate", cmd_validate, "check the manifest and the images against the data contract", params=True)
     p.add_argument("--out-dir", type=Path, default=Path("reports/validation"), help="result.json, report.html, gx.html")
     p.add_argument("--metrics", type=Path, default=None, help="also write the summary here (for dvc metrics)")
-    p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("remote", help="make params.yaml's remote (env SPOTTUNE_REMOTE_* wins) DVC's default remote")
-    with_params(p)
-    p.set_defaults(func=cmd_remote)
+    p = command("remote", cmd_remote, "make params.yaml's remote (env SPOTTUNE_REMOTE_* wins) DVC's default remote", params=True)
 
-    p = sub.add_parser("train", help="train one method and write a run directory")
-    with_params(p)
+    p = command("train", cmd_train, "train one method and write a run directory", params=True)
     p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (overrides model.method)")
     p.add_argument("--backbone", help=f"one of: {', '.join(BACKBONES)} (overrides model.backbone)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
@@ -321,21 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-epochs", type=int, default=None, help="end this invocation after N epochs")
     p.add_argument("--metrics", type=Path, default=None, help="write the run's summary metrics here (dvc metrics)")
     p.add_argument("--plots", type=Path, default=None, help="write the per-epoch learning curve here (dvc plots)")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export-backbone", help="a baseline run's trained backbone as a weights file for model.weights")
+    p = command("export-backbone", cmd_export_backbone, "a baseline run's trained backbone as a weights file for model.weights")
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
-    p.set_defaults(func=cmd_export_backbone)
 
-    p = sub.add_parser("evaluate", help="metrics of a finished run on its test (or val) split")
+    p = command("evaluate", cmd_evaluate, "metrics of a finished run on its test (or val) split")
     p.add_argument("run", type=Path)
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--data-root", type=Path, default=None, help="evaluate on another ImageFolder root")
     p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", help="a candidate run against a baseline run on the same test images")
+    p = command("compare", cmd_compare, "a candidate run against a baseline run on the same test images")
     p.add_argument("baseline", type=Path)
     p.add_argument("candidate", type=Path)
     p.add_argument("--data-root", type=Path, default=None)
@@ -343,9 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
     p.add_argument("--metrics", type=Path, default=None, help="write summary metrics here (dvc metrics)")
     p.add_argument("--plots-dir", type=Path, default=None, help="write per_class.json and routing.json here (dvc plots)")
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("predict", help="classify images with a finished run or a model from the artifact store")
+    p = command("predict", cmd_predict, "classify images with a finished run or a model from the artifact store")
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files, or folders (searched recursively)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", type=Path, help="a finished run directory")
@@ -357,9 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images decoded and predicted at once")
     p.add_argument("--json", action="store_true", help="print a JSON list of {path, label, probability, top}")
     p.add_argument("--csv", type=Path, default=None, metavar="FILE", help="write path,label,probability (atomically)")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("serve", help="an HTTP API (FastAPI) that classifies uploads with a model from the store")
+    p = command("serve", cmd_serve, "an HTTP API (FastAPI) that classifies uploads with a model from the store")
     p.add_argument("--model", required=True, metavar="NAME@REF", help="NAME@production (followed as it is "
                    "promoted), NAME@latest or NAME@VERSION")
     p.add_argument("--host", default="127.0.0.1")
@@ -370,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="larger uploads are refused (413)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="larger images are refused from their header (default: Pillow's MAX_IMAGE_PIXELS)")
-    p.set_defaults(func=cmd_serve)
     from spottune import (  # gate; publish, promote, rollback, models list (boto3 only for S3)
         gate,
         store_cli,

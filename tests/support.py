@@ -150,9 +150,10 @@ def git_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:
     return repo
 
 
-def tiny_flow_project(repo: Path, name: str, *, per_class: tuple[int, int], steps_per_epoch: int) -> Path:
-    """Give a git_pipeline_repo(with_flows=True) tiny real data (Fashion-MNIST, per_class = (train, test)
-    images per class, tracked by DVC) and tiny params whose gate any model passes; commit it all."""
+def tiny_flow_project(path: Path, name: str, *, per_class: tuple[int, int], steps_per_epoch: int) -> Path:
+    """A git_pipeline_repo(with_flows=True) with tiny real data (Fashion-MNIST, per_class = (train, test)
+    images per class, tracked by DVC) and tiny params whose gate any model passes, all committed."""
+    repo = git_pipeline_repo(path, with_flows=True)
     sh(sys.executable, "-m", "spottune.cli", "data", "fashion-mnist", "--out", "data/fashion-mnist",
        "--train-per-class", str(per_class[0]), "--test-per-class", str(per_class[1]), "--track", cwd=repo,
        timeout=600)

@@ -32,7 +32,6 @@ from support import (
     MotoServer,
     clean_env,
     dummy_aws_env,
-    git_pipeline_repo,
     new_bucket,
     prefect_test_server,
     requires,
@@ -62,11 +61,11 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
 def project(tmp_path_factory) -> Path:
     """A git + DVC repository with this project's pipeline and flows, tiny data and tiny params, and a bare
     git repository as its remote `origin` (where experiments are pushed)."""
-    repo = git_pipeline_repo(tmp_path_factory.mktemp("clone") / "repo", with_flows=True)
+    repo = tiny_flow_project(tmp_path_factory.mktemp("clone") / "repo", NAME, per_class=(12, 6), steps_per_epoch=1)
     origin = tmp_path_factory.mktemp("origin") / "origin.git"
     sh("git", "init", "-q", "--bare", str(origin), cwd=repo)
     sh("git", "remote", "add", "origin", str(origin), cwd=repo)
-    return tiny_flow_project(repo, NAME, per_class=(12, 6), steps_per_epoch=1)
+    return repo
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,6 @@ from support import (
     clean_env,
     cli,
     free_port,
-    git_pipeline_repo,
     new_bucket,
     new_pipeline_repo,
     prefect_test_server,
@@ -853,8 +852,7 @@ TRAINING = {"optim.max_steps_per_epoch": 1}
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory) -> Path:
     """A git + DVC repository with this project's pipeline and flows on tiny real data (as in test_flow.py)."""
-    repo = git_pipeline_repo(tmp_path_factory.mktemp("secrets") / "repo", with_flows=True)
-    return tiny_flow_project(repo, NAME, per_class=(8, 4), steps_per_epoch=2)
+    return tiny_flow_project(tmp_path_factory.mktemp("secrets") / "repo", NAME, per_class=(8, 4), steps_per_epoch=2)
 
 
 @pytest.fixture(scope="module")

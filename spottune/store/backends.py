@@ -52,7 +52,7 @@ def _check_key(key: str) -> str:
 class LocalBackend:
     """A folder. Writes go to a unique temporary name, are fsynced and renamed, so readers see whole files.
 
-    A per-process temporary name (as in spottune.engine.atomic_write) is not enough here: two
+    A per-process temporary name (as in spottune.atomic.atomic_write) is not enough here: two
     threads promoting at once would share it. Create-if-absent links the temporary file to its name
     (link fails when the name exists); compare-and-swap takes an flock on one lock file per key
     (only the production pointers), which serialises threads and processes on one machine, not

@@ -139,20 +139,17 @@ def store_env(settings: StoreSettings) -> dict[str, str]:
 @task(name="version-data", cache_policy=NO_CACHE, **IO_RETRIES)
 def version_data(project: Path, params: Params) -> str:
     """`dvc add` the data tree (push when a DVC remote is configured); the data.dvc md5 is the data version."""
-    import yaml
-
     from spottune.data import versioning
     from spottune.settings import RemoteSettings
 
     logger = get_run_logger()
     dvc_file = versioning.version_data(project / params.data.root, RemoteSettings.resolve(params.remote),
                                        log=logger.info)
-    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-    md5 = outs[0].get("md5")
+    md5 = versioning.recorded_md5(dvc_file)
     if not md5:
         raise StageFailed(f"{dvc_file} records no md5: cannot name the data version")
     logger.info("data version %s (%s)", md5, dvc_file.name)
-    return str(md5)
+    return md5
 
 
 def _log(message: str) -> None:

@@ -191,21 +191,6 @@ def cmd_compare(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     return 0
 
 
-def load_store_model(ref: str, cache_dir: Path | None, log=None):
-    """NAME@production|latest|VERSION from the store of SPOTTUNE_STORE_*: (folder of verified files, Resolved)."""
-    from spottune.model_cache import fetch_cached, parse_model_ref, resolve
-    from spottune.store import open_store
-    from spottune.store_cli import store_settings
-
-    name, what = parse_model_ref(ref)
-    settings = store_settings()
-    store = open_store(settings)
-    resolved = resolve(store, name, what)
-    folder = fetch_cached(store, resolved, cache_dir or settings.model_cache_dir,
-                          log=log or (lambda m: print(m, file=sys.stderr)))
-    return folder, resolved
-
-
 def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     import csv
 
@@ -221,7 +206,12 @@ def cmd_predict(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
         raise DataError(f"{', '.join(missing)} does not exist")
     from spottune.inference import Predictor, image_paths
 
-    folder = args.run if args.run is not None else load_store_model(args.model, args.cache_dir)[0]
+    if args.run is not None:
+        folder = args.run
+    else:
+        from spottune.store_cli import fetch_model
+
+        folder = fetch_model(args.model, args.cache_dir)[0]
     predictor = Predictor.from_folder(folder, runtime.device)
     rows = predictor.predict_paths(image_paths(args.paths), top_k=args.top_k, batch_size=args.batch_size)
     collected: list[dict] = []

@@ -15,7 +15,6 @@ only flow_run changes from one flow run to the next, and the store leaves it out
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spottune.errors import ConfigError
+from spottune.store.hashing import sha256_bytes
 from spottune.store.values import DATA_DVC, DVC_LOCK, GIT_DIFF, Lineage
 
 if TYPE_CHECKING:
@@ -81,14 +81,9 @@ def params_record(params: Params) -> dict[str, Any]:
 
 def data_dvc_md5(project: Path) -> str | None:
     """The md5 that the project's data.dvc records (the data version), or None without one."""
-    import yaml
+    from spottune.data.versioning import recorded_md5
 
-    try:
-        doc = yaml.safe_load((Path(project) / DATA_DVC).read_text())
-        md5 = doc["outs"][0]["md5"]
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
-        return None
-    return str(md5) if md5 else None
+    return recorded_md5(Path(project) / DATA_DVC)
 
 
 def find_project(run_dir: Path) -> Path | None:
@@ -129,7 +124,7 @@ def collect_lineage(project: Path, run_dir: Path, params: Params, *, data_versio
         "format": LINEAGE_FORMAT,
         "git_commit": commit,
         "git_dirty": dirty,
-        "dvc_lock_sha256": hashlib.sha256(files[DVC_LOCK]).hexdigest() if DVC_LOCK in files else None,
+        "dvc_lock_sha256": sha256_bytes(files[DVC_LOCK]) if DVC_LOCK in files else None,
         "data_version": data_version or None,
         "params": params_record(params),
         "experiment": experiment or None,

@@ -134,6 +134,23 @@ def cmd_models_list(args: argparse.Namespace, runtime: Any = None) -> int:
     return 0
 
 
+def fetch_model(ref: str, cache_dir: Path | None, *, option: str = "--model", log=None):
+    """NAME@production|latest|VERSION from the store of SPOTTUNE_STORE_*: (folder of verified files, Resolved).
+    option names the argument in errors; log gets the cache's messages (default: stderr)."""
+    import sys
+
+    from spottune.model_cache import fetch_cached, parse_model_ref, resolve
+    from spottune.store import open_store
+
+    name, what = parse_model_ref(ref, option=option)
+    settings = store_settings()
+    store = open_store(settings)
+    resolved = resolve(store, name, what)
+    folder = fetch_cached(store, resolved, cache_dir or settings.model_cache_dir,
+                          log=log or (lambda m: print(m, file=sys.stderr)))
+    return folder, resolved
+
+
 def show_record(store: Any, name: str, ref: str) -> dict[str, Any]:
     """What `models show` prints: the version, its lineage, metrics (without the per-epoch history) and gate
     record, each file read from the store and checked against the version's manifest."""
@@ -159,12 +176,14 @@ def show_record(store: Any, name: str, ref: str) -> dict[str, Any]:
 
 def show_text(shown: dict[str, Any]) -> str:
     """The human-readable form of a show_record."""
+    from spottune.store.cards import verdict
+
     gate, lineage, test = shown["gate"] or {}, shown["lineage"], shown["metrics"].get("test") or {}
     acc = test.get("accuracy")
     lines = [
         f"{shown['name']} {shown['version']}" + (" (production)" if shown["production"] else ""),
         f"  published   {shown['created_at']} by {shown['created_by']}",
-        f"  gate        {'passed' if gate.get('passed') else 'FAILED'}: {gate.get('reason') or '-'}",
+        f"  gate        {verdict(gate.get('passed'))}: {gate.get('reason') or '-'}",
         f"  test top-1  {acc:.4f}" if isinstance(acc, (int, float)) else "  test top-1  -",
         f"  method      {shown['metrics'].get('method', '-')} on {shown['metrics'].get('backbone', '-')}",
     ]
@@ -201,18 +220,12 @@ def cmd_reproduce(args: argparse.Namespace, runtime: Any = None) -> int:
     """Rebuild a published version from its lineage; exit 1 naming what differs from the record."""
     import sys
 
-    from spottune.model_cache import fetch_cached, parse_model_ref, resolve
     from spottune.reproduce import reproduce
-    from spottune.store import open_store
 
     if args.tolerance < 0:
         raise ConfigError(f"--tolerance must be at least 0 (got {args.tolerance})")
-    name, ref = parse_model_ref(args.ref, option="NAME@REF")
-    settings = store_settings()
-    store = open_store(settings)
-    resolved = resolve(store, name, ref)
-    folder = fetch_cached(store, resolved, args.cache_dir or settings.model_cache_dir)
-    label = f"{name} {resolved.version}"
+    folder, resolved = fetch_model(args.ref, args.cache_dir, option="NAME@REF", log=lambda _: None)
+    label = f"{resolved.name} {resolved.version}"
     result = reproduce(folder, label, args.repo, args.out, tolerance=args.tolerance)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

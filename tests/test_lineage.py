@@ -9,7 +9,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from spottune.lineage import collect_lineage, find_project
 from spottune.settings import StoreSettings
 from spottune.store import LINEAGE, ArtifactStore, IntegrityError, Lineage, open_store
 
-from support import clean_env, passed_gate
+from support import clean_env, passed_gate, spottune
 
 NAME = "fashion"
 
@@ -156,11 +155,6 @@ def test_a_manifest_naming_lineage_files_without_lineage_json_is_refused(store, 
 # The command line: publish, models show, reproduce's refusals
 
 
-def spottune(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spottune.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture
 def cli_env(tmp_path) -> dict[str, str]:
     return clean_env(SPOTTUNE_STORE_BACKEND="local", SPOTTUNE_STORE_ROOT=str(tmp_path / "artifacts"),
@@ -187,6 +181,7 @@ def test_models_show_latest_production_and_a_version_without_lineage(project, fi
     assert prod["version"] == "old" and prod["production"] and prod["lineage"] is None
     text = spottune("models", "show", f"{NAME}@new", cwd=tmp_path, env=cli_env).stdout
     assert "git commit  " + latest["lineage"]["git_commit"] in text and "threads" in text
+    assert "gate        none (published by hand" in text  # no verdict, not a failure
     assert "none recorded" in spottune("models", "show", f"{NAME}@old", cwd=tmp_path, env=cli_env).stdout
 
     missing = spottune("models", "show", f"{NAME}@nope", cwd=tmp_path, env=cli_env)

@@ -29,6 +29,17 @@ def dvc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.C
     return r
 
 
+def recorded_md5(dvc_file: Path) -> str | None:
+    """The md5 a .dvc file records for its data (the data version), or None when it records none."""
+    import yaml
+
+    try:
+        md5 = yaml.safe_load(Path(dvc_file).read_text())["outs"][0]["md5"]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
+    return str(md5) if md5 else None
+
+
 def repo_root(start: Path) -> Path:
     """The nearest folder above `start` holding .dvc/; DataError when there is none."""
     start = Path(start).resolve()

@@ -19,7 +19,7 @@ def model_card_markdown(name: str, card: dict[str, Any], metrics: dict[str, Any]
         f"- classes ({len(card.get('classes', []))}): {', '.join(map(str, card.get('classes', [])))}",
         f"- test top-1 accuracy: {acc:.4f}" if isinstance(acc, (int, float)) else "- test top-1 accuracy: n/a",
         f"- data version (data.dvc md5): {data_version}",
-        f"- promotion gate: {_verdict(gate)}"
+        f"- promotion gate: {verdict(gate.passed)}"
         + (f" ({gate.reason})" if gate.reason else ""),
         "- weights: model.safetensors (loads without executing code); every file's sha256 is in MANIFEST.json",
         "",
@@ -27,7 +27,8 @@ def model_card_markdown(name: str, card: dict[str, Any], metrics: dict[str, Any]
     return "\n".join(lines)
 
 
-def _verdict(gate: Gate) -> str:
-    if gate.passed is None:
+def verdict(passed: bool | None) -> str:
+    """A gate verdict in words: passed, failed, or none (published by hand)."""
+    if passed is None:
         return "none (published by hand: production only through a forced, audited promotion)"
-    return "passed" if gate.passed else "FAILED (candidate only)"
+    return "passed" if passed else "FAILED (candidate only)"

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,18 +45,10 @@ def stage_env(root: Path) -> dict[str, str]:
 def run_dvc(root: Path, *args: str, what: str, log: Log, env: dict[str, str] | None = None) -> None:
     """Run `dvc ARGS` in ROOT, each output line to `log`; StageFailed names `what`. env: variables set
     for DVC and its stages on top of stage_env."""
-    cmd = [sys.executable, "-m", "dvc", *args]
+    from spottune.data.versioning import stream_dvc
+
     log(f"{what}: {' '.join(['dvc', *args])}")
-    tail: deque[str] = deque(maxlen=30)
-    with subprocess.Popen(cmd, cwd=root, env=stage_env(root) | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                log(f"[{what}] {line}")
-        rc = proc.wait()
+    rc, tail = stream_dvc(*args, cwd=root, env=stage_env(root) | (env or {}), log=lambda line: log(f"[{what}] {line}"))
     if rc != 0:
         raise StageFailed(f"{what} failed: `dvc {' '.join(args)}` exited with {rc} in {root}; last output:\n"
                           + "\n".join(tail))

@@ -164,13 +164,9 @@ def stage_env(record: dict[str, Any], out: Path) -> dict[str, str]:
 
 def _dvc(out: Path, env: dict[str, str], log: Callable[[str], None], *args: str) -> int:
     """`dvc ARGS` in the worktree, each output line to log; the exit status."""
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=out, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.strip():
-                log(f"[dvc {args[0]}] {line.rstrip()}")
-        return proc.wait()
+    from spottune.data.versioning import stream_dvc
+
+    return stream_dvc(*args, cwd=out, env=env, log=lambda line: log(f"[dvc {args[0]}] {line}"))[0]
 
 
 def _fetch_data(top: Path, out: Path, env: dict[str, str], record: dict[str, Any], log: Callable[[str], None]) -> None:

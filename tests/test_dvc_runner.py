@@ -1,4 +1,5 @@
-"""flows/dvc_runner.py against real DVC: an override reaches a stage as the value the flow validated.
+"""flows/dvc_runner.py against real DVC: an override reaches a stage as the value the flow validated, and
+a failing command is one error that names it and ends with its output.
 
 A throwaway git + DVC repository with this project's params.yaml and one stage that loads it with
 spottune.config (as every spottune stage does) and writes what it read; `dvc exp run` with the
@@ -9,26 +10,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("dvc")
+from support import PROJECT, requires, sh
 
-from support import PROJECT, clean_env
+requires("dvc")
+pytestmark = pytest.mark.integration  # real dvc in a temporary git repository
 
 sys.path.insert(0, str(PROJECT))  # `flows` is not an installed package: it runs from the repository root
 
 DUMP = ("python -c \"import json; from pathlib import Path; from spottune.config import load_params; "
         "open('seen.json', 'w').write(load_params(Path('params.yaml')).model_dump_json())\"")
-
-
-def sh(*args: str, cwd: Path) -> str:
-    r = subprocess.run(list(args), cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, f"{' '.join(args)}\n{r.stdout}\n{r.stderr}"
-    return r.stdout
 
 
 @pytest.fixture
@@ -73,6 +68,15 @@ def test_each_override_reaches_the_stage_as_the_flow_validated_it(repo):
     assert any("Running stage 'dump'" in line for line in logged), logged
     # DVC wrote the overrides into this checkout's params.yaml (the flow gives it a private one)
     assert (repo / "params.yaml").read_bytes() != before
-    assert "exp-a" in sh(sys.executable, "-m", "dvc", "exp", "list", "--name-only", cwd=repo).split()
+    assert "exp-a" in sh(sys.executable, "-m", "dvc", "exp", "list", "--name-only", cwd=repo).stdout.split()
     assert unused_experiment_name(repo, "exp-a") == "exp-a-2" and unused_experiment_name(repo, "b c/d") == "b-c-d"
     assert set_param_args({"optim.epochs": 1}) == ["-S", "++optim.epochs=1"]
+
+
+def test_a_failing_dvc_command_raises_stage_failed_with_its_last_output(repo):
+    from flows.dvc_runner import StageFailed, run_dvc
+
+    logged: list[str] = []
+    with pytest.raises(StageFailed, match=r"(?s)stage nope failed: `dvc repro nope` exited with \d+ in .*nope"):
+        run_dvc(repo, "repro", "nope", what="stage nope", log=logged.append)
+    assert logged[0] == "stage nope: dvc repro nope" and any(line.startswith("[stage nope] ") for line in logged)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,23 @@ def dvc(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.C
     if check and r.returncode != 0:
         raise ServiceError(f"dvc {' '.join(args)} failed:\n{(r.stderr or r.stdout).strip()}")
     return r
+
+
+def stream_dvc(*args: str, cwd: Path, env: dict[str, str], log: Callable[[str], None],
+               keep: int = 30) -> tuple[int, list[str]]:
+    """Run `dvc ARGS` in cwd, each non-empty output line (stdout and stderr) to log as it comes: for long
+    commands (repro, exp run, pull) whose progress the user should see. Returns the exit status and the
+    last `keep` lines, for an error message."""
+    tail: deque[str] = deque(maxlen=keep)
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                log(line)
+        return proc.wait(), list(tail)
 
 
 def recorded_md5(dvc_file: Path) -> str | None:

@@ -276,7 +276,9 @@ def ready_jobs(profile: Profile, data_dir: Path, results: Path, done: dict[str, 
             continue
         if suite.weights == "source":
             src = source_job(profile, data_dir)
-            if src.key not in done:
+            # The weights are not committed: a checkout without them trains the source again, and the
+            # suite's runs made from the old weights are moved aside first (see `superseded`).
+            if src.key not in done or not source_weights(results).is_file():
                 jobs.append(src)
                 continue
         for target in suite.targets:
@@ -373,10 +375,13 @@ def _pin_gpu(slots) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
 
 
+SUPERSEDED = "superseded"  # runs kept for the record whose inputs are gone (a source backbone trained again)
+
+
 def load_done(results: Path) -> dict[str, dict]:
     """Every run's result file (those in suite folders; summary.json beside them is no run)."""
     return {str(p.relative_to(results)): json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))
-            if p.parent != results}
+            if p.parent != results and p.relative_to(results).parts[0] != SUPERSEDED}
 
 
 def run_all(profile: Profile, data_dir: Path, results: Path, work: Path, *, gpus: int, jobs_per_gpu: int,

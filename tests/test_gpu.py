@@ -441,8 +441,10 @@ def test_training_whose_captures_all_fail_equals_training_without_graphs(monkeyp
     """An optional speed-up that fails never ends a run: the epoch completes eagerly, with the results of
     training with the graphs off (dropout and Gumbel noise included: the generator is put back).
 
-    Deterministic kernels (CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment): with cuDNN's default
-    choice two eager trainings of a randomly initialised ResNet-50 already differ in their mean loss."""
+    Deterministic kernels (CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment): with the default ones two
+    eager trainings of a randomly initialised ResNet-50 already differ (on an H200 by up to 0.11 in a
+    step's loss by the sixth step), as much as a fallen-back one did. SpotTune's policy starts nearly
+    certain (every block tuned) so that a routing pattern repeats and its capture is attempted."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     was = torch.are_deterministic_algorithms_enabled()
@@ -456,7 +458,7 @@ def test_training_whose_captures_all_fail_equals_training_without_graphs(monkeyp
 
     def train(graphs: bool):
         params = validate_params({"model": {"backbone": "resnet50", "weights": "none", "method": method},
-                                  "data": {"image_size": 64}})
+                                  "data": {"image_size": 64}, "policy": {"init_tune_probability": 0.9999}})
         torch.manual_seed(0)
         model = build_model(params, 10).cuda().to(memory_format=torch.channels_last)
         model.graph_blocks = graphs

@@ -173,6 +173,10 @@ def _capture_once(step: Callable[..., torch.Tensor], sample: tuple[torch.Tensor,
     """
     collecting = gc.isenabled()
     gc.disable()  # no collection mid-capture: an object it frees may release CUDA resources
+    # make_graphed_callables warms up and captures on a side stream of its own, by design: torch's
+    # "AccumulateGrad node's stream does not match" warning fired there (on an H200, at the capture
+    # step and never in a replay), so it is off for the attempt alone.
+    _warn_on_stream_mismatch(False)
     try:
         # A capture that fails leaves its capture stream current (torch.cuda.graph's exit stops at the error)
         with torch.cuda.stream(torch.cuda.current_stream()):
@@ -183,11 +187,19 @@ def _capture_once(step: Callable[..., torch.Tensor], sample: tuple[torch.Tensor,
             with _thread_local_capture():
                 return torch.cuda.make_graphed_callables(step, sample, allow_unused_input=True)
     finally:
+        _warn_on_stream_mismatch(True)
         if collecting:
             gc.enable()
         with torch.no_grad():  # the warm-up runs moved BatchNorm statistics: put them back
             for b, saved in buffers:
                 b.copy_(saved)
+
+
+def _warn_on_stream_mismatch(on: bool) -> None:
+    """torch's switch for that warning, where torch has it (on by default)."""
+    switch = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if switch is not None:
+        switch(on)
 
 
 @contextmanager

@@ -24,6 +24,8 @@ import pytest
 from support import MotoServer, dummy_aws_env
 
 os.environ.setdefault("SPOTTUNE_PROGRESS", "false")
+# cuBLAS reads this when CUDA starts: deterministic kernels for the GPU test that compares two trainings exactly
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 class _CurrentStderr:

@@ -441,7 +441,7 @@ def test_training_whose_captures_all_fail_equals_training_without_graphs(monkeyp
     """An optional speed-up that fails never ends a run: the epoch completes eagerly, with the results of
     training with the graphs off (dropout and Gumbel noise included: the generator is put back).
 
-    Deterministic kernels (CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment): with the default ones two
+    Deterministic kernels (conftest.py sets CUBLAS_WORKSPACE_CONFIG): with the default ones two
     eager trainings of a randomly initialised ResNet-50 already differ (on an H200 by up to 0.11 in a
     step's loss by the sixth step), as much as a fallen-back one did. SpotTune's policy starts nearly
     certain (every block tuned) so that a routing pattern repeats and its capture is attempted."""

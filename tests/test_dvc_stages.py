@@ -53,7 +53,7 @@ def test_validate_stage_runs_the_checkpoints_and_fails_on_bad_data(tmp_path):
     out = failed.stdout + failed.stderr
     assert "expect_column_values_to_be_unique(column=sha256)" in out and "leaked.png" in out, out
     assert "Traceback" not in out
-    assert not list((repo / "reports" / "validation").glob(".gx-run-*"))  # no scratch copy left behind
+    assert not list((repo / "reports").glob(".*gx-run-*"))  # no scratch copy left behind
 
 
 def test_each_stage_lists_only_params_keys_it_reads(tmp_path):

@@ -221,6 +221,7 @@ def test_data_docs_name_the_failed_expectation_and_the_files(capsys, root, tmp_p
     assert "Status: Succeeded" in counts
     assert _tree_digest(PROJECT / "gx") == committed
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["data_docs", "report.html", "result.json", "summary.json"]
+    assert not list(tmp_path.glob(".*gx-run-*"))
 
 
 def test_clean_dataset_data_docs_show_every_checkpoint_passed(capsys, root, tmp_path):

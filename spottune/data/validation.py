@@ -230,13 +230,15 @@ def validate_manifest(manifest_path: Path, root: Path, params: ValidateParams, c
 
 @contextmanager
 def gx_workspace(out_dir: Path) -> Iterator[Path]:
-    """A scratch folder inside the report directory (same filesystem: the Data Docs site moves out of it by
-    a rename), removed afterwards whatever happens."""
+    """A scratch folder beside the report directory (same filesystem: the Data Docs site moves out of it by a
+    rename; beside, so that input refused before any check leaves no report directory), removed afterwards
+    whatever happens."""
     import shutil
     import tempfile
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".gx-run-", dir=out_dir))
+    parent = Path(out_dir).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{Path(out_dir).name}.gx-run-", dir=parent))
     try:
         yield work
     finally:

@@ -98,6 +98,7 @@ def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     output_file(args.metrics, "--metrics")
     from spottune.data.validation import (
         expected_classes,
+        find_gx_root,
         gx_workspace,
         validate_manifest,
         write_reports,
@@ -105,9 +106,10 @@ def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     from spottune.errors import DataError
 
     classes = expected_classes(params.validate_, params.data.root)
+    gx_root = args.gx_root if args.gx_root is not None else find_gx_root(Path.cwd())
     with gx_workspace(args.out_dir) as work:
         report = validate_manifest(params.prepare.manifest, params.data.root, params.validate_, classes,
-                                   gx_root=args.gx_root, work=work)
+                                   gx_root=gx_root, work=work)
         paths = write_reports(report, args.out_dir, params.prepare.manifest)
     if args.metrics is not None:
         from spottune.atomic import atomic_write
@@ -298,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("validate", cmd_validate, "check the manifest and the images against the data contract", params=True)
     p.add_argument("--out-dir", type=Path, default=Path("reports/validation"), help="result.json, summary.json, report.html, data_docs/")
-    p.add_argument("--gx-root", type=Path, default=Path("."),
-                   help="the folder holding the Great Expectations project gx/ (its suites and checkpoints)")
+    p.add_argument("--gx-root", type=Path, default=None,
+                   help="the folder holding the Great Expectations project gx/ (its suites and checkpoints); default: "
+                        "the current folder or its nearest parent holding gx/, else the source checkout")
     p.add_argument("--metrics", type=Path, default=None, help="also write the summary here (for dvc metrics)")
 
     p = command("remote", cmd_remote, "make params.yaml's remote (env SPOTTUNE_REMOTE_* wins) DVC's default remote", params=True)

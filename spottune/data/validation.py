@@ -114,6 +114,17 @@ def suite_parameters(params: ValidateParams, classes: list[str]) -> dict[str, An
     }
 
 
+def find_gx_root(start: Path) -> Path:
+    """The folder holding the GX project gx/: `start` or its nearest parent with gx/great_expectations.yml (as
+    DVC finds dvc.yaml), else the source checkout this package was installed from; DataError when none has it."""
+    start = Path(start).absolute()
+    for folder in (start, *start.parents, Path(__file__).resolve().parents[2]):
+        if (folder / "gx" / "great_expectations.yml").is_file():
+            return folder
+    raise DataError(f"no Great Expectations project (gx/great_expectations.yml) in {start} or above: run in the "
+                    "project, or pass spottune validate --gx-root")
+
+
 def copy_gx_project(gx_root: Path, work: Path) -> Path:
     """Copy the committed GX project (gx_root/gx: config, suites, validation definitions, checkpoints) to
     work/gx and return it. The checkpoints run there, so the committed folder is never written to and the

@@ -68,26 +68,40 @@ def routing_heatmap_png(classes: list[str], matrix: list[list[float]]) -> bytes 
 
 
 def retrain_report(comparison_md: str, comparison: dict[str, Any], gate: Gate, data_version: str,
-                   overrides: dict[str, Any], png: bytes | None) -> tuple[str, str]:
-    """The published report (gate verdict, data version, overrides, the comparison, then the routing
-    per class and its picture) and its summary, everything before the routing (what a terminal shows)."""
-    summary = summary_section(comparison_md, gate, data_version, overrides)
+                   overrides: dict[str, Any], png: bytes | None, data_docs: str | None = None) -> tuple[str, str]:
+    """The published report (gate verdict, data version, the data validation's Data Docs, overrides, the
+    comparison, then the routing per class and its picture) and its summary, everything before the routing
+    (what a terminal shows). data_docs: the validate stage's Data Docs index, relative to the project."""
+    summary = summary_section(comparison_md, gate, data_version, overrides, data_docs)
     return summary + routing_section(comparison, png), summary
 
 
-def summary_section(comparison_md: str, gate: Gate, data_version: str, overrides: dict[str, Any]) -> str:
+def summary_section(comparison_md: str, gate: Gate, data_version: str, overrides: dict[str, Any],
+                    data_docs: str | None = None) -> str:
+    """The report's head. The Data Docs link is relative to reports/, where the report is written, so it
+    opens from the checkout that ran the stages (and names the page there when the report travels)."""
     verdict = "passed" if gate.passed else "refused: not promoted"
+    docs = ([f"- data validation: passed; Great Expectations Data Docs: [{data_docs}]({_relative_to_reports(data_docs)})"]
+            if data_docs else [])
     lines = [
         "# Retrain report",
         "",
         f"- promotion gate: **{verdict}** ({gate.reason})",
         f"- data version (data.dvc md5): `{data_version}`",
+        *docs,
         "- parameter overrides for this run: "
         + (", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(overrides.items())) if overrides else "none"),
         "",
         *("#" + line if line.startswith("#") else line for line in comparison_md.splitlines()),
     ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _relative_to_reports(path: str) -> str:
+    """A project-relative path as seen from reports/ (the report's folder)."""
+    import posixpath
+
+    return posixpath.relpath(path, "reports")
 
 
 def routing_section(comparison: dict[str, Any], png: bytes | None) -> str:

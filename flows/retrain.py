@@ -59,6 +59,7 @@ GATE_JSON = Path("metrics/gate.json")  # the gate stage's record
 CANDIDATE_RUN = Path("runs/spottune")
 REPORT_MD = Path("reports/retrain.md")
 ROUTING_PNG = Path("reports/routing_per_class.png")
+DATA_DOCS = Path("reports/validation/data_docs/index.html")  # the validate stage's Great Expectations Data Docs
 ARTIFACT_KEY = "spottune-retrain-report"
 
 
@@ -229,8 +230,8 @@ def gate(root: Path, store_settings: StoreSettings, name: str, stage_ran: bool) 
 @task(name="report", cache_policy=NO_CACHE)
 def report(project: Path, comparison: dict[str, Any], comparison_md: str, verdict: Gate, data_version: str,
            overrides: dict[str, Any]) -> tuple[Path, str]:
-    """The Markdown report with the per-class routing picture: a file, a PNG, and a Prefect artifact.
-    Returns the file and the report's summary (everything before the routing section)."""
+    """The Markdown report with the per-class routing picture and a link to the validation's Data Docs: a
+    file, a PNG, and a Prefect artifact. Returns the file and the report's summary (everything before the routing section)."""
     from prefect.artifacts import create_markdown_artifact
 
     from flows.report import retrain_report, routing_heatmap_png, routing_matrix
@@ -239,7 +240,8 @@ def report(project: Path, comparison: dict[str, Any], comparison_md: str, verdic
     png = routing_heatmap_png(*found) if found else None
     if png:
         (project / ROUTING_PNG).write_bytes(png)
-    text, summary = retrain_report(comparison_md, comparison, verdict, data_version, overrides, png)
+    docs = DATA_DOCS.as_posix() if (project / DATA_DOCS).is_file() else None
+    text, summary = retrain_report(comparison_md, comparison, verdict, data_version, overrides, png, docs)
     (project / REPORT_MD).write_text(text)
     create_markdown_artifact(markdown=text, key=ARTIFACT_KEY,
                              description="SpotTune vs fine-tuning: gate, statistics, routing per class")

@@ -77,3 +77,17 @@ def atomic_write(path: Path, write) -> None:
             os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the finished folder `new` (on the same filesystem) at `path` by renames: readers see the old
+    folder, then the new one whole, never a half-written one. The old folder is deleted afterwards."""
+    import shutil
+
+    new, path = Path(new), Path(path)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -96,20 +96,29 @@ def cmd_validate(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     params = _params(args)
     output_dir(args.out_dir, "--out-dir")
     output_file(args.metrics, "--metrics")
-    from spottune.data.validation import expected_classes, validate_manifest, write_reports
+    from spottune.data.validation import (
+        expected_classes,
+        find_gx_root,
+        gx_workspace,
+        validate_manifest,
+        write_reports,
+    )
     from spottune.errors import DataError
 
     classes = expected_classes(params.validate_, params.data.root)
-    report = validate_manifest(params.prepare.manifest, params.data.root, params.validate_, classes)
-    paths = write_reports(report, args.out_dir, params.prepare.manifest)
+    gx_root = args.gx_root if args.gx_root is not None else find_gx_root(Path.cwd())
+    with gx_workspace(args.out_dir) as work:
+        report = validate_manifest(params.prepare.manifest, params.data.root, params.validate_, classes,
+                                   gx_root=gx_root, work=work)
+        paths = write_reports(report, args.out_dir, params.prepare.manifest)
     if args.metrics is not None:
         from spottune.atomic import atomic_write
 
         summary = paths["summary"].read_bytes()
         atomic_write(args.metrics, lambda tmp: tmp.write_bytes(summary))
     if not report.success:
-        raise DataError(f"{report.summary()}\n  report: {paths['html']}")
-    print(f"{report.summary()} -> {paths['html']}")
+        raise DataError(f"{report.summary()}\n  report: {paths['html']}; GX Data Docs: {paths['data_docs'] / 'index.html'}")
+    print(f"{report.summary()} -> {paths['html']}, {paths['data_docs'] / 'index.html'}")
     return 0
 
 
@@ -290,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("prepare", cmd_prepare, "write the manifest (path, label, split, size, sha256) of data.root to prepare.manifest", params=True)
 
     p = command("validate", cmd_validate, "check the manifest and the images against the data contract", params=True)
-    p.add_argument("--out-dir", type=Path, default=Path("reports/validation"), help="result.json, report.html, gx.html")
+    p.add_argument("--out-dir", type=Path, default=Path("reports/validation"), help="result.json, summary.json, report.html, data_docs/")
+    p.add_argument("--gx-root", type=Path, default=None,
+                   help="the folder holding the Great Expectations project gx/ (its suites and checkpoints); default: "
+                        "the current folder or its nearest parent holding gx/, else the source checkout")
     p.add_argument("--metrics", type=Path, default=None, help="also write the summary here (for dvc metrics)")
 
     p = command("remote", cmd_remote, "make params.yaml's remote (env SPOTTUNE_REMOTE_* wins) DVC's default remote", params=True)

@@ -130,16 +130,18 @@ def restore_bucket(url: str, bucket: str, objects: dict[str, bytes]) -> None:
 
 
 def new_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:
-    """A git + DVC repository holding this project's pipeline files (not its data or runs)."""
+    """A git + DVC repository holding this project's pipeline files (not its data or runs): dvc.yaml, params.yaml,
+    the code, the GX project gx/, .dvc/config and its offline plots template."""
     path.mkdir()
     files = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"] + (["prefect.yaml"] if with_flows else [])
     for name in files:
         shutil.copy(PROJECT / name, path / name)
-    for name in ["spottune"] + (["flows"] if with_flows else []):
-        shutil.copytree(PROJECT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ["spottune", "gx"] + (["flows"] if with_flows else []):
+        shutil.copytree(PROJECT / name, path / name, ignore=shutil.ignore_patterns("__pycache__", "uncommitted"))
     (path / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy(PROJECT / ".dvc" / name, path / ".dvc" / name)
+    shutil.copytree(PROJECT / ".dvc" / "plots-offline", path / ".dvc" / "plots-offline")  # config's plots.html_template
     return path
 
 

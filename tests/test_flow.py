@@ -205,8 +205,9 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     # what the command line prints: the report up to its routing section
     assert report.startswith(r["summary_md"]) and "McNemar" in r["summary_md"] and "Which blocks" not in r["summary_md"]
     for words in ("test top-1", "McNemar", "bootstrap CI", "Which blocks SpotTune tunes, per class",
-                  "data:image/png;base64,", r["data_version"]):
+                  "data:image/png;base64,", r["data_version"], "(validation/data_docs/index.html)"):
         assert words in report, words
+    assert (project / "reports" / "validation" / "data_docs" / "index.html").is_file()  # what the report links
     assert (project / "reports" / "routing_per_class.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -17,7 +17,7 @@ import pytest
 from spottune.config import PrepareParams
 from spottune.data.manifest import COLUMNS, build_manifest, read_manifest
 
-from support import cli
+from support import PROJECT, cli
 
 
 def _params_file(tmp_path: Path, root: Path) -> Path:
@@ -164,7 +164,7 @@ def test_reports_are_replaced_whole_never_written_through_a_link(capsys, root, t
     report.mkdir()
     cache = tmp_path / "cache"
     cache.mkdir()
-    for name in ("result.json", "summary.json", "report.html", "gx.html"):
+    for name in ("result.json", "summary.json", "report.html"):
         (cache / name).write_text("cached bytes of an earlier validation\n")
         (report / name).hardlink_to(cache / name)
     metrics = tmp_path / "metrics" / "validation.json"
@@ -175,9 +175,92 @@ def test_reports_are_replaced_whole_never_written_through_a_link(capsys, root, t
     assert cli(capsys, "prepare", "--params", params)[0] == 0
     code, text = cli(capsys, "validate", "--params", params, "--out-dir", report, "--metrics", metrics)
     assert code == 0, text
-    for name in ("result.json", "summary.json", "report.html", "gx.html"):
+    for name in ("result.json", "summary.json", "report.html"):
         assert (cache / name).read_text() == "cached bytes of an earlier validation\n", name
         assert (report / name).stat().st_nlink == 1 and "cached bytes" not in (report / name).read_text()
     assert (cache / "metrics.json").read_text() == "cached metrics\n"
     assert json.loads(metrics.read_text())["success"] == 1
-    assert sorted(p.name for p in report.iterdir()) == ["gx.html", "report.html", "result.json", "summary.json"]
+    assert sorted(p.name for p in report.iterdir()) == ["data_docs", "report.html", "result.json", "summary.json"]
+
+
+def _page_text(path: Path) -> str:
+    """A Data Docs page as a reader sees it: tags, scripts and styles stripped, whitespace collapsed."""
+    import re
+
+    text = re.sub(r"<(script|style).*?</\1>", " ", path.read_text(), flags=re.DOTALL)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+def _description(suite: str, kind: str, column: str) -> str:
+    """An expectation's description, as the committed suite gx/expectations/SUITE.json holds it."""
+    saved = json.loads((PROJECT / "gx" / "expectations" / f"{suite}.json").read_text())
+    return next(e["description"] for e in saved["expectations"] if e["type"] == kind and e["kwargs"].get("column") == column)
+
+
+def _tree_digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_docs_name_the_failed_expectation_and_the_files(capsys, root, tmp_path):
+    """The stage runs the committed checkpoints; their Data Docs site lands whole in the report folder, its
+    validation page marks the run failed and shows the failed expectation with the offending files, and the
+    committed GX project is left as it was (the checkpoints ran in a copy, removed afterwards)."""
+    committed = _tree_digest(PROJECT / "gx")
+    _duplicate_across_splits(root)
+    code, text = prepare_and_validate(capsys, tmp_path, root)
+    assert code == 3 and "data_docs/index.html" in text, text
+    docs = tmp_path / "report" / "data_docs"
+    pages = sorted((docs / "validations" / "manifest").rglob("*.html"))
+    assert len(pages) == 1 and (docs / "index.html").is_file()
+    assert str(pages[0].relative_to(docs)) in (docs / "index.html").read_text()  # the index links the run
+    page = _page_text(pages[0])
+    assert "Status: Failed" in page
+    assert _description("manifest", "expect_column_values_to_be_unique", "sha256") in page
+    assert "copy-of-train.png" in page
+    counts = _page_text(next((docs / "validations" / "class_counts").rglob("*.html")))
+    assert "Status: Succeeded" in counts
+    assert _tree_digest(PROJECT / "gx") == committed
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["data_docs", "report.html", "result.json", "summary.json"]
+    assert not list(tmp_path.glob(".*gx-run-*"))
+
+
+def test_clean_dataset_data_docs_show_every_checkpoint_passed(capsys, root, tmp_path):
+    code, text = prepare_and_validate(capsys, tmp_path, root)
+    assert code == 0, text
+    docs = tmp_path / "report" / "data_docs"
+    for suite in ("manifest", "class_counts"):
+        (page,) = (docs / "validations" / suite).rglob("*.html")
+        assert "Status: Succeeded" in _page_text(page), suite
+    assert 'href="data_docs/index.html"' in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_committed_checkpoint_fails_bad_data_through_gx_public_api(tmp_path):
+    """What a GX user types against the project's gx/ folder: its checkpoint fails a manifest with a label
+    outside the class set and passes the same table once the label is allowed."""
+    import great_expectations as gx
+    import pandas as pd
+
+    from spottune.config import ValidateParams
+    from spottune.data.validation import copy_gx_project, suite_parameters
+
+    copy_gx_project(PROJECT, tmp_path)
+    context = gx.get_context(mode="file", project_root_dir=str(tmp_path))
+    checkpoint = context.checkpoints.get("manifest")
+    rows = [{"path": f"train/{c}/{i}.png", "label": c, "split": "train", "width": 28, "height": 28, "mode": "L",
+             "bytes": 100, "sha256": f"{i:064x}"} for i, c in enumerate(["cat", "dog", "zebra"])]
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    params = ValidateParams(min_rows=1)
+    failed = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=suite_parameters(params, ["cat", "dog"]))
+    assert not failed.success
+    (result,) = failed.run_results.values()
+    bad = [(r.expectation_config.type, r.expectation_config.kwargs.get("column")) for r in result.results if not r.success]
+    assert bad == [("expect_column_values_to_be_in_set", "label")]
+    passed = checkpoint.run(batch_parameters={"dataframe": df},
+                            expectation_parameters=suite_parameters(params, ["cat", "dog", "zebra"]))
+    assert passed.success
+
+
+def test_manifest_suite_expects_the_manifest_columns():
+    saved = json.loads((PROJECT / "gx" / "expectations" / "manifest.json").read_text())
+    (columns,) = [e["kwargs"]["column_list"] for e in saved["expectations"] if e["type"] == "expect_table_columns_to_match_ordered_list"]
+    assert tuple(columns) == COLUMNS

@@ -1,27 +1,30 @@
-"""The data contract: a Great Expectations suite over the manifest, plus the image checks GX cannot do.
+"""The data contract: the project's Great Expectations checkpoints over the manifest, plus the image checks GX cannot do.
 
-GX (1.x, ephemeral context, pandas data source) checks the manifest's table: fields present,
-labels in the class set, sizes and modes in range, row counts, sha256 unique over all splits (an
-image in both train and test is leakage), and, on a derived table of images per (split, class),
-per-class minimum counts and the class-imbalance bound. The image checks open the files
-themselves: zero-byte files, files over the pixel limit (never decoded: decompression bombs), and
-files that do not decode to the end (corrupt or truncated).
+The contract lives in the GX project `gx/` (file context, committed): two expectation suites, their
+validation definitions and a checkpoint per table, whose `$PARAMETER`s come from params.yaml's
+validate section. The `manifest` suite checks the manifest's table: fields present, labels in the
+class set, sizes and modes in range, row counts, sha256 unique over all splits (an image in both
+train and test is leakage); `class_counts` checks a derived table of images per (split, class):
+per-class minimum counts and the class-imbalance bound. The checkpoints build GX's Data Docs site.
+The image checks open the files themselves: links out of the tree, zero-byte files, files over the
+pixel limit (never decoded: decompression bombs), and files that do not decode to the end.
 
-`validate_manifest` returns a report; `write_reports` writes result.json, summary.json (metrics)
-and report.html; the caller turns a failed report into a DataError whose message names every
-failed check and its files. great_expectations and pandas are imported only in here.
+`validate_manifest` returns a report; `write_reports` writes result.json, summary.json (metrics),
+report.html (both parts) and data_docs/; the caller turns a failed report into a DataError whose
+message names every failed check and its files. great_expectations and pandas are imported only in here.
 """
-
 from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spottune.config import ValidateParams
-from spottune.data.manifest import COLUMNS, SPLITS, ManifestRow, read_manifest
+from spottune.data.manifest import SPLITS, ManifestRow, read_manifest
 from spottune.errors import DataError
 
 MAX_LISTED = 20  # files named per failed check in the summary (all of them are in result.json)
@@ -47,7 +50,7 @@ class ValidationReport:
     statistics: dict[str, Any]
     gx_results: list[dict[str, Any]]
     image_checks: dict[str, Any]
-    gx_html: str = ""
+    data_docs: Path | None = None  # GX's Data Docs site as built, until write_reports moves it
 
     def summary(self) -> str:
         if self.success:
@@ -96,33 +99,70 @@ def check_images(root: Path, rows: list[ManifestRow], max_pixels: int) -> dict[s
     return bad
 
 
-def _suite_manifest(gx, params: ValidateParams, classes: list[str]):
-    import great_expectations.expectations as gxe
-
-    suite = gx.ExpectationSuite(name="manifest")
-    suite.add_expectation(gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(COLUMNS)))
-    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows, max_value=params.max_rows))
-    for col in COLUMNS:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(classes)))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(params.modes)))
-    for col in ("width", "height"):
-        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=params.min_side, max_value=params.max_side))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1))
-    suite.add_expectation(gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=r"^[0-9a-f]{64}$"))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="path"))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="sha256"))  # within and across splits
-    return suite
+GX_PARTS = ("great_expectations.yml", "expectations", "validation_definitions", "checkpoints", "plugins")
+CHECKPOINTS = ("manifest", "class_counts")  # one per table: a checkpoint's batch parameters (the dataframe) are shared
+DATA_DOCS = "data_docs"  # the Data Docs site, a folder in the report directory
 
 
-def _suite_counts(gx, params: ValidateParams):
-    import great_expectations.expectations as gxe
+def suite_parameters(params: ValidateParams, classes: list[str]) -> dict[str, Any]:
+    """The `$PARAMETER` values the committed suites (gx/expectations/*.json) leave open: params.yaml's
+    validate section and the class set, so one suite serves every dataset and every params change."""
+    return {
+        "classes": list(classes), "splits": list(SPLITS), "modes": list(params.modes),
+        "min_rows": params.min_rows, "max_rows": params.max_rows, "min_side": params.min_side, "max_side": params.max_side,
+        "min_images_per_class": params.min_images_per_class, "min_share_of_largest": 1.0 / params.max_imbalance,
+    }
 
-    suite = gx.ExpectationSuite(name="class_counts")
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="images", min_value=params.min_images_per_class))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="share_of_largest", min_value=1.0 / params.max_imbalance))
-    return suite
+
+def find_gx_root(start: Path) -> Path:
+    """The folder holding the GX project gx/: `start` or its nearest parent with gx/great_expectations.yml (as
+    DVC finds dvc.yaml), else the source checkout this package was installed from; DataError when none has it."""
+    start = Path(start).absolute()
+    for folder in (start, *start.parents, Path(__file__).resolve().parents[2]):
+        if (folder / "gx" / "great_expectations.yml").is_file():
+            return folder
+    raise DataError(f"no Great Expectations project (gx/great_expectations.yml) in {start} or above: run in the "
+                    "project, or pass spottune validate --gx-root")
+
+
+def copy_gx_project(gx_root: Path, work: Path) -> Path:
+    """Copy the committed GX project (gx_root/gx: config, suites, validation definitions, checkpoints) to
+    work/gx and return it. The checkpoints run there, so the committed folder is never written to and the
+    Data Docs they build hold this run's results alone."""
+    import shutil
+
+    src = Path(gx_root) / "gx"
+    if not (src / "great_expectations.yml").is_file():
+        raise DataError(f"{src / 'great_expectations.yml'} does not exist: the Great Expectations project (gx/) "
+                        "belongs in the project root (spottune validate --gx-root)")
+    dst = Path(work) / "gx"
+    for part in GX_PARTS:
+        if (src / part).is_dir():
+            shutil.copytree(src / part, dst / part)
+        elif (src / part).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / part, dst / part)
+    return dst
+
+
+def run_checkpoints(gx_root: Path, work: Path, tables: dict[str, Any], parameters: dict[str, Any]):
+    """Run each checkpoint (gx/checkpoints/NAME.json) on its table through GX's public API, in a copy of
+    the project under `work`. Returns [(suite result, the column that names a failing row)] and the Data
+    Docs site the checkpoints' update_data_docs action built."""
+    from urllib.parse import unquote, urlparse
+
+    import great_expectations as gx
+
+    copy_gx_project(gx_root, work)
+    ctx = gx.get_context(mode="file", project_root_dir=str(work))
+    results = []
+    for name in CHECKPOINTS:
+        checkpoint = ctx.checkpoints.get(name)
+        index = (checkpoint.result_format or {}).get("unexpected_index_column_names") or [None]
+        run = checkpoint.run(batch_parameters={"dataframe": tables[name]}, expectation_parameters=parameters)
+        results += [(res, index[0]) for res in run.run_results.values()]
+    site = Path(unquote(urlparse(ctx.get_docs_sites_urls()[0]["site_url"]).path)).parent
+    return results, site
 
 
 def class_count_table(rows: list[ManifestRow], classes: list[str]):
@@ -139,13 +179,6 @@ def class_count_table(rows: list[ManifestRow], classes: list[str]):
     df["share_of_largest"] = df["images"] / largest
     df["cell"] = df["split"] + "/" + df["label"]
     return df
-
-
-def _run_suite(ctx, name: str, df, suite, index_column: str):
-    source = ctx.data_sources.add_pandas(name)
-    batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
-    batch = batch_def.get_batch(batch_parameters={"dataframe": df})
-    return batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]})
 
 
 def _describe(cfg) -> str:
@@ -177,22 +210,18 @@ def _gx_failures(result, index_column: str, manifest) -> list[Failure]:
     return out
 
 
-def validate_manifest(manifest_path: Path, root: Path, params: ValidateParams, classes: list[str]) -> ValidationReport:
-    """Run the GX suites and the image checks; never raises on bad data (the report says what failed)."""
-    import great_expectations as gx
+def validate_manifest(manifest_path: Path, root: Path, params: ValidateParams, classes: list[str],
+                      gx_root: Path, work: Path) -> ValidationReport:
+    """Run the project's GX checkpoints (in a copy of gx/ under `work`) and the image checks; never raises on
+    bad data (the report says what failed). The Data Docs site is left under `work` for write_reports."""
     import pandas as pd
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     rows = read_manifest(manifest_path)
     manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str, "split": str, "mode": str, "sha256": str},
                            keep_default_na=False, na_values={"width": [""], "height": [""], "mode": [""]})
     manifest["mode"] = manifest["mode"].where(manifest["mode"] != "", None)
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    results = [
-        (_run_suite(ctx, "manifest", manifest, _suite_manifest(gx, params, classes), "path"), "path"),
-        (_run_suite(ctx, "class_counts", class_count_table(rows, classes), _suite_counts(gx, params), "cell"), "cell"),
-    ]
+    tables = {"manifest": manifest, "class_counts": class_count_table(rows, classes)}
+    results, site = run_checkpoints(gx_root, work, tables, suite_parameters(params, classes))
     failures = [f for res, col in results for f in _gx_failures(res, col, manifest)]
     bad_images = check_images(root, rows, params.max_pixels)
     failures += [Failure(f"image check {check}", f"{len(paths)} file(s)", paths) for check, paths in bad_images.items() if paths]
@@ -206,31 +235,36 @@ def validate_manifest(manifest_path: Path, root: Path, params: ValidateParams, c
     }
     return ValidationReport(
         success=not failures, failures=failures, statistics=stats,
-        gx_results=[res.to_json_dict() for res, _ in results], image_checks=bad_images,
-        gx_html=_gx_html([res for res, _ in results]),
+        gx_results=[res.to_json_dict() for res, _ in results], image_checks=bad_images, data_docs=site,
     )
 
 
-def _gx_html(results) -> str:
-    """GX's own rendering of the validation results (its page loads styles from CDNs when online)."""
-    try:
-        from great_expectations.render.renderer import ValidationResultsPageRenderer
-        from great_expectations.render.view import DefaultJinjaPageView
+@contextmanager
+def gx_workspace(out_dir: Path) -> Iterator[Path]:
+    """A scratch folder beside the report directory (same filesystem: the Data Docs site moves out of it by a
+    rename; beside, so that input refused before any check leaves no report directory), removed afterwards
+    whatever happens."""
+    import shutil
+    import tempfile
 
-        return "\n".join(DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(r)) for r in results)
-    except Exception as e:  # noqa: BLE001 - the self-contained report.html does not depend on it
-        return f"<p>GX rendering unavailable: {html.escape(str(e))}</p>"
+    parent = Path(out_dir).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{Path(out_dir).name}.gx-run-", dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_reports(report: ValidationReport, out_dir: Path, manifest_path: Path) -> dict[str, Path]:
-    """result.json (everything), summary.json (small, for `dvc metrics`), report.html and gx.html, each
-    written atomically (temporary name, fsync, rename)."""
-    from spottune.atomic import atomic_write
+    """result.json (everything), summary.json (small, for `dvc metrics`), report.html and GX's Data Docs site
+    (data_docs/), each replaced whole (temporary name, then rename): a killed validate leaves no half report."""
+    from spottune.atomic import atomic_write, replace_dir
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / n for k, n in (("result", "result.json"), ("summary", "summary.json"),
-                                         ("html", "report.html"), ("gx_html", "gx.html"))}
+                                         ("html", "report.html"), ("data_docs", DATA_DOCS))}
     result = {
         "success": report.success, "manifest": str(manifest_path), "statistics": report.statistics,
         "failures": [f.__dict__ for f in report.failures], "image_checks": report.image_checks,
@@ -239,8 +273,10 @@ def write_reports(report: ValidationReport, out_dir: Path, manifest_path: Path) 
     summary = {"success": int(report.success), **{k: v for k, v in report.statistics.items() if k != "images"},
                **{f"images_{s}": n for s, n in report.statistics["images"].items()}}
     texts = {"result": json.dumps(result, indent=2, default=str) + "\n", "summary": json.dumps(summary, indent=2) + "\n",
-             "html": report_html(report, manifest_path), "gx_html": report.gx_html}
-    for key, text in texts.items():  # each file whole or as it was: a killed validate leaves no half report
+             "html": report_html(report, manifest_path)}
+    if report.data_docs is not None:
+        replace_dir(report.data_docs, paths["data_docs"])
+    for key, text in texts.items():
         atomic_write(paths[key], lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return paths
 
@@ -269,7 +305,7 @@ def report_html(report: ValidationReport, manifest_path: Path) -> str:
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}}code{{font-size:90%}}</style></head>
 <body><h1>Data validation: <span style="color:{color}">{status}</span></h1>
-<p>Manifest <code>{e(str(manifest_path))}</code>. Details in <code>result.json</code>; GX's own rendering in <code>gx.html</code>.</p>
+<p>Manifest <code>{e(str(manifest_path))}</code>. Details in <code>result.json</code>; Great Expectations' Data Docs: <a href="{DATA_DOCS}/index.html">{DATA_DOCS}/index.html</a>.</p>
 <table>{stats}</table>
 {'<h2>Failures</h2><ul>' + fails + '</ul>' if fails else ''}
 <h2>Checks</h2><table><tr><th>suite</th><th>check</th><th>arguments</th><th>result</th></tr>{''.join(rows)}</table>

@@ -35,6 +35,14 @@ def epoch_scalars(entry: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def clear_live(live_dir: Path) -> None:
+    """Remove what write_live writes (and nothing else): a run that starts over must not show the last run's epochs."""
+    live_dir = Path(live_dir)
+    (live_dir / "metrics.json").unlink(missing_ok=True)
+    for tsv in (live_dir / "plots" / "metrics").glob("*/*.tsv"):
+        tsv.unlink()
+
+
 def write_live(live_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite LIVE/metrics.json and every LIVE/plots/metrics/PART/NAME.tsv from the run's history so far."""
     if not history:

@@ -30,7 +30,7 @@ from spottune.data.loaders import build_datasets, make_loader
 from spottune.distributed import Distributed
 from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, train_one_epoch
 from spottune.errors import CheckpointError, ConfigError
-from spottune.live import write_live
+from spottune.live import clear_live, write_live
 from spottune.models import TransferModel, build_model
 from spottune.models.backbones import input_normalization
 from spottune.rundir import MODEL_FORMAT, RunDir
@@ -104,6 +104,8 @@ def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distribute
         if dist.is_main:
             for p in run.outputs():
                 p.unlink(missing_ok=True)
+    if not resume and live_dir is not None and dist.is_main:
+        clear_live(live_dir)
 
     seed_everything(params.optim.seed)
     setup = DeviceSetup.resolve(dist.device_name(runtime.device), params.optim.amp, params.optim.channels_last,

@@ -114,9 +114,9 @@ def first_run(prefect_api, project, local_store) -> dict[str, Any]:
 
 def checkout_state(repo: Path) -> dict[str, Any]:
     """What a run must leave as it was in the user's checkout: HEAD, `git status`, params.yaml, dvc.lock, and
-    every file of the outputs (metrics, plots, reports, runs, the manifest)."""
+    every file of the outputs (metrics, plots, live metrics, reports, runs, the manifest)."""
     outputs = {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
-               for d in ("metrics", "plots", "reports", "runs", "prepared") for p in sorted((repo / d).rglob("*"))
+               for d in ("metrics", "plots", "live", "reports", "runs", "prepared") for p in sorted((repo / d).rglob("*"))
                if p.is_file()}
     return {"head": sh("git", "rev-parse", "HEAD", cwd=repo).stdout,
             "status": sh("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).stdout,

@@ -54,3 +54,8 @@ def test_each_epoch_is_visible_to_dvc_before_the_next_one_runs(fashion_root, tin
     rows = (live / "plots" / "metrics" / "lr" / "head.tsv").read_text().splitlines()
     assert rows[0] == "step\thead" and [r.split("\t")[0] for r in rows[1:]] == ["0", "1"]
     assert not [p for p in live.rglob("*") if p.name.startswith(".")]  # no temporary file left behind
+
+    # a run that starts over shows its own epochs only, never the last run's
+    fit(params, run, runtime, overwrite=True, stop_after_epochs=1, live_dir=live, log=lambda _: None)
+    assert live_metrics_in_exp_show(repo, "live/finetune/metrics.json")["step"] == 0
+    assert plotted_steps(repo, "live/finetune/plots/metrics/val/accuracy.tsv") == [0]

@@ -5,7 +5,8 @@ its output streamed to the Prefect log) or call the library (data versioning, th
 Prefect adds what DVC does not: retries with backoff on I/O (data versioning and push, publish,
 promote; never on validation or the gate stage), a global concurrency limit so two flows never train on
 one GPU at once, one-run parameter overrides recorded with the run, the report as a Prefect
-artifact, and schedules (flows/serve.py, prefect.yaml).
+artifact, schedules (flows/serve.py, prefect.yaml), and alerts when a run fails or the gate refuses
+(flows/alerts.py: a JSON POST to SPOTTUNE_ALERT_WEBHOOK).
 
 Where the stages run:
 - a plain run (no overrides) in the user's checkout: `dvc repro STAGE`, stage by stage, there;
@@ -40,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows import dvc_runner
+from flows.alerts import describe_alerts, on_flow_completion, on_flow_failure
 from flows.checkout import private_checkout
 from flows.dvc_runner import StageFailed
 from flows.gpu_slot import gpu_slot
@@ -328,7 +330,7 @@ def run_stages(project: Path, params: Params, overrides: dict[str, Any], exp: st
     return root, data_version, verdict
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, on_failure=[on_flow_failure], on_completion=[on_flow_completion])
 def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu_limit: str = GPU_LIMIT,
             own_checkout: bool = False) -> dict[str, Any]:
     """Retrain SpotTune and its fine-tuning baseline, and promote SpotTune only if the gate stage says so.
@@ -338,11 +340,13 @@ def retrain(overrides: dict[str, Any] | None = None, project_dir: str = ".", gpu
     flow run's parameters, in the experiment (`dvc exp show`) and in the report.
     project_dir: the repository holding dvc.yaml and params.yaml. gpu_limit: the global concurrency
     limit the DVC stages hold (one per GPU host). own_checkout: work in a private worktree at HEAD
-    (deployments), never in the checkout at project_dir.
+    (deployments), never in the checkout at project_dir. A failed run, and a gate that refuses, are POSTed
+    to SPOTTUNE_ALERT_WEBHOOK when it is set (flows/alerts.py: Prefect hooks, after the run ends).
     """
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     overrides = dict(overrides or {})
+    logger.info(describe_alerts())
     params = load_settings(project, overrides)  # fail fast, naming the key, before any work
     store_settings = load_store_settings(project)
     check_store(store_settings)

@@ -140,10 +140,12 @@ def cmd_train(args: argparse.Namespace, runtime: RuntimeSettings) -> int:
     output_dir(args.out, "--out")
     output_file(args.metrics, "--metrics")
     output_file(args.plots, "--plots")
+    output_dir(args.live, "--live")
     from spottune.training import fit
 
     metrics = fit(params, args.out, runtime, resume=args.resume, overwrite=args.overwrite,
-                  resume_unfinished=args.resume_unfinished, stop_after_epochs=args.stop_after_epochs)
+                  resume_unfinished=args.resume_unfinished, stop_after_epochs=args.stop_after_epochs,
+                  live_dir=args.live)
     if metrics is not None and (args.metrics or args.plots):
         from spottune.training import learning_curve, training_metrics
 
@@ -319,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after-epochs", type=int, default=None, help="end this invocation after N epochs")
     p.add_argument("--metrics", type=Path, default=None, help="write the run's summary metrics here (dvc metrics)")
     p.add_argument("--plots", type=Path, default=None, help="write the per-epoch learning curve here (dvc plots)")
+    p.add_argument("--live", type=Path, default=None, help="after every epoch, per-epoch metrics and learning rates in "
+                   "DVCLive's layout here (LIVE/metrics.json, LIVE/plots/metrics/): dvc exp show follows the run")
 
     p = command("export-backbone", cmd_export_backbone, "a baseline run's trained backbone as a weights file for model.weights")
     p.add_argument("run", type=Path)

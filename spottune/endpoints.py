@@ -44,6 +44,23 @@ def check_endpoint_url(url: str | None) -> str | None:
     return url
 
 
+def check_webhook_url(url: str | None) -> str | None:
+    """A webhook: http(s)://HOST[:PORT][/PATH][?QUERY], no user:password@. Path and query may carry the
+    webhook's token, so the message never repeats the URL."""
+    if url is None or url == "":
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or parts.username is not None
+            or not _NETLOC.fullmatch(parts.netloc) or not url.isprintable() or " " in url):
+        raise ValueError("malformed webhook URL: expected http(s)://HOST[:PORT][/PATH][?QUERY], without "
+                         "user:password@ (the value is not shown)")
+    return url
+
+
 def shown_endpoint(url: Any) -> str:
     """scheme://host of an endpoint for a message, or '(not shown)': never the rest, which may hold a secret."""
     try:

@@ -6,7 +6,7 @@
     data.dvc       the data version's DVC file (where `dvc checkout` / `dvc pull` find the data)
     git.diff       only when git_dirty: `git diff` of the tracked files against git_commit
 
-Files the pipeline itself writes (PIPELINE_WRITTEN: dvc.lock, data.dvc, metrics/, plots/, .dvc/config) do
+Files the pipeline itself writes (PIPELINE_WRITTEN: dvc.lock, data.dvc, metrics/, plots/, live/, .dvc/config) do
 not make a checkout dirty: a run rewrites them, and dvc.lock and data.dvc are stored with the version anyway.
 The record is deterministic (no timestamps), so publishing the same run again gives the same bytes;
 only flow_run changes from one flow run to the next, and the store leaves it out of a version's identity
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 LINEAGE_FORMAT = "spottune-lineage/1"
 # .dvc/config: `spottune data --track` and the flow make the configured remote DVC's default (where data is
 # stored, not what a run computes); `spottune reproduce` uses the current checkout's remote settings.
-PIPELINE_WRITTEN: tuple[str, ...] = (DVC_LOCK, DATA_DVC, "metrics", "plots", ".dvc/config")
+PIPELINE_WRITTEN: tuple[str, ...] = (DVC_LOCK, DATA_DVC, "metrics", "plots", "live", ".dvc/config")
 PACKAGES: tuple[str, ...] = (
     "torch", "torchvision", "spottune", "dvc", "prefect", "numpy", "pillow", "safetensors", "pydantic",
     "great-expectations", "boto3",

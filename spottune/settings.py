@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spottune.config import RemoteParams, format_error
-from spottune.endpoints import REGION_PATTERN, check_endpoint_url
+from spottune.endpoints import REGION_PATTERN, check_endpoint_url, check_webhook_url
 from spottune.errors import ConfigError
 
 
@@ -97,3 +97,30 @@ class StoreSettings(BaseSettings):
         if self.store_backend == "s3" and not self.s3_bucket:
             raise ValueError("store_backend 's3' needs a bucket: set SPOTTUNE_S3_BUCKET")
         return self
+
+
+class AlertSettings(BaseSettings):
+    """Where the retrain flow's alerts go (a failed flow run, a gate that refuses): SPOTTUNE_ALERT_*.
+
+    Unset webhook: no alerts (the flow says so once in its log). The URL may hold a token (many webhooks
+    do), so it is never logged or repeated in an error: only its scheme and host are shown.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SPOTTUNE_", extra="ignore")
+
+    alert_webhook: str | None = Field(None, description="http(s) URL that receives each alert as a JSON POST")
+    alert_timeout_s: float = Field(5.0, gt=0, le=60, description="seconds to wait for the webhook to answer")
+
+    _webhook_shape = field_validator("alert_webhook")(check_webhook_url)
+
+
+def alert_settings() -> AlertSettings:
+    """AlertSettings from the environment; ConfigError naming the variable (never the URL, which may hold a token)."""
+    try:
+        return AlertSettings()
+    except ValidationError as e:
+        lines = ["invalid alert settings in the environment:"]
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  SPOTTUNE_{field.upper()}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("\n".join(lines)) from None

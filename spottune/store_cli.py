@@ -155,7 +155,7 @@ def show_record(store: Any, name: str, ref: str) -> dict[str, Any]:
     """What `models show` prints: the version, its lineage, metrics (without the per-epoch history) and gate
     record, each file read from the store and checked against the version's manifest."""
     from spottune.model_cache import resolve
-    from spottune.store import GATE, LINEAGE
+    from spottune.store import GATE, LINEAGE, MODEL_CARD_JSON
 
     resolved = resolve(store, name, ref)
     manifest, _ = store.read_manifest(name, resolved.version)
@@ -170,12 +170,21 @@ def show_record(store: Any, name: str, ref: str) -> dict[str, Any]:
         "production": pointer is not None and pointer["version"] == resolved.version,
         "created_at": manifest.get("created_at"), "created_by": manifest.get("created_by"),
         "files": sorted(manifest["files"]), "gate": read(GATE), "lineage": read(LINEAGE),
-        "metrics": {k: v for k, v in metrics.items() if k != "history"},
+        "metrics": {k: v for k, v in metrics.items() if k != "history"}, "card": read(MODEL_CARD_JSON),
     }
 
 
 def show_text(shown: dict[str, Any]) -> str:
-    """The human-readable form of a show_record."""
+    """The human-readable form of a show_record: the summary and lineage, then the model card (when the version
+    has model_card.json; versions published before it have only the summary)."""
+    from spottune.store.cards import model_card_markdown
+
+    text = show_summary(shown)
+    return text if shown.get("card") is None else f"{text}\n\n{model_card_markdown(shown['card'])}"
+
+
+def show_summary(shown: dict[str, Any]) -> str:
+    """The version, its gate, top-1 and lineage in a few lines."""
     from spottune.store.cards import verdict
 
     gate, lineage, test = shown["gate"] or {}, shown["lineage"], shown["metrics"].get("test") or {}

@@ -4,6 +4,8 @@
     RUN/model.safetensors  final weights (loads without executing code)
     RUN/model.json         what is needed to rebuild the model: params and class names
     RUN/metrics.json       test metrics, per-epoch history, throughput
+    LIVE/...               (live_dir) per-epoch train/val metrics and learning rates in DVCLive's layout,
+                           after every epoch, for `dvc exp show` / `dvc plots` while the run trains
 
 The final files are written only when the run completes, each atomically.
 """
@@ -28,6 +30,7 @@ from spottune.data.loaders import build_datasets, make_loader
 from spottune.distributed import Distributed
 from spottune.engine import DeviceSetup, evaluate, rng_state, save_checkpoint, train_one_epoch
 from spottune.errors import CheckpointError, ConfigError
+from spottune.live import clear_live, write_live
 from spottune.models import TransferModel, build_model
 from spottune.models.backbones import input_normalization
 from spottune.rundir import MODEL_FORMAT, RunDir
@@ -58,6 +61,7 @@ def fit(
     overwrite: bool = False,
     resume_unfinished: bool = False,
     stop_after_epochs: int | None = None,
+    live_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Train `params.model.method` on `params.data`, checkpoint every epoch, evaluate on test.
@@ -66,7 +70,8 @@ def fit(
     machine); the run is then unfinished (returns None) and `resume=True` continues it.
     resume_unfinished continues an unfinished run (a checkpoint, no model yet) when it was made with
     these params and this data, and otherwise starts over, replacing what the folder holds: what a
-    retried pipeline stage wants. The run folder is locked (RunLock) for the whole call, so a second
+    retried pipeline stage wants. live_dir: where the per-epoch metrics go after every epoch
+    (spottune/live.py), so a run can be followed while it trains. The run folder is locked (RunLock) for the whole call, so a second
     training into it fails at once instead of mixing or deleting the first one's files.
     """
     dist = Distributed.from_env()
@@ -79,18 +84,19 @@ def fit(
             overwrite = not resume
         try:
             return _fit(params, run, runtime, dist, resume=resume, overwrite=overwrite,
-                        stop_after_epochs=stop_after_epochs, log=log)
+                        stop_after_epochs=stop_after_epochs, live_dir=live_dir, log=log)
         except CheckpointError as e:
             if not (resume_unfinished and resume):
                 raise
             if dist.is_main:
                 print(f"cannot resume ({e}): starting over", file=sys.stderr)
             return _fit(params, run, runtime, dist, resume=False, overwrite=True,
-                        stop_after_epochs=stop_after_epochs, log=log)
+                        stop_after_epochs=stop_after_epochs, live_dir=live_dir, log=log)
 
 
 def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distributed, *, resume: bool,
-         overwrite: bool, stop_after_epochs: int | None, log: Callable[[str], None]) -> dict[str, Any] | None:
+         overwrite: bool, stop_after_epochs: int | None, live_dir: Path | None,
+         log: Callable[[str], None]) -> dict[str, Any] | None:
     """fit() once the run folder is locked."""
     if not resume and any(p.exists() for p in run.outputs()):
         if not overwrite:
@@ -98,6 +104,8 @@ def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distribute
         if dist.is_main:
             for p in run.outputs():
                 p.unlink(missing_ok=True)
+    if not resume and live_dir is not None and dist.is_main:
+        clear_live(live_dir)
 
     seed_everything(params.optim.seed)
     setup = DeviceSetup.resolve(dist.device_name(runtime.device), params.optim.amp, params.optim.channels_last,
@@ -160,6 +168,8 @@ def _fit(params: Params, run: RunDir, runtime: RuntimeSettings, dist: Distribute
                 "epoch": epoch, "rng": rng_state(loader_gen), "history": history, "params": params_json,
                 "data": data,
             })
+            if live_dir is not None:  # after the checkpoint: the live view never shows an epoch a resume would redo
+                write_live(live_dir, history)
         dist.barrier()
 
     if end_epoch < params.optim.epochs:

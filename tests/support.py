@@ -16,6 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 import yaml
@@ -127,6 +128,51 @@ def restore_bucket(url: str, bucket: str, objects: dict[str, bytes]) -> None:
     s3.create_bucket(Bucket=bucket)
     for key, data in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1, in a thread, that keeps every POSTed JSON body (an alert webhook)."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received: list[dict] = []
+        self.received = received
+        self.arrived = threading.Condition()
+        arrived = self.arrived
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.end_headers()
+                with arrived:
+                    received.append({"path": self.path, "content_type": self.headers.get("Content-Type"),
+                                     "body": json.loads(body)})
+                    arrived.notify_all()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/spottune?token=not-logged"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
+        """The first `count` requests, waiting up to `timeout` seconds for them."""
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.received) >= count, timeout)
+            return list(self.received)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def new_pipeline_repo(path: Path, *, with_flows: bool = False) -> Path:

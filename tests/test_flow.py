@@ -30,8 +30,10 @@ import yaml
 from support import (
     PROJECT,
     MotoServer,
+    WebhookReceiver,
     clean_env,
     dummy_aws_env,
+    free_port,
     new_bucket,
     prefect_test_server,
     requires,
@@ -112,9 +114,9 @@ def first_run(prefect_api, project, local_store) -> dict[str, Any]:
 
 def checkout_state(repo: Path) -> dict[str, Any]:
     """What a run must leave as it was in the user's checkout: HEAD, `git status`, params.yaml, dvc.lock, and
-    every file of the outputs (metrics, plots, reports, runs, the manifest)."""
+    every file of the outputs (metrics, plots, live metrics, reports, runs, the manifest)."""
     outputs = {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
-               for d in ("metrics", "plots", "reports", "runs", "prepared") for p in sorted((repo / d).rglob("*"))
+               for d in ("metrics", "plots", "live", "reports", "runs", "prepared") for p in sorted((repo / d).rglob("*"))
                if p.is_file()}
     return {"head": sh("git", "rev-parse", "HEAD", cwd=repo).stdout,
             "status": sh("git", "status", "--porcelain", "--untracked-files=all", cwd=repo).stdout,
@@ -212,6 +214,28 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
 
 
 @pytest.mark.slow
+def test_the_flows_version_has_a_card_with_its_data_routing_and_gate_and_live_metrics(first_run, project, local_store):
+    r = first_run
+    card = json.loads(open_local(local_store).read_verified(NAME, r["version"], "model_card.json"))
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    [manifest] = [o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "prepared/manifest.csv"]
+    data = card["training_data"]
+    assert data["data_version"] == r["data_version"] and data["manifest_md5"] == manifest["md5"]
+    assert data["manifest"] == "prepared/manifest.csv" and data["git_commit"] == r["_head"]
+    gate = json.loads((project / "metrics" / "gate.json").read_text())
+    assert card["comparison"]["baseline"] == gate["baseline"] and card["comparison"]["gate"]["reason"] == r["reason"]
+    metrics = json.loads((project / "runs" / "spottune" / "metrics.json").read_text())
+    routing = card["routing"]
+    assert routing["tuned_fraction_per_block"] == metrics["test"]["tuned_fraction_per_block"] and routing["blocks"] > 0
+    assert routing["mixed_blocks"] == metrics["test"]["mixed_blocks"] == len(routing["mixed_block_indices"])
+    assert card["metrics"]["test_accuracy"] == r["candidate_accuracy"]
+    # the training stages wrote their live metrics, which dvc.yaml lists: the last epoch's
+    for method in ("finetune", "spottune"):
+        live = json.loads((project / "live" / method / "metrics.json").read_text())
+        assert live["step"] == 0 and live["train"]["loss"] > 0 and "head" in live["lr"]
+
+
+@pytest.mark.slow
 def test_report_is_a_prefect_artifact(first_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -250,6 +274,50 @@ def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first
     assert store.production(NAME)["version"] == first_run["version"]
     # same weights as the first run (nothing retrained), but another verdict: another version
     assert r["version"][:12] == first_run["version"][:12] and r["version"] != first_run["version"]
+
+
+def flow_run_state(flow_run_id: str) -> tuple[str, str]:
+    """The name and state of a flow run, as Prefect's server has them."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(flow_run_id))
+    return run.name, run.state.type.value
+
+
+@pytest.mark.slow
+def test_a_refused_gate_and_a_failed_run_alert_the_webhook_and_a_dead_one_fails_nothing(first_run, project, local_store,
+                                                                                    monkeypatch):
+    from flows.retrain import retrain
+    from spottune.errors import ConfigError
+
+    set_params(project, gate={"floor": 1.01})  # the gate refuses; nothing retrains
+    try:
+        monkeypatch.setenv("SPOTTUNE_ALERT_WEBHOOK", f"http://127.0.0.1:{free_port()}/down")  # nothing listens there
+        unheard = retrain(project_dir=str(project))
+        with WebhookReceiver() as hook:
+            monkeypatch.setenv("SPOTTUNE_ALERT_WEBHOOK", hook.url)
+            refused = retrain(project_dir=str(project))
+            with pytest.raises(ConfigError, match="optim.epoch"):
+                retrain(overrides={"optim.epoch": 1}, project_dir=str(project))
+            received = hook.wait_for(2)
+    finally:  # the checkout as the first run committed it, for the tests that follow
+        sh("git", "checkout", "-q", "params.yaml", "dvc.lock", "metrics/gate.json", cwd=project)
+    # a webhook that is down costs the run nothing: it completes with its verdict
+    assert unheard["gate_passed"] is False and unheard["status"].startswith("not promoted:")
+    assert len(received) == 2 and all(r["content_type"] == "application/json" for r in received), received
+    gate_alert, failure = (r["body"] for r in received)
+
+    assert gate_alert["event"] == "gate_refused" and gate_alert["model"] == NAME
+    assert gate_alert["version"] == refused["version"] and gate_alert["reason"] == refused["reason"]
+    assert "< floor 1.0100" in gate_alert["reason"] and gate_alert["candidate_accuracy"] == refused["candidate_accuracy"]
+    assert flow_run_state(gate_alert["flow_run_id"]) == (gate_alert["flow_run"], "COMPLETED")
+
+    assert failure["event"] == "flow_failed" and failure["model"] == NAME and failure["state"] == "Failed"
+    assert "optim.epoch" in failure["reason"] and failure["parameters"]["overrides"] == {"optim.epoch": 1}
+    assert flow_run_state(failure["flow_run_id"]) == (failure["flow_run"], "FAILED")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ Modules (what the rest of the project uses is importable from `spottune.store` i
     backends.py    Backend protocol, LocalBackend, S3Backend, open_backend, s3_region, key checks, current_umask
     values.py      file names and formats, Gate (and the gate stage's record checks), VersionInfo,
                    PublishResult, name/prefix checks, content_version, check_safetensors
-    cards.py       model_card_markdown (model_card.md)
+    cards.py       build_card (model_card.json), model_card_markdown (model_card.md)
     hashing.py     sha256 of bytes, files and streams: the one place the store hashes
     errors.py      StoreMisconfigured, ObjectMissing, IntegrityError, WriteConflict, PromotionRefused
 
@@ -23,7 +23,10 @@ Layout (keys below the configured prefix):
     models/NAME/versions/VERSION/metrics.json        test metrics and history
     models/NAME/versions/VERSION/data_version.txt    the data.dvc hash given by the caller
     models/NAME/versions/VERSION/report.md           the evaluation report (or a note that none was given)
-    models/NAME/versions/VERSION/model_card.md       human-readable summary
+    models/NAME/versions/VERSION/model_card.json     the model card: intended use, training data and its version,
+                                                     metrics overall and per class, baseline comparison and gate
+                                                     reasoning, routing, limitations (spottune.store.cards)
+    models/NAME/versions/VERSION/model_card.md       the same card in Markdown
     models/NAME/versions/VERSION/gate.json           the gate stage's record (metrics/gate.json) and verdict:
                                                      failed => candidate forever; none (published by hand)
                                                      => promotable only with force and a reason
@@ -38,7 +41,8 @@ Layout (keys below the configured prefix):
 
 Invariants:
 - lineage.json and its files are there for versions published with a lineage (every flow run and
-  `spottune publish`); versions stored before lineage existed lack them and stay valid.
+  `spottune publish`); versions stored before lineage existed lack them and stay valid, as do
+  versions stored before model_card.json existed (values.LATER_FILES).
 - A version is complete only once its MANIFEST.json exists and every file it lists is present with
   the listed size; only complete versions whose files hash to the manifest are promoted or fetched.
 - The manifest is written with a create-only condition, so it is never replaced: publishing a
@@ -66,6 +70,7 @@ from spottune.store.values import (
     GIT_DIFF,
     LINEAGE,
     MANIFEST,
+    MODEL_CARD_JSON,
     VERSION_FILES,
     WEIGHTS,
     Gate,
@@ -83,6 +88,7 @@ __all__ = [
     "GIT_DIFF",
     "LINEAGE",
     "MANIFEST",
+    "MODEL_CARD_JSON",
     "VERSION_FILES",
     "WEIGHTS",
     "ArtifactStore",

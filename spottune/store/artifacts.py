@@ -15,15 +15,17 @@ from spottune.errors import StoreError
 from spottune.rundir import MODEL_FORMAT, RUN_FILES
 from spottune.settings import StoreSettings
 from spottune.store.backends import Backend, open_backend
-from spottune.store.cards import model_card_markdown
+from spottune.store.cards import build_card, model_card_markdown
 from spottune.store.errors import IntegrityError, ObjectMissing, PromotionRefused, WriteConflict
 from spottune.store.hashing import sha256_bytes, sha256_file, sha256_stream
 from spottune.store.promotion import PromotionMixin
 from spottune.store.values import (
     GATE,
+    LATER_FILES,
     LINEAGE,
     LINEAGE_FILES,
     MANIFEST,
+    MODEL_CARD_JSON,
     STORE_FORMAT,
     VERSION_FILES,
     WEIGHTS,
@@ -94,8 +96,9 @@ class ArtifactStore(PromotionMixin):
                     raise ValueError(f"unexpected file {fname!r}")
                 if not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) or int(entry["size"]) < 0:
                     raise ValueError(f"bad entry for {fname!r}")
-            if not set(VERSION_FILES) <= set(files):
-                raise ValueError(f"files {sorted(files)} lack {sorted(set(VERSION_FILES) - set(files))}")
+            required = set(VERSION_FILES) - set(LATER_FILES)
+            if not required <= set(files):
+                raise ValueError(f"files {sorted(files)} lack {sorted(required - set(files))}")
             if set(files) & set(LINEAGE_FILES) and LINEAGE not in files:
                 raise ValueError(f"lineage files {sorted(set(files) & set(LINEAGE_FILES))} without {LINEAGE}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -159,7 +162,7 @@ class ArtifactStore(PromotionMixin):
 
         _check_name("model name", name)
         with TemporaryDirectory(prefix="spottune-publish-") as tmp:
-            files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report)
+            files = self._stage(Path(run_dir), Path(tmp), name, gate, data_version, report, lineage)
             files |= _stage_lineage(Path(tmp), lineage)
             entries = {f: {"sha256": sha256_file(p), "size": p.stat().st_size} for f, p in files.items()}
             check_gate_for(gate, entries[WEIGHTS]["sha256"], str(run_dir))
@@ -240,7 +243,7 @@ class ArtifactStore(PromotionMixin):
         return got[0]
 
     def _stage(self, run_dir: Path, tmp: Path, name: str, gate: Gate, data_version: str | None,
-               report: Path | None) -> dict[str, Path]:
+               report: Path | None, lineage: Lineage | None) -> dict[str, Path]:
         """Collect the version's files: the run's own, plus generated ones with deterministic content."""
         weights, model_json, metrics_json = (run_dir / f for f in RUN_FILES)
         for p in (weights, model_json, metrics_json):
@@ -264,11 +267,13 @@ class ArtifactStore(PromotionMixin):
             raise StoreError(f"data version {dv!r} is not a DVC hash (hex digits, optionally ending in .dir)")
 
         files = {WEIGHTS: weights, "model.json": model_json, "metrics.json": metrics_json}
+        model_card = build_card(name, card, metrics, dv or "unknown", gate, lineage)
         generated = {
             "params.json": _dump(card.get("params", {})),
             "data_version.txt": ((dv or "unknown") + "\n").encode(),
             "report.md": Path(report).read_bytes() if report else b"No evaluation report was supplied at publish time.\n",
-            "model_card.md": model_card_markdown(name, card, metrics, dv or "unknown", gate).encode(),
+            "model_card.md": model_card_markdown(model_card).encode(),
+            MODEL_CARD_JSON: _dump(model_card),
             GATE: _dump(gate.to_json()),
         }
         for fname, data in generated.items():

@@ -21,9 +21,14 @@ from spottune.store.hashing import sha256_bytes
 STORE_FORMAT = "spottune-store/1"
 MANIFEST = "MANIFEST.json"
 GATE = "gate.json"
+MODEL_CARD_JSON = "model_card.json"
 VERSION_FILES: tuple[str, ...] = (
-    WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md", GATE,
+    WEIGHTS, "model.json", "params.json", "metrics.json", "data_version.txt", "report.md", "model_card.md",
+    MODEL_CARD_JSON, GATE,
 )
+# Published with every new version, absent from versions published before the card had its sections: a
+# manifest may lack them (spottune.store.artifacts.read_manifest).
+LATER_FILES: tuple[str, ...] = (MODEL_CARD_JSON,)
 # Lineage (spottune.lineage): stored with versions published with it, each listed in the manifest like the
 # files above; versions published before lineage existed have none of them.
 LINEAGE = "lineage.json"

@@ -223,6 +223,60 @@ def test_two_nodes_through_torchrun_rendezvous_train_as_one_node_of_two_processe
     assert (tmp_path / "nodes" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+def test_a_node_killed_mid_epoch_stops_both_and_resume_gives_the_uninterrupted_weights(digits_root, tmp_path):
+    """Two torchrun nodes; one node's training process is SIGKILLed in the second epoch: the other node
+    stops at once (its collective loses its peer) instead of hanging, the checkpoint of the first epoch
+    is intact, and both nodes started again with --resume end with the weights of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from support import free_port
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+
+    def nodes(out: Path, *extra: str) -> list[subprocess.Popen]:
+        port, started = free_port(), []
+        for _ in range(2):
+            cmd = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                   f"127.0.0.1:{port}", "--rdzv-id", out.name, "-m", "spottune.cli", "train", "--method", "finetune",
+                   "--out", str(out), "--params", str(Path(__file__).resolve().parent.parent / "params.yaml"), *extra]
+            for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", "optim.epochs=3",
+                         "optim.max_steps_per_epoch=30"):
+                cmd += ["--set", pair]
+            started.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE, text=True))
+            time.sleep(2)  # the first node hosts the rendezvous store
+        return started
+
+    killed = nodes(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline and killed[0].poll() is None, "no checkpoint after the first epoch"
+        time.sleep(0.2)
+    time.sleep(1)  # into the second epoch
+    worker = next(c for c in psutil.Process(killed[1].pid).children(recursive=True) if "spottune.cli" in c.cmdline())
+    worker.send_signal(signal.SIGKILL)
+    for node in killed:
+        node.communicate(timeout=120)  # never a hang: the surviving rank's collective fails
+        assert node.returncode != 0
+    checkpoint = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] in (0, 1)
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+
+    for node in nodes(tmp_path / "killed", "--resume") + nodes(tmp_path / "whole"):
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    assert (tmp_path / "killed" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
 def test_routing_statistics_say_how_per_image_the_routing_is():
     from spottune.engine import summarise_predictions
 

@@ -97,6 +97,11 @@ def test_plots_show_writes_a_page_that_renders_offline(tmp_path):
     for name, rows in files.items():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text(json.dumps(rows))
+    for method in ("finetune", "spottune"):  # the training's live plots: DVCLive's TSVs, one per metric
+        for metric in ("train/loss", "train/accuracy", "val/accuracy", "lr/net"):
+            tsv = repo / "live" / method / "plots" / "metrics" / f"{metric}.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
+            tsv.write_text(f"step\t{metric.split('/')[1]}\n" + "".join(f"{e}\t{0.5 + 0.1 * e}\n" for e in range(3)))
     dvc("plots", "show", "--out", "page", cwd=repo)
     page = (repo / "page" / "index.html").read_text()
     remote = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//[^>]*>", page, flags=re.IGNORECASE)

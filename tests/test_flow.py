@@ -190,7 +190,7 @@ def test_flow_runs_every_step_and_promotes(first_run, project, local_store):
     assert r["experiment"] is None and r["report"] == str(project / "reports" / "retrain.md")
     assert (project / "params.yaml").read_bytes() == r["_params_before"]
     lock = yaml.safe_load(r["_lock"])
-    assert lock["stages"]["train_spottune"]["params"]["params.yaml"]["optim"]["max_steps_per_epoch"] == 1
+    assert lock["stages"]["train_spottune"]["params"]["params.yaml"]["optim.max_steps_per_epoch"] == 1
     published = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "params.json").read_text())
     assert published["optim"]["max_steps_per_epoch"] == 1
     # the lineage: the commit, a clean checkout (the run rewrote only dvc.lock, data.dvc, metrics/, plots/), the
@@ -260,7 +260,7 @@ def test_a_failed_gate_publishes_a_candidate_that_never_becomes_production(first
     assert not r["promoted"] and not r["gate_passed"] and r["experiment"] is None
     assert r["status"].startswith("not promoted:") and "< floor 1.0100" in r["status"], r["status"]
     assert record["decision"] == "refuse" and record["floor"] == 1.01
-    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate"]["floor"] == 1.01
+    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate.floor"] == 1.01
     # production holds these very weights (the first run's; nothing retrained): no champion to compare with
     assert record["champion"]["status"] == "same_weights" and record["champion"]["version"] == first_run["version"]
     store = open_local(local_store)
@@ -373,7 +373,7 @@ def test_an_override_runs_as_a_dvc_experiment_and_leaves_the_checkout_as_it_was(
     assert params["validate"]["max_side"] == 4000 and params["validate"]["max_pixels"] == 15000000
     # DVC ran the validate stage with them (the experiment's dvc.lock); the weights are the first run's
     lock = yaml.safe_load(experiment_file(project, name, "dvc.lock"))
-    assert lock["stages"]["validate"]["params"]["params.yaml"]["validate"]["max_side"] == 4000
+    assert lock["stages"]["validate"]["params"]["params.yaml"]["validate.max_side"] == 4000
     first_lock = yaml.safe_load(first_run["_lock"])
     assert lock["stages"]["train_spottune"]["outs"] == first_lock["stages"]["train_spottune"]["outs"]
     # pushed to the git remote, and a retried flow run (same name) gets a name of its own
@@ -402,7 +402,7 @@ def test_an_experiment_gates_on_the_record_its_own_checkout_made(first_run, proj
     record = json.loads(experiment_file(project, r["experiment"], "metrics/gate.json"))
     assert record["decision"] == "refuse" and record["floor"] == 1.01 and record["reason"] == r["reason"]
     lock = yaml.safe_load(experiment_file(project, r["experiment"], "dvc.lock"))
-    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate"]["floor"] == 1.01
+    assert lock["stages"]["gate"]["params"]["params.yaml"]["gate.floor"] == 1.01
     assert json.loads((project / "metrics" / "gate.json").read_text())["decision"] == "promote"
     stored = json.loads((local_store / "models" / NAME / "versions" / r["version"] / "gate.json").read_text())
     assert stored["passed"] is False and stored["details"] == record

@@ -39,16 +39,9 @@ def _params(args: argparse.Namespace):
 def _runtime_settings() -> RuntimeSettings:
     """RuntimeSettings (SPOTTUNE_DEVICE, ...) from the environment; a bad value is a ConfigError naming the
     variable (exit 3), not a pydantic traceback."""
-    from pydantic import ValidationError
+    from spottune.settings import from_environment
 
-    from spottune.errors import ConfigError
-
-    try:
-        return RuntimeSettings()
-    except ValidationError as e:
-        lines = ["invalid settings in the environment:"]
-        lines += [f"  SPOTTUNE_{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("\n".join(lines)) from None
+    return from_environment(RuntimeSettings, "settings")
 
 
 def _write_json(path: Path | None, obj) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 
 def refuse_url_credentials(url: str | None) -> str | None:
@@ -25,17 +25,23 @@ _NETLOC = re.compile(r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|
 REGION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
+def _split(url: str) -> SplitResult | None:
+    """The URL's parts, or None where urlsplit (or its port, not a number in 0..65535) refuses it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return None
+    return parts
+
+
 def check_endpoint_url(url: str | None) -> str | None:
     """An S3 endpoint: http(s)://HOST[:PORT][/PATH] and nothing else (botocore refused the rest with a bare
     ValueError that repeated the whole string). The message never repeats the URL: what is malformed in
     it may be a secret pasted there."""
     if url is None:
         return url
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-    except ValueError:
-        parts = None
+    parts = _split(url)
     if parts is not None and parts.username is not None:
         refuse_url_credentials(url)
     if (parts is None or parts.scheme not in ("http", "https") or not _NETLOC.fullmatch(parts.netloc)
@@ -49,11 +55,7 @@ def check_webhook_url(url: str | None) -> str | None:
     webhook's token, so the message never repeats the URL."""
     if url is None or url == "":
         return None
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-    except ValueError:
-        parts = None
+    parts = _split(url)
     if (parts is None or parts.scheme not in ("http", "https") or parts.username is not None
             or not _NETLOC.fullmatch(parts.netloc) or not url.isprintable() or " " in url):
         raise ValueError("malformed webhook URL: expected http(s)://HOST[:PORT][/PATH][?QUERY], without "

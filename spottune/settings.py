@@ -114,13 +114,20 @@ class AlertSettings(BaseSettings):
     _webhook_shape = field_validator("alert_webhook")(check_webhook_url)
 
 
-def alert_settings() -> AlertSettings:
-    """AlertSettings from the environment; ConfigError naming the variable (never the URL, which may hold a token)."""
+def from_environment(cls: type[BaseSettings], what: str) -> BaseSettings:
+    """Settings of `cls` read from the environment; a bad value is one ConfigError naming each variable
+    (exit 3), never a pydantic traceback nor the value (an endpoint or webhook may hold a secret)."""
     try:
-        return AlertSettings()
+        return cls()
     except ValidationError as e:
-        lines = ["invalid alert settings in the environment:"]
+        lines = [f"invalid {what} in the environment:"]
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  SPOTTUNE_{field.upper()}: {err['msg'].removeprefix('Value error, ')}")
+            var = f"SPOTTUNE_{field.upper()}" if field else "(settings)"
+            lines.append(f"  {var}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def alert_settings() -> AlertSettings:
+    """AlertSettings from the environment; ConfigError naming the variable (never the URL, which may hold a token)."""
+    return from_environment(AlertSettings, "alert settings")

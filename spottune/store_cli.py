@@ -28,19 +28,9 @@ from spottune.errors import ConfigError
 
 def store_settings():
     """StoreSettings from the environment, validation errors turned into a ConfigError naming the variable."""
-    from pydantic import ValidationError
+    from spottune.settings import StoreSettings, from_environment
 
-    from spottune.settings import StoreSettings
-
-    try:
-        return StoreSettings()
-    except ValidationError as e:
-        lines = ["invalid store settings in the environment:"]
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            var = f"SPOTTUNE_{field.upper()}" if field else "(settings)"
-            lines.append(f"  {var}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("\n".join(lines)) from None
+    return from_environment(StoreSettings, "store settings")
 
 
 def _store():

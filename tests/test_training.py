@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,23 +156,32 @@ def test_exported_backbone_is_the_trained_network(digits_root, tiny_params, runt
     assert not (tmp_path / "nope.safetensors").exists()
 
 
+def _torchrun_train(digits_root: Path, method: str, epochs: int, steps: int) -> tuple[list[str], dict[str, str]]:
+    """`-m spottune.cli train ...` on the digits at 32 px for torchrun (its launcher options go before it),
+    and the environment of a CPU run with one thread per process."""
+    import os
+
+    args = ["-m", "spottune.cli", "train", "--method", method, "--params",
+            str(Path(__file__).resolve().parent.parent / "params.yaml")]
+    for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", f"optim.epochs={epochs}",
+                 f"optim.max_steps_per_epoch={steps}"):
+        args += ["--set", pair]
+    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+    return args, env
+
+
 @pytest.mark.slow
 def test_torchrun_trains_data_parallel_with_one_writer(digits_root, tmp_path):
     """Two processes under torchrun (gloo on CPU; NCCL on GPUs): one set of files, written by rank 0,
     and a model that learnt from both shards."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "spottune.cli", "train", "--method", "linear",
-           "--out", str(tmp_path / "run"), "--params", str(Path(__file__).resolve().parent.parent / "params.yaml")]
-    for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", "optim.epochs=2",
-                 "optim.max_steps_per_epoch=5"):
-        cmd += ["--set", pair]
-    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+    train, env = _torchrun_train(digits_root, "linear", epochs=2, steps=5)
+    cmd = [str(torchrun), "--nproc_per_node", "2", *train, "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("test accuracy") == 1, "only rank 0 reports"
@@ -189,7 +199,6 @@ def test_two_nodes_through_torchrun_rendezvous_train_as_one_node_of_two_processe
     on CPU): the run finishes, rank 0 alone writes, and the weights and metrics equal one node's
     two processes with the same global batch."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -197,12 +206,7 @@ def test_two_nodes_through_torchrun_rendezvous_train_as_one_node_of_two_processe
     from support import free_port
 
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    train = ["-m", "spottune.cli", "train", "--method", "linear", "--params",
-             str(Path(__file__).resolve().parent.parent / "params.yaml")]
-    for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", "optim.epochs=2",
-                 "optim.max_steps_per_epoch=5"):
-        train += ["--set", pair]
-    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+    train, env = _torchrun_train(digits_root, "linear", epochs=2, steps=5)
     port = free_port()
     nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
                                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *train,
@@ -228,7 +232,6 @@ def test_a_node_killed_mid_epoch_stops_both_and_resume_gives_the_uninterrupted_w
     """Two torchrun nodes; one node's training process is SIGKILLed in the second epoch: the other node
     stops at once (its collective loses its peer) instead of hanging, the checkpoint of the first epoch
     is intact, and both nodes started again with --resume end with the weights of a run never killed."""
-    import os
     import signal
     import subprocess
     import sys
@@ -240,17 +243,13 @@ def test_a_node_killed_mid_epoch_stops_both_and_resume_gives_the_uninterrupted_w
     from support import free_port
 
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "SPOTTUNE_DEVICE": "cpu", "SPOTTUNE_PROGRESS": "false", "OMP_NUM_THREADS": "1"}
+    train, env = _torchrun_train(digits_root, "finetune", epochs=3, steps=30)
 
     def nodes(out: Path, *extra: str) -> list[subprocess.Popen]:
         port, started = free_port(), []
         for _ in range(2):
             cmd = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                   f"127.0.0.1:{port}", "--rdzv-id", out.name, "-m", "spottune.cli", "train", "--method", "finetune",
-                   "--out", str(out), "--params", str(Path(__file__).resolve().parent.parent / "params.yaml"), *extra]
-            for pair in (f"data.root={digits_root}", "data.image_size=32", "data.batch_size=16", "optim.epochs=3",
-                         "optim.max_steps_per_epoch=30"):
-                cmd += ["--set", pair]
+                   f"127.0.0.1:{port}", "--rdzv-id", out.name, *train, "--out", str(out), *extra]
             started.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE, text=True))
             time.sleep(2)  # the first node hosts the rendezvous store
